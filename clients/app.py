@@ -1,0 +1,105 @@
+"""fedge's Flower ClientApp: the same object runs in-process, in Ray actors and on SuperNodes.
+
+Each node learns who it is from ``context.node_config["partition-id"]`` (set by the engine, by
+Flower's simulation runtime, or by ``flower-supernode --node-config``) and what to do from the
+scenario carried in ``context.run_config``. The local trainer is chosen by ``algorithm.name``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.data import ClientData, dataset_info, load_client_data
+from clients.models import build_model
+from clients.seeding import derive_seed
+from clients.trainers import get_trainer
+from clients.training import TrainJob, evaluate
+from scenarios.config import RUN_CONFIG_KEY, Scenario
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=8)
+def _scenario(raw: str) -> Scenario:
+    return Scenario.from_run_config({RUN_CONFIG_KEY: raw})
+
+
+def node_scenario(context: Context) -> Scenario:
+    return _scenario(str(context.run_config.get(RUN_CONFIG_KEY, "")))
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "engine.device='cuda' but CUDA is not available here; use 'auto' or 'cpu'"
+            )
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def partition_id(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise KeyError(
+            "this SuperNode has no 'partition-id' in its node config; start it with "
+            '--node-config "partition-id=<i> num-partitions=<n>"'
+        ) from None
+
+
+def _load(
+    msg: Message, context: Context
+) -> tuple[Scenario, ClientData, torch.nn.Module, torch.device]:
+    scenario = node_scenario(context)
+    torch.set_num_threads(scenario.engine.client_threads)
+    data = load_client_data(scenario.data, scenario.seed, partition_id(context))
+    info = dataset_info(scenario.data)
+    device = resolve_device(scenario.engine.device)
+    model = build_model(scenario.model, info.input_shape, info.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return scenario, data, model.to(device), device
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    scenario, data, model, device = _load(msg, context)
+    config = msg.content.get("config", ConfigRecord())
+    server_round = int(config.get("server-round", 0))
+    generator = torch.Generator().manual_seed(
+        derive_seed(scenario.seed, server_round, data.partition_id)
+    )
+    torch.manual_seed(derive_seed(scenario.seed, server_round, data.partition_id, 1))
+    trainer = get_trainer(scenario.algorithm.name)
+    result = trainer(TrainJob(model, data, scenario, config, context.state, generator, device))
+    metrics = MetricRecord(
+        {
+            "train_loss": result.train_loss,
+            "num-examples": result.num_examples,
+            "num-steps": result.num_steps,
+            "partition-id": data.partition_id,
+            **result.metrics,
+        }
+    )
+    arrays = ArrayRecord(model.to("cpu").state_dict())
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Accuracy of the received model on this client's local test split."""
+    _, data, model, device = _load(msg, context)
+    loss, acc = evaluate(model, data.x_test, data.y_test, device)
+    metrics = MetricRecord(
+        {
+            "local_loss": loss,
+            "local_accuracy": acc,
+            "num-examples": len(data.x_test),
+            "partition-id": data.partition_id,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,171 @@
+"""``fedge``: run, sweep and compare scenarios.
+
+fedge run scenarios/quickstart.toml --set num_rounds=5 --set data.alpha=0.1
+fedge sweep scenarios/quickstart.toml --grid algorithm.name=fedavg,fedprox --seeds 0,1,2
+fedge report results/sweep-quickstart-20261123-101500
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from scenarios.config import ScenarioError, load_scenario, parse_override
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="fedge: federated and edge learning simulator on Flower.",
+)
+console = Console()
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override: key=value (dotted keys for tables)"),
+]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _run_one(
+    path: Path, overrides: list[str], run_dir: Path | None = None, quiet: bool = False
+) -> Path:
+    from clients.data import DataError
+    from scenarios.engines import EngineError, run_engine
+    from server.app import default_run_dir
+
+    try:
+        scenario = load_scenario(path, overrides)
+        run_dir = run_dir or default_run_dir(scenario)
+        # Fail on bad data / model choices before any engine starts.
+        _preflight(scenario)
+        summary = run_engine(scenario, run_dir, show_progress=not quiet)
+    except (ScenarioError, DataError, EngineError, ValueError) as err:
+        _fail(str(err))
+    if not quiet:
+        console.print(
+            f"[green]done[/] final accuracy {100 * summary.get('final_accuracy', float('nan')):.2f}% "
+            f"(best {100 * summary.get('best_accuracy', float('nan')):.2f}%) — results: [bold]{run_dir}[/]"
+        )
+    return run_dir
+
+
+def _preflight(scenario) -> None:
+    from clients.data import dataset_info, load_client_data
+    from clients.models import build_model
+
+    info = dataset_info(scenario.data)
+    build_model(scenario.model, info.input_shape, info.num_classes)
+    load_client_data(scenario.data, scenario.seed, 0)
+
+
+@app.command()
+def run(
+    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="results folder (default: <output_dir>/<name>-s<seed>-<time>)"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Run one scenario on the engine it names (engine.name)."""
+    _run_one(scenario, set_ or [], run_dir, quiet)
+
+
+@app.command()
+def validate(scenario: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> None:
+    """Check a scenario (schema, data, model) without training."""
+    from clients.data import DataError
+
+    try:
+        sc = load_scenario(scenario, set_ or [])
+        _preflight(sc)
+    except (ScenarioError, DataError, ValueError) as err:
+        _fail(str(err))
+    console.print(
+        f"[green]ok[/] {scenario}: {sc.algorithm.name} on {sc.data.dataset} ({sc.data.num_clients} clients, {sc.engine.name} engine)"
+    )
+
+
+@app.command()
+def sweep(
+    scenario: Annotated[Path, typer.Argument()],
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", "-g", help="key=v1,v2,... (cartesian product over all --grid)"),
+    ] = None,
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0",
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="sweep folder (default: <output_dir>/sweep-<name>-<time>)")
+    ] = None,
+) -> None:
+    """Run the scenario over a grid of overrides × seeds, then write a comparison report."""
+    from scenarios.report import compare_runs
+
+    try:
+        base = load_scenario(scenario, set_ or [])
+        axes = []
+        for item in grid or []:
+            path, value = parse_override(item)
+            values = value if isinstance(value, list) else str(value).split(",")
+            axes.append([f"{'.'.join(path)}={v}" for v in values])
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except (ScenarioError, ValueError) as err:
+        _fail(str(err))
+    out = out or base.resolved_output_dir() / f"sweep-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    combos = list(itertools.product(*axes)) or [()]
+    total = len(combos) * len(seed_list)
+    run_dirs = []
+    for i, (combo, seed) in enumerate(itertools.product(combos, seed_list), 1):
+        label = "_".join(c.split(".")[-1].replace("=", "-") for c in combo) or base.name
+        console.print(f"[bold]sweep {i}/{total}[/] {label} seed={seed}")
+        run_dirs.append(
+            _run_one(
+                scenario,
+                [*(set_ or []), *combo, f"seed={seed}", f"name={label}"],
+                out / f"{label}-s{seed}",
+                quiet=False,
+            )
+        )
+    png, md = compare_runs(run_dirs, out)
+    console.print(md.read_text())
+    console.print(f"[green]sweep done[/]: {md} and {png}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders, or folders containing runs")],
+    out: Annotated[
+        Path | None, typer.Option(help="where to write comparison.md/.png (default: first folder)")
+    ] = None,
+    metric: str = "central_accuracy",
+) -> None:
+    """Compare runs: one plot and a markdown table (mean ± std over seeds)."""
+    from scenarios.report import compare_runs, expand_run_dirs
+
+    try:
+        runs = expand_run_dirs(run_dirs)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    target = out or (run_dirs[0] if len(run_dirs) == 1 and run_dirs[0].is_dir() else Path("."))
+    png, md = compare_runs(runs, target, metric=metric)
+    console.print(md.read_text())
+    console.print(f"wrote {md} and {png}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The scenario schema: one validated, frozen description of a run.
+
+A scenario file (TOML) is read, ``--set key=value`` overrides are applied to the raw tables, and the
+result is validated here *before any work starts*. The validated scenario then travels to the
+ServerApp and every ClientApp as a single JSON string in Flower's ``run_config["scenario"]``, so the
+in-process, Ray and deployment engines all see exactly the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from algorithms import ALGORITHM_CONFIGS, AlgorithmConfig
+
+RUN_CONFIG_KEY = "scenario"
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; the message names the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Which data, how it is split across clients, and what each client keeps for local testing."""
+
+    dataset: Literal["mnist1d", "digits", "synthetic", "hub"] = "mnist1d"
+    num_clients: int = Field(10, ge=1, le=100_000)
+    partitioner: Literal["iid", "dirichlet", "pathological", "shard", "size"] = "iid"
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (partitioner=dirichlet)")
+    min_partition_size: int = Field(
+        10, ge=0, description="Dirichlet: resample until every client has this many"
+    )
+    classes_per_client: int = Field(2, ge=1, description="pathological: labels per client")
+    shards_per_client: int = Field(2, ge=1, description="shard: shards per client")
+    size_skew: Literal["linear", "square", "exponential"] = "linear"
+    local_test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="share of each client's data kept as its local test split"
+    )
+    proxy_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="share of train carved out for the server before partitioning",
+    )
+    num_samples: int | None = Field(
+        None, ge=50, description="mnist1d / synthetic: total samples generated"
+    )
+    synthetic_alpha: float = Field(
+        1.0, ge=0.0, description="LEAF Synthetic(alpha, beta): model heterogeneity"
+    )
+    synthetic_beta: float = Field(
+        1.0, ge=0.0, description="LEAF Synthetic(alpha, beta): data heterogeneity"
+    )
+    hub_path: str | None = Field(
+        None, description="dataset=hub: a HF hub name, or a builder such as 'parquet'"
+    )
+    hub_data_files: dict[str, str] | None = Field(
+        None, description="dataset=hub: local files per split"
+    )
+    hub_feature_key: str = "image"
+    hub_label_key: str = "label"
+
+    @model_validator(mode="after")
+    def _hub_needs_path(self) -> DataConfig:
+        if self.dataset == "hub" and not self.hub_path:
+            raise ValueError(
+                "dataset = 'hub' needs data.hub_path (e.g. 'ylecun/mnist' or 'parquet')"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """A model from the zoo; input shape and class count come from the dataset."""
+
+    name: Literal["mlp", "cnn1d", "cnn2d", "softmax"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [64, 64], description="mlp: hidden widths")
+    channels: int = Field(16, ge=1, description="cnn: channels of the first conv layer")
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError("every hidden width must be >= 1")
+        return v
+
+
+class TrainConfig(_Strict):
+    """Local training of every client (algorithms may add their own terms on top)."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class FederationConfig(_Strict):
+    """Who takes part each round."""
+
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(
+        0.0, ge=0.0, le=1.0, description="clients asked to evaluate on their local test split"
+    )
+    min_train_clients: int = Field(1, ge=1)
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+
+
+class EngineConfig(_Strict):
+    """Where the same ServerApp/ClientApp run."""
+
+    name: Literal["inprocess", "ray", "deployment"] = "inprocess"
+    num_cpus: int = Field(1, ge=1, description="ray: CPUs per client actor")
+    num_gpus: float = Field(0.0, ge=0.0, description="ray: (fractional) GPUs per client actor")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    client_threads: int = Field(
+        1, ge=1, description="torch threads per client (1 keeps engines bit-identical)"
+    )
+    port: int = Field(
+        0, ge=0, le=65535, description="ray/deployment: SuperLink port (0 = pick a free one)"
+    )
+
+
+class Scenario(_Strict):
+    """A whole run. ``num_rounds``, ``seed`` and ``output_dir`` exist in every scenario."""
+
+    name: str = "run"
+    seed: int = 0
+    num_rounds: int = Field(3, ge=1)
+    output_dir: str = "results"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    algorithm: SerializeAsAny[AlgorithmConfig] = Field(
+        default_factory=lambda: ALGORITHM_CONFIGS["fedavg"]()
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _resolve_algorithm(cls, value: Any) -> AlgorithmConfig:
+        if isinstance(value, AlgorithmConfig):
+            return value
+        if not isinstance(value, dict) or "name" not in value:
+            raise ValueError(
+                f"needs a table with `name`, one of: {', '.join(sorted(ALGORITHM_CONFIGS))}"
+            )
+        name = value["name"]
+        if name not in ALGORITHM_CONFIGS:
+            raise ValueError(
+                f"unknown algorithm {name!r}; allowed: {', '.join(sorted(ALGORITHM_CONFIGS))}"
+            )
+        return ALGORITHM_CONFIGS[name].model_validate(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        if self.federation.min_train_clients > self.data.num_clients:
+            raise ValueError(
+                f"federation.min_train_clients={self.federation.min_train_clients} exceeds "
+                f"data.num_clients={self.data.num_clients}"
+            )
+        return self
+
+    # -- transport ---------------------------------------------------------------------------
+    def to_run_config(self) -> dict[str, str]:
+        """What Flower's ``run_config`` carries: the whole scenario as one JSON string."""
+        return {RUN_CONFIG_KEY: self.model_dump_json()}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> Scenario:
+        """Inverse of :meth:`to_run_config`; an empty/missing entry means the default scenario."""
+        raw = run_config.get(RUN_CONFIG_KEY, "")
+        return validate_scenario(json.loads(raw) if raw else {})
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed keys here: {', '.join(_allowed_keys(e['loc']))}"
+        got = e.get("input")
+        shown = (
+            ""
+            if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
+        lines.append(f"  {key or '<scenario>'}: {msg}{shown}")
+    return "invalid scenario:\n" + "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Scenario
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        if part == "algorithm":
+            return sorted({k for c in ALGORITHM_CONFIGS.values() for k in c.model_fields})
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+    return sorted(model.model_fields)
+
+
+def validate_scenario(raw: dict[str, Any]) -> Scenario:
+    """Validate raw tables; raise :class:`ScenarioError` naming every bad key."""
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as err:
+        raise ScenarioError(_format_errors(err)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"data.alpha=0.1"`` -> (["data", "alpha"], 0.1). Values are TOML literals; bare words are strings."""
+    if "=" not in item:
+        raise ScenarioError(f"override {item!r} must look like key=value (dotted keys for tables)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ScenarioError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key=value`` override applied (nested tables by dots)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ScenarioError(f"override {item!r}: {part!r} is not a table")
+        node[path[-1]] = value
+    return out
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Read a TOML scenario, apply overrides, validate. Errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(
+            f"scenario file not found: {path} (ship one under scenarios/, e.g. scenarios/quickstart.toml)"
+        )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path}: not valid TOML: {err}") from None
+    raw.setdefault("name", path.stem)
+    try:
+        return validate_scenario(apply_overrides(raw, overrides or []))
+    except ScenarioError as err:
+        raise ScenarioError(f"{path}: {err}") from None
+
+
+def scenario_to_toml(scenario: Scenario) -> str:
+    """The resolved scenario as TOML (rerunnable with ``fedge run``)."""
+    import tomli_w
+
+    data = json.loads(scenario.model_dump_json(exclude_none=True))
+    return tomli_w.dumps(data)

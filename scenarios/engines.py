@@ -1,0 +1,359 @@
+"""Three engines that run the *same* ServerApp (``server.app:app``) and ClientApp (``clients.app:app``).
+
+1. ``inprocess`` (default): :class:`InProcessGrid`, a ``flwr.serverapp.Grid`` that calls the ClientApp
+   directly — no Ray, no sockets. Exceptions become Flower error replies, as on a real SuperNode.
+2. ``ray``: Flower's simulation runtime, the way ``flwr run`` does it: a ``flower-superlink --simulation``
+   on loopback, the app submitted with ``flwr run``, client resources from the scenario.
+3. ``deployment``: a SuperLink and one ``flower-supernode`` per client on loopback (insecure: for real
+   machines with TLS see the README), the app submitted with ``flwr run``.
+
+All three pass the scenario to the apps through ``run_config`` and let the ServerApp write the results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import tomli_w
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from scenarios.config import Scenario
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml's [tool.flwr.app]
+SERVER_NODE_ID = 1
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+class EngineError(RuntimeError):
+    """An engine could not run the scenario; the message carries the tail of the relevant log."""
+
+
+# --------------------------------------------------------------------------------------------
+# 1. in-process
+# --------------------------------------------------------------------------------------------
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process, one persistent Context per node."""
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_config: dict,
+        seed: int = 0,
+        run_id: int = 1,
+        node_configs: list[dict] | None = None,
+    ) -> None:
+        rng = random.Random(seed)
+        ids: list[int] = []
+        while len(ids) < num_nodes:  # random 63-bit ids like a SuperLink's, but reproducible
+            nid = rng.getrandbits(63)
+            if nid not in ids and nid != SERVER_NODE_ID:
+                ids.append(nid)
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        self._run.override_config = dict(run_config)
+        self.contexts = {
+            nid: Context(
+                run_id=run_id,
+                node_id=nid,
+                node_config={
+                    "partition-id": i,
+                    "num-partitions": num_nodes,
+                    **((node_configs or [{}] * num_nodes)[i]),
+                },
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for i, nid in enumerate(ids)
+        }
+        self._replies: dict[str, Message] = {}
+
+    # Grid API -------------------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg_id = str(uuid.uuid4())
+            msg.metadata.__dict__["_message_id"] = msg_id  # what a SuperLink assigns on push
+            self._replies[msg_id] = self._deliver(msg)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    # ------------------------------------------------------------------------------------------
+    def _deliver(self, msg: Message) -> Message:
+        dst = msg.metadata.dst_node_id
+        if dst not in self.contexts:
+            return Message(
+                Error(ErrorCode.NODE_UNAVAILABLE, f"node {dst} does not exist"), reply_to=msg
+            )
+        try:
+            return self.client_app(msg, self.contexts[dst])
+        except Exception as ex:  # a failing client is an error reply, never a crashed server
+            reason = f"{type(ex).__name__}: {ex}"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+
+
+def run_inprocess(scenario: Scenario, run_dir: Path, show_progress: bool = True) -> dict:
+    """Run the scenario with :class:`InProcessGrid`; return the run summary."""
+    from clients.app import app as client_app
+    from server.app import run_server
+
+    if show_progress:  # the progress line carries the per-round news; keep Flower's INFO chatter out
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_config = {**scenario.to_run_config(), "run-dir": str(run_dir)}
+    grid = InProcessGrid(client_app, scenario.data.num_clients, run_config, seed=scenario.seed)
+    TaskIdentity.run_id = grid.run.run_id
+    TaskIdentity.node_id = SERVER_NODE_ID
+    TaskIdentity.task_id = 1
+    return run_server(grid, scenario, run_dir, show_progress=show_progress)
+
+
+# --------------------------------------------------------------------------------------------
+# 2 & 3. Flower runtimes started as real processes on loopback
+# --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exe(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise EngineError(
+            f"`{name}` not found; install fedge with `pip install -e .` (it brings flwr)"
+        )
+    return found
+
+
+@contextmanager
+def flower_processes(log_dir: Path) -> Iterator[ProcessGroup]:
+    group = ProcessGroup(log_dir)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+class ProcessGroup:
+    """Flower processes started for one run; every one is stopped by its PID (whole process group)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.flwr_home = Path(tempfile.mkdtemp(prefix="fedge-flwr-home-"))
+        # Flower's processes spawn `flower-superexec` & co. by name: put this interpreter's bin first.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(self.flwr_home), "PATH": path}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            if path.exists()
+            else ""
+        )
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.time() + 10
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(self.flwr_home, ignore_errors=True)
+
+
+def _wait_for_port(
+    port: int, proc: subprocess.Popen, what: str, group: ProcessGroup, timeout: float = 60
+) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise EngineError(f"{what} exited with code {proc.returncode}:\n{group.log_tail(what)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise EngineError(
+        f"{what} did not open port {port} within {timeout:.0f}s:\n{group.log_tail(what)}"
+    )
+
+
+def _submit(
+    scenario: Scenario, run_dir: Path, group: ProcessGroup, port: int, federation_config: str | None
+) -> dict:
+    """``flwr run <app> fedge --stream`` with the scenario as run config; wait for the results."""
+    (group.flwr_home / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "default": "fedge",
+                    "fedge": {"address": f"127.0.0.1:{port}", "insecure": True},
+                }
+            }
+        )
+    )
+    overrides = group.log_dir / "run_config.toml"
+    overrides.write_text(tomli_w.dumps({**scenario.to_run_config(), "run-dir": str(run_dir)}))
+    args = [_exe("flwr"), "run", str(APP_DIR), "fedge", "--stream", "--run-config", str(overrides)]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    proc = group.start("flwr-run", args)
+    summary_file = run_dir / "summary.json"
+    deadline = time.time() + scenario.federation.round_timeout_s * (scenario.num_rounds + 1)
+    # `flwr run --stream` keeps streaming after the run ends; the summary file marks completion.
+    while not summary_file.exists():
+        if time.time() > deadline:
+            raise EngineError(
+                f"run did not finish in time; flwr log:\n{group.log_tail('flwr-run')}"
+            )
+        if proc.poll() is not None and not summary_file.exists():
+            time.sleep(2)  # the file may land just after the stream closes
+            if not summary_file.exists():
+                raise EngineError(
+                    f"flwr run ended without results (code {proc.returncode}):\n{group.log_tail('flwr-run')}"
+                )
+        time.sleep(0.5)
+    time.sleep(0.5)
+    import json
+
+    return json.loads(summary_file.read_text())
+
+
+def run_ray(scenario: Scenario, run_dir: Path) -> dict:
+    """Flower's simulation runtime (Ray) behind a loopback SuperLink, driven by ``flwr run``."""
+    eng = scenario.engine
+    with flower_processes(run_dir / "logs") as group:
+        port = eng.port or free_port()
+        link = group.start(
+            "superlink",
+            [
+                _exe("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                ":flwr-in-memory-state:",
+            ],
+        )
+        _wait_for_port(port, link, "superlink", group)
+        federation = (
+            f"num-supernodes={scenario.data.num_clients} client-resources-num-cpus={eng.num_cpus} "
+            f"client-resources-num-gpus={eng.num_gpus}"
+        )
+        return _submit(scenario, run_dir, group, port, federation)
+
+
+def run_deployment(scenario: Scenario, run_dir: Path) -> dict:
+    """A SuperLink plus one SuperNode per client on loopback (insecure), driven by ``flwr run``."""
+    eng = scenario.engine
+    n = scenario.data.num_clients
+    with flower_processes(run_dir / "logs") as group:
+        port = eng.port or free_port()
+        link = group.start(
+            "superlink",
+            [
+                _exe("flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                ":flwr-in-memory-state:",
+            ],
+        )
+        _wait_for_port(port, link, "superlink", group)
+        for i in range(n):
+            group.start(
+                f"supernode-{i}",
+                [
+                    _exe("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--node-config",
+                    f"partition-id={i} num-partitions={n}",
+                    "--port",
+                    str(free_port()),
+                ],
+            )
+        return _submit(scenario, run_dir, group, port, None)
+
+
+def run_engine(scenario: Scenario, run_dir: Path, show_progress: bool = True) -> dict:
+    """Run ``scenario`` on the engine it names; results land in ``run_dir``; return the summary."""
+    if scenario.engine.name == "inprocess":
+        return run_inprocess(scenario, run_dir, show_progress=show_progress)
+    if scenario.engine.name == "ray":
+        return run_ray(scenario, run_dir)
+    if scenario.engine.name == "deployment":
+        return run_deployment(scenario, run_dir)
+    raise ValueError(f"unknown engine {scenario.engine.name!r}")

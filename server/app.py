@@ -1,0 +1,78 @@
+"""fedge's Flower ServerApp: the same object runs in-process, under Ray simulation and on a SuperLink.
+
+``run_config["scenario"]`` carries the validated scenario (JSON) and ``run_config["run-dir"]`` the
+absolute results folder; an empty scenario means the default one, so ``flwr run .`` just works.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from clients.app import resolve_device
+from clients.data import dataset_info, load_central_test
+from clients.models import build_model
+from clients.seeding import seed_everything
+from clients.training import evaluate
+from scenarios.config import Scenario, scenario_to_toml
+from scenarios.results import RunWriter
+from server.loop import run_rounds
+from server.strategies import ServerSetup, build_strategy
+
+RUN_DIR_KEY = "run-dir"
+
+app = ServerApp()
+
+
+def default_run_dir(scenario: Scenario) -> Path:
+    """``<output_dir>/<name>-s<seed>-<timestamp>``: runs never overwrite each other."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = scenario.resolved_output_dir() / f"{scenario.name}-s{scenario.seed}-{stamp}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return run_dir
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    scenario = Scenario.from_run_config(context.run_config)
+    run_dir = str(context.run_config.get(RUN_DIR_KEY, "")) or str(default_run_dir(scenario))
+    run_server(grid, scenario, Path(run_dir))
+
+
+def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: bool = True) -> dict:
+    """Train ``scenario`` over ``grid``; write everything to ``run_dir``; return the run summary."""
+    seed_everything(scenario.seed)
+    device = resolve_device(scenario.engine.device)
+    info = dataset_info(scenario.data)
+    model = build_model(scenario.model, info.input_shape, info.num_classes)
+    initial = ArrayRecord(model.state_dict())
+    strategy = build_strategy(ServerSetup(scenario, info, model, device))
+    x_test, y_test = load_central_test(scenario.data, scenario.seed)
+    eval_model = build_model(scenario.model, info.input_shape, info.num_classes).to(device)
+
+    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        eval_model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(eval_model, x_test, y_test, device)
+        return MetricRecord({"central_loss": loss, "central_accuracy": acc})
+
+    writer = RunWriter(run_dir)
+    writer.write_scenario(scenario_to_toml(scenario))
+    final = run_rounds(
+        grid,
+        strategy,
+        initial,
+        scenario.num_rounds,
+        writer,
+        central_eval,
+        timeout=scenario.federation.round_timeout_s,
+        show_progress=show_progress,
+    )
+    writer.save_model(final.to_torch_state_dict())
+    summary = writer.finalize()
+    print(f"fedge: results in {run_dir}", flush=True)
+    return summary

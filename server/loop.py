@@ -1,0 +1,190 @@
+"""The federated round loop and what it records.
+
+fedge drives a Flower ``Strategy`` through its four public methods (configure/aggregate for train and
+evaluate) exactly as ``Strategy.start`` does, but owns the loop so that every round can be recorded
+(bytes, per-client metrics, wall time) and, later, checkpointed and resumed. Any
+``flwr.serverapp.strategy.Strategy`` works here, including Flower's DP wrappers.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from scenarios.results import RunWriter
+
+CentralEval = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+def message_bytes(msg: Message) -> int:
+    """Serialized size of the arrays a message carries (what crosses the network for the model)."""
+    if msg.has_error():
+        return 0
+    return sum(rec.count_bytes() for rec in msg.content.array_records.values())
+
+
+def _client_metrics(msg: Message) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for rec in msg.content.metric_records.values():
+        for k, v in rec.items():
+            if isinstance(v, int | float):
+                out[k.replace("-", "_")] = v
+    return out
+
+
+def sort_replies(replies: Iterable[Message]) -> list[Message]:
+    """Replies in a fixed order (partition id, else node id): aggregation sums floats in this order,
+    so engines that deliver replies in different orders still give bit-identical models."""
+
+    def key(msg: Message) -> tuple[int, int]:
+        if msg.has_error():
+            return (1, msg.metadata.src_node_id)
+        pid = _client_metrics(msg).get("partition_id")
+        return (0, int(pid)) if pid is not None else (0, msg.metadata.src_node_id)
+
+    return sorted(replies, key=key)
+
+
+@dataclass
+class RoundProgress:
+    """One line (or a live bar on a terminal) per round with the current metrics."""
+
+    num_rounds: int
+    _bar: object = field(default=None, init=False)
+    _task: object = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if sys.stdout.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]rounds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+            )
+            self._task = self._bar.add_task("rounds", total=self.num_rounds, status="")
+            self._bar.start()
+
+    def update(self, server_round: int, record: dict[str, float | int | None]) -> None:
+        parts = []
+        for key, label in (
+            ("central_accuracy", "acc"),
+            ("central_loss", "loss"),
+            ("train_loss", "train_loss"),
+        ):
+            value = record.get(key)
+            if isinstance(value, float) and not math.isnan(value):
+                parts.append(f"{label}={value:.4f}")
+        status = " ".join(parts)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=server_round, status=status)
+        else:
+            print(f"round {server_round}/{self.num_rounds} {status}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    num_rounds: int,
+    writer: RunWriter,
+    central_eval: CentralEval,
+    timeout: float,
+    show_progress: bool = True,
+) -> ArrayRecord:
+    """Run ``num_rounds`` of ``strategy``; write one record per round; return the final arrays."""
+    log(INFO, "fedge: starting %s for %d rounds", type(strategy).__name__, num_rounds)
+    progress = RoundProgress(num_rounds) if show_progress else None
+    start = time.perf_counter()
+    record = _central(central_eval, 0, arrays)
+    record.update(round=0, wall_time_s=0.0, cumulative_wall_time_s=0.0)
+    writer.log_round(record)
+    try:
+        for server_round in range(1, num_rounds + 1):
+            t0 = time.perf_counter()
+            record = {"round": server_round}
+
+            instructions = list(
+                strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            )
+            replies = sort_replies(grid.send_and_receive(instructions, timeout=timeout))
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            record.update(_round_traffic(instructions, replies))
+            record.update(_flat(train_metrics))
+            rows = {r.metadata.src_node_id: _client_row(r) for r in replies if not r.has_error()}
+
+            eval_instructions = list(
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+            )
+            if eval_instructions:
+                eval_replies = sort_replies(
+                    grid.send_and_receive(eval_instructions, timeout=timeout)
+                )
+                record.update(_flat(strategy.aggregate_evaluate(server_round, eval_replies)))
+                for r in eval_replies:
+                    if not r.has_error():
+                        rows.setdefault(r.metadata.src_node_id, {}).update(_client_metrics(r))
+
+            record.update(_central(central_eval, server_round, arrays))
+            record["wall_time_s"] = time.perf_counter() - t0
+            record["cumulative_wall_time_s"] = time.perf_counter() - start
+            writer.log_round(record)
+            writer.log_clients(server_round, list(rows.values()))
+            if progress:
+                progress.update(server_round, record)
+    finally:
+        if progress:
+            progress.close()
+    return arrays
+
+
+def _central(
+    central_eval: CentralEval, server_round: int, arrays: ArrayRecord
+) -> dict[str, float | int | None]:
+    return _flat(central_eval(server_round, arrays))
+
+
+def _flat(metrics: MetricRecord | None) -> dict[str, float | int | None]:
+    if metrics is None:
+        return {}
+    return {k.replace("-", "_"): v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _client_row(reply: Message) -> dict[str, float]:
+    row = _client_metrics(reply)
+    row["bytes_up"] = message_bytes(reply)
+    return row
+
+
+def _round_traffic(instructions: list[Message], replies: list[Message]) -> dict[str, int]:
+    failures = sum(r.has_error() for r in replies)
+    return {
+        "num_sampled": len(instructions),
+        "num_replies": len(replies) - failures,
+        "num_failures": failures + len(instructions) - len(replies),
+        "bytes_down": sum(message_bytes(m) for m in instructions),
+        "bytes_up": sum(message_bytes(m) for m in replies),
+    }

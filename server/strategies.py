@@ -1,0 +1,75 @@
+"""Registry of server strategies, one factory per algorithm name (the server side of each algorithm)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from clients.data import DatasetInfo
+from scenarios.config import Scenario
+
+# Per-client bookkeeping keys that must not be averaged into the round's metrics.
+CLIENT_ID_KEYS = ("partition-id",)
+
+
+@dataclass(frozen=True)
+class ServerSetup:
+    """What a strategy factory may need: the scenario, the data's shape and a model template."""
+
+    scenario: Scenario
+    info: DatasetInfo
+    model: torch.nn.Module  # holds the initial weights; strategies that need a forward pass use it
+    device: torch.device
+
+
+StrategyFactory = Callable[[ServerSetup], Strategy]
+STRATEGIES: dict[str, StrategyFactory] = {}
+
+
+def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
+    """Decorator: the strategy built when the scenario's ``algorithm.name`` is ``name``."""
+
+    def deco(fn: StrategyFactory) -> StrategyFactory:
+        STRATEGIES[name] = fn
+        return fn
+
+    return deco
+
+
+def build_strategy(setup: ServerSetup) -> Strategy:
+    from server import fedavg, fedprox  # noqa: F401  (each module registers itself)
+
+    name = setup.scenario.algorithm.name
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"no server strategy for algorithm {name!r}; known: {', '.join(sorted(STRATEGIES))}"
+        )
+    return STRATEGIES[name](setup)
+
+
+def aggregate_client_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """Flower's weighted metric average, minus per-client identifiers."""
+    merged = aggregate_metricrecords(records, weighting_metric_name)
+    for key in CLIENT_ID_KEYS:
+        merged.pop(key, None)
+    return merged
+
+
+def fedavg_kwargs(scenario: Scenario) -> dict[str, Any]:
+    """Constructor arguments shared by every FedAvg-family strategy, from the scenario."""
+    fed = scenario.federation
+    return {
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": fed.fraction_evaluate,
+        "min_train_nodes": fed.min_train_clients,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": scenario.data.num_clients,
+        "train_metrics_aggr_fn": aggregate_client_metrics,
+        "evaluate_metrics_aggr_fn": aggregate_client_metrics,
+    }

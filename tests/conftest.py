@@ -1,0 +1,18 @@
+"""Test-wide offline Flower environment: no telemetry, no update check, no runtime installs, temp homes."""
+
+import os
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="fedge-tests-")
+os.environ.update(
+    {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_HOME": os.path.join(_HOME, "flwr"),
+        "HF_HOME": os.path.join(_HOME, "hf"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_DEDUP_LOGS": "0",
+    }
+)
