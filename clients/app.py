@@ -16,11 +16,14 @@ from flwr.clientapp import ClientApp
 from clients.data import ClientData, dataset_info, load_client_data
 from clients.models import build_model
 from clients.seeding import derive_seed
-from clients.trainers import get_trainer
+from clients.trainers import trainer_for
 from clients.training import TrainJob, evaluate
 from scenarios.config import RUN_CONFIG_KEY, Scenario
 
-app = ClientApp()
+# Client mods (Flower middleware) wrap every trainer: e.g. the virtual clock, size accounting.
+MODS: list = []
+
+app = ClientApp(mods=MODS)
 
 
 @lru_cache(maxsize=8)
@@ -74,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         derive_seed(scenario.seed, server_round, data.partition_id)
     )
     torch.manual_seed(derive_seed(scenario.seed, server_round, data.partition_id, 1))
-    trainer = get_trainer(scenario.algorithm.name)
+    trainer = trainer_for(scenario, data.partition_id)
     result = trainer(TrainJob(model, data, scenario, config, context.state, generator, device))
     metrics = MetricRecord(
         {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from clients.training import TrainJob, TrainResult
+from scenarios.config import Scenario
 
 Trainer = Callable[[TrainJob], TrainResult]
 TRAINERS: dict[str, Trainer] = {}
@@ -27,6 +28,11 @@ def get_trainer(name: str) -> Trainer:
             f"no local trainer for algorithm {name!r}; known: {', '.join(sorted(TRAINERS))}"
         )
     return TRAINERS[name]
+
+
+def trainer_for(scenario: Scenario, partition_id: int) -> Trainer:
+    """The local trainer of client ``partition_id`` (the algorithm's own, unless the scenario says otherwise)."""
+    return get_trainer(scenario.algorithm.name)
 
 
 def _load_builtin_trainers() -> None:

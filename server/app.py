@@ -20,6 +20,7 @@ from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
 from scenarios.results import RunWriter
 from server.loop import run_rounds
+from server.plugins import build_plugins
 from server.strategies import ServerSetup, build_strategy
 
 RUN_DIR_KEY = "run-dir"
@@ -51,7 +52,8 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
     info = dataset_info(scenario.data)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
     initial = ArrayRecord(model.state_dict())
-    strategy = build_strategy(ServerSetup(scenario, info, model, device))
+    setup = ServerSetup(scenario, info, model, device)
+    strategy = build_strategy(setup)
     x_test, y_test = load_central_test(scenario.data, scenario.seed)
     eval_model = build_model(scenario.model, info.input_shape, info.num_classes).to(device)
 
@@ -71,6 +73,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
         central_eval,
         timeout=scenario.federation.round_timeout_s,
         show_progress=show_progress,
+        plugins=build_plugins(setup),
     )
     writer.save_model(final.to_torch_state_dict())
     summary = writer.finalize()

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from scenarios.results import RunWriter
+from server.plugins import RoundPlugin
 
 CentralEval = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -112,6 +113,7 @@ def run_rounds(
     central_eval: CentralEval,
     timeout: float,
     show_progress: bool = True,
+    plugins: list[RoundPlugin] | None = None,
 ) -> ArrayRecord:
     """Run ``num_rounds`` of ``strategy``; write one record per round; return the final arrays."""
     log(INFO, "fedge: starting %s for %d rounds", type(strategy).__name__, num_rounds)
@@ -132,7 +134,6 @@ def run_rounds(
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
-            record.update(_round_traffic(instructions, replies))
             record.update(_flat(train_metrics))
             rows = {r.metadata.src_node_id: _client_row(r) for r in replies if not r.has_error()}
 
