@@ -127,10 +127,15 @@ def run_rounds(
             t0 = time.perf_counter()
             record = {"round": server_round}
 
-            instructions = list(
-                strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            train_config = ConfigRecord(
+                {k: v for p in plugins or [] for k, v in p.train_config(server_round).items()}
             )
+            instructions = list(strategy.configure_train(server_round, arrays, train_config, grid))
             replies = sort_replies(grid.send_and_receive(instructions, timeout=timeout))
+            record.update(_round_traffic(instructions, replies))
+            for plugin in plugins or []:
+                replies, plugin_metrics = plugin.filter_train_replies(server_round, replies)
+                record.update(plugin_metrics)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
