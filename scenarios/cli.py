@@ -127,7 +127,7 @@ def sweep(
     total = len(combos) * len(seed_list)
     run_dirs = []
     for i, (combo, seed) in enumerate(itertools.product(combos, seed_list), 1):
-        label = "_".join(c.split(".")[-1].replace("=", "-") for c in combo) or base.name
+        label = "_".join(_label(c) for c in combo) or base.name
         console.print(f"[bold]sweep {i}/{total}[/] {label} seed={seed}")
         run_dirs.append(
             _run_one(
@@ -140,6 +140,13 @@ def sweep(
     png, md = compare_runs(run_dirs, out)
     console.print(md.read_text())
     console.print(f"[green]sweep done[/]: {md} and {png}")
+
+
+def _label(override: str) -> str:
+    """``algorithm.name=fedprox`` -> ``fedprox``; ``data.alpha=0.1`` -> ``alpha-0.1``."""
+    key, value = override.split("=", 1)
+    last = key.split(".")[-1]
+    return value if last == "name" else f"{last}-{value}"
 
 
 @app.command()
