@@ -170,9 +170,19 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
 
 
 def load_client_data(cfg: DataConfig, seed: int, partition_id: int) -> ClientData:
-    """Client ``partition_id``'s training data and local test split (see the module docstring)."""
+    """Client ``partition_id``'s training data and local test split (see the module docstring).
+
+    Cached per (cfg, seed, partition id): a client called every round does the split once. The arrays
+    are shared between calls, so trainers must not modify them in place.
+    """
     _check_partition_id(cfg, partition_id)
-    fed = _federation(cfg.model_dump_json(), seed)
+    return _client_data(cfg.model_dump_json(), seed, partition_id)
+
+
+@lru_cache(maxsize=1024)
+def _client_data(cfg_json: str, seed: int, partition_id: int) -> ClientData:
+    cfg = DataConfig.model_validate_json(cfg_json)
+    fed = _federation(cfg_json, seed)
     train_rows, test_rows = _local_split(
         fed.partitioner.load_partition(partition_id), cfg.local_test_fraction, _norm_seed(seed)
     )

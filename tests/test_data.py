@@ -129,7 +129,8 @@ def test_same_config_and_seed_give_identical_arrays() -> None:
     cfg = cfg_of(partitioner="dirichlet", alpha=0.5, num_clients=10, proxy_fraction=0.1)
     first = [D.load_client_data(cfg, 7, i) for i in (0, 4, 9)]
     proxy = D.load_proxy(cfg, 7)
-    D._federation.cache_clear()  # recompute from scratch, not from the in-memory cache
+    D._federation.cache_clear()  # recompute from scratch, not from the in-memory caches
+    D._client_data.cache_clear()
     again = [D.load_client_data(cfg, 7, i) for i in (0, 4, 9)]
     for a, b in zip(first, again, strict=True):
         for field in ("x_train", "y_train", "x_test", "y_test"):
