@@ -241,6 +241,7 @@ def test_central_test_is_disjoint_from_train(dataset: str) -> None:
 
 def test_mnist1d_sizes_and_disk_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDGE_CACHE", str(tmp_path))
+    D._source.cache_clear()  # other tests may already hold this dataset in memory
     cfg = cfg_of(num_samples=600)
     np.random.seed(123)
     expected = np.random.random()
