@@ -24,7 +24,11 @@ def test_policies_by_hand() -> None:
     d = apply_deadline_policy(times, "deadline", deadline_s=2.5)
     assert (d.kept, d.late, d.round_time_s) == ([1, 3], [0, 2], 2.5)  # waited until the deadline
     d = apply_deadline_policy(times, "deadline", deadline_s=10.0)
-    assert (d.kept, d.late, d.round_time_s) == ([0, 1, 2, 3], [], 7.0)  # all in: done at the slowest
+    assert (d.kept, d.late, d.round_time_s) == (
+        [0, 1, 2, 3],
+        [],
+        7.0,
+    )  # all in: done at the slowest
     d = apply_deadline_policy(times, "deadline", deadline_s=10.0, num_failed=1)
     assert d.round_time_s == 10.0  # someone never answered: the server waits out the deadline
     d = apply_deadline_policy(times, "first_k", first_k=2)
@@ -61,7 +65,14 @@ def _replies(times: list[float], errors: list[str]) -> list[Message]:
 
 def test_plugin_filters_and_reports() -> None:
     scenario = validate_scenario(
-        {"devices": {"mix": {"t4": 1}, "policy": "deadline", "deadline_s": 2.5, "partial_work": True}}
+        {
+            "devices": {
+                "mix": {"t4": 1},
+                "policy": "deadline",
+                "deadline_s": 2.5,
+                "partial_work": True,
+            }
+        }
     )
     plugin = DeviceClockPlugin(scenario)
     assert plugin.train_config(1) == {"deadline-s": 2.5, "partial-work": True}
@@ -73,7 +84,12 @@ def test_plugin_filters_and_reports() -> None:
     assert [r.content["metrics"]["partition-id"] for r in kept if not r.has_error()] == [1, 2]
     assert sum(r.has_error() for r in kept) == 2  # errors stay for the strategy to see
     assert m["virtual_round_time_s"] == 2.5 and m["cumulative_virtual_time_s"] == 2.5
-    assert (m["num_kept"], m["num_late"], m["num_unavailable"], m["num_dropped_out"]) == (2, 1, 1, 1)
+    assert (m["num_kept"], m["num_late"], m["num_unavailable"], m["num_dropped_out"]) == (
+        2,
+        1,
+        1,
+        1,
+    )
     assert m["round_energy_j"] == 6.0  # the late client burnt energy too
     assert m["kept_bytes_up"] == 200
     _, m2 = plugin.filter_train_replies(2, _replies([1.0], []))
@@ -81,7 +97,9 @@ def test_plugin_filters_and_reports() -> None:
     fresh = DeviceClockPlugin(scenario)
     fresh.load_state(plugin.state())
     assert fresh.cumulative_s == 3.5
-    over = DeviceClockPlugin(validate_scenario({"devices": {"mix": {"t4": 1}, "policy": "first_k", "first_k": 1}}))
+    over = DeviceClockPlugin(
+        validate_scenario({"devices": {"mix": {"t4": 1}, "policy": "first_k", "first_k": 1}})
+    )
     assert over.train_config(1) == {}
     kept, m = over.filter_train_replies(1, _replies([3.0, 1.0, 2.0], []))
     assert [r.content["metrics"]["partition-id"] for r in kept] == [1] and m["num_late"] == 2
@@ -97,12 +115,21 @@ SHRINK = [
 
 
 def test_hetero_gpus_inprocess_end_to_end_and_seeded(tmp_path: Path) -> None:
-    scenario = load_scenario(HETERO, SHRINK + [f"output_dir={tmp_path}", "devices.dropout_prob=0.3"])
+    scenario = load_scenario(
+        HETERO, SHRINK + [f"output_dir={tmp_path}", "devices.dropout_prob=0.3"]
+    )
     summary = run_engine(scenario, tmp_path / "a", show_progress=False)
     run_engine(scenario, tmp_path / "b", show_progress=False)
     a, b = load_run(tmp_path / "a"), load_run(tmp_path / "b")
-    keys = ["virtual_round_time_s", "cumulative_virtual_time_s", "num_kept", "num_late",
-            "num_unavailable", "num_dropped_out", "central_accuracy"]
+    keys = [
+        "virtual_round_time_s",
+        "cumulative_virtual_time_s",
+        "num_kept",
+        "num_late",
+        "num_unavailable",
+        "num_dropped_out",
+        "central_accuracy",
+    ]
     sched = [[r.get(k) for k in keys] for r in a.rounds[1:]]
     assert sched == [[r.get(k) for k in keys] for r in b.rounds[1:]]  # fixed seed => same schedule
     for r in a.rounds[1:]:
@@ -121,8 +148,16 @@ def test_hetero_gpus_on_ray_matches_inprocess(tmp_path: Path) -> None:
     over = SHRINK[1:] + ["num_rounds=2", "data.num_clients=4", f"output_dir={tmp_path}"]
     run_engine(load_scenario(HETERO, over), tmp_path / "inprocess", show_progress=False)
     run_engine(load_scenario(HETERO, over + ["engine.name=ray"]), tmp_path / "ray")
-    keys = ["virtual_round_time_s", "num_kept", "num_late", "num_unavailable", "num_dropped_out",
-            "num_failures", "round_train_flops", "central_accuracy"]
+    keys = [
+        "virtual_round_time_s",
+        "num_kept",
+        "num_late",
+        "num_unavailable",
+        "num_dropped_out",
+        "num_failures",
+        "round_train_flops",
+        "central_accuracy",
+    ]
     ours = [[r.get(k) for k in keys] for r in load_run(tmp_path / "inprocess").rounds]
     ray = [[r.get(k) for k in keys] for r in load_run(tmp_path / "ray").rounds]
     assert ray == ours  # same availability/dropout draws and the same virtual clock on Ray
