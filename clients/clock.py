@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -232,7 +232,11 @@ def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
             profile,
         )
         if fit < planned_steps:
-            config[MAX_STEPS_KEY] = fit
+            # A fresh record on this message only: strategies share one ConfigRecord (and often
+            # one RecordDict) between all the round's messages, so mutating it would cap others.
+            content = RecordDict(dict(msg.content.items()))
+            content["config"] = ConfigRecord({**config, MAX_STEPS_KEY: fit})
+            msg.content = content
 
     if drops_out(cfg, scenario.seed, server_round, pid):
         # Decided before training to save real compute; to the server it is a mid-round loss.

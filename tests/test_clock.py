@@ -163,6 +163,23 @@ def test_partial_work_caps_steps_to_fit_the_deadline() -> None:
         assert m["virtual-time-s"] <= 1.0 + 1e-9  # fits, by construction of the step budget
 
 
+def test_partial_work_caps_only_the_slow_client() -> None:
+    slow = {**TINY, "memory_bytes": 2**30, "peak_flops": 2e5, "latency_s": 0.0}
+    scenario = scenario_json(
+        classes=["slow", "t4"],
+        profiles={"slow": slow},
+        policy="deadline",
+        deadline_s=1.0,
+        partial_work=True,
+    )
+    # one ConfigRecord shared by both messages, as Flower's strategies send it
+    replies = train_on_grid(scenario, {"deadline-s": 1.0, "partial-work": True})
+    slow_reply, fast_reply = sorted(replies, key=lambda r: r.content["metrics"]["partition-id"])
+    assert slow_reply.content["metrics"]["work-fraction"] < 1.0
+    fast = fast_reply.content["metrics"]
+    assert fast["num-steps"] == fast["planned-steps"] and fast["work-fraction"] == 1.0
+
+
 def test_mod_passes_through_non_training_and_device_free_scenarios() -> None:
     calls = []
 
