@@ -145,7 +145,13 @@ def test_hetero_gpus_inprocess_end_to_end_and_seeded(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_hetero_gpus_on_ray_matches_inprocess(tmp_path: Path) -> None:
-    over = SHRINK[1:] + ["num_rounds=2", "data.num_clients=4", f"output_dir={tmp_path}"]
+    # seed 0, 4 clients, 2 rounds: one offline client, two dropouts and a late phone
+    over = SHRINK[1:] + [
+        "num_rounds=2",
+        "data.num_clients=4",
+        "devices.dropout_prob=0.3",
+        f"output_dir={tmp_path}",
+    ]
     run_engine(load_scenario(HETERO, over), tmp_path / "inprocess", show_progress=False)
     run_engine(load_scenario(HETERO, over + ["engine.name=ray"]), tmp_path / "ray")
     keys = [
@@ -161,3 +167,7 @@ def test_hetero_gpus_on_ray_matches_inprocess(tmp_path: Path) -> None:
     ours = [[r.get(k) for k in keys] for r in load_run(tmp_path / "inprocess").rounds]
     ray = [[r.get(k) for k in keys] for r in load_run(tmp_path / "ray").rounds]
     assert ray == ours  # same availability/dropout draws and the same virtual clock on Ray
+    rounds = load_run(tmp_path / "ray").rounds[1:]
+    # the device errors raised in Ray actors come back as Flower error replies, classified by prefix
+    assert sum(r["num_unavailable"] for r in rounds) == 1
+    assert sum(r["num_dropped_out"] for r in rounds) == 2
