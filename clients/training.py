@@ -64,6 +64,10 @@ def local_sgd(
     """Mini-batch SGD over the client's train split for ``cfg.epochs`` epochs (or ``max_steps``)."""
     cfg = cfg or job.scenario.train
     model, data = job.model, job.data
+    if max_steps is None and "max-local-steps" in job.config:
+        # Partial work: the virtual clock (clients/clock.py) caps a slow device's steps at what
+        # fits the round's deadline.
+        max_steps = int(job.config["max-local-steps"])
     if len(data.x_train) == 0:
         raise ValueError(
             f"client {data.partition_id} has no training data; lower data.num_clients or change the partitioner"

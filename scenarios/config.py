@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from algorithms import ALGORITHM_CONFIGS, AlgorithmConfig
+from clients.devices import DevicesConfig
 
 RUN_CONFIG_KEY = "scenario"
 
@@ -151,6 +152,9 @@ class Scenario(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    devices: DevicesConfig | None = Field(
+        None, description="simulated device fleet + virtual clock (None: no device simulation)"
+    )
 
     @field_validator("algorithm", mode="before")
     @classmethod

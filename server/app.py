@@ -77,5 +77,9 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
     )
     writer.save_model(final.to_torch_state_dict())
     summary = writer.finalize()
+    if scenario.devices is not None:
+        from server.deadline import finalize_virtual_clock
+
+        summary = finalize_virtual_clock(writer, summary)
     print(f"fedge: results in {run_dir}", flush=True)
     return summary

@@ -38,4 +38,8 @@ class RoundPlugin:
 def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
     """The plugins a scenario asks for, in the order they filter replies."""
     plugins: list[RoundPlugin] = []
+    if setup.scenario.devices is not None:
+        from server.deadline import DeviceClockPlugin
+
+        plugins.append(DeviceClockPlugin(setup.scenario))
     return plugins

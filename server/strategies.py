@@ -15,7 +15,7 @@ from clients.data import DatasetInfo
 from scenarios.config import Scenario
 
 # Per-client bookkeeping keys that must not be averaged into the round's metrics.
-CLIENT_ID_KEYS = ("partition-id",)
+CLIENT_ID_KEYS = ("partition-id", "device-index")
 
 
 @dataclass(frozen=True)
