@@ -142,10 +142,8 @@ def run_inprocess(scenario: Scenario, run_dir: Path, show_progress: bool = True)
     from clients.app import app as client_app
     from server.app import run_server
 
-    if (
-        show_progress
-    ):  # the progress line carries the per-round news; keep Flower's INFO chatter out
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Per-round news goes to the progress line and the results folder; keep Flower's INFO chatter out.
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     run_config = {**scenario.to_run_config(), "run-dir": str(run_dir)}
     grid = InProcessGrid(client_app, scenario.data.num_clients, run_config, seed=scenario.seed)
     TaskIdentity.run_id = grid.run.run_id
