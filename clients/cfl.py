@@ -9,6 +9,5 @@ from clients.training import TrainJob, TrainResult, local_sgd
 def train_cfl(job: TrainJob) -> TrainResult:
     chosen = pick_cluster(job)
     result = local_sgd(job)
-    if chosen is not None:
-        result.metrics[CLUSTER_ID_KEY] = chosen
+    result.metrics[CLUSTER_ID_KEY] = chosen
     return result

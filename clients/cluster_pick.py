@@ -31,12 +31,15 @@ def candidate_models(content: RecordDict | None, config) -> dict[int, ArrayRecor
     return out
 
 
-def pick_cluster(job: TrainJob) -> int | None:
+NO_CLUSTER = -1  # reported before any clustering (Flower wants the same metric keys from all)
+
+
+def pick_cluster(job: TrainJob) -> int:
     """Load the candidate model with the lowest loss on the local train split into ``job.model``;
-    return its cluster id (None when the instruction carried a single model)."""
+    return its cluster id. With a single model: the ``cluster-id`` the server sent, else -1."""
     candidates = candidate_models(job.received, job.config)
     if not candidates:
-        return None
+        return int(job.config.get(CLUSTER_ID_KEY, NO_CLUSTER))
     ids = list(candidates)
     losses = []
     for cid in ids:

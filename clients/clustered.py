@@ -45,6 +45,5 @@ def train_clustered(job: TrainJob) -> TrainResult:
                 F.cross_entropy,
             )
         result = TrainResult(len(job.data.x_train), res.mean_loss, res.num_steps)
-    if chosen is not None:
-        result.metrics[CLUSTER_ID_KEY] = chosen
+    result.metrics[CLUSTER_ID_KEY] = chosen
     return result

@@ -209,8 +209,8 @@ class ClusterStrategy(FedAvg):
             nid, metrics = msg.metadata.src_node_id, reply_metrics(msg)
             if "partition-id" in metrics:
                 self.node_partition[nid] = int(metrics["partition-id"])
-            chosen = metrics.get(CLUSTER_ID_KEY)
-            cid = int(chosen) if chosen is not None else self._sent_cluster.get(nid)
+            chosen = int(metrics.get(CLUSTER_ID_KEY, -1))
+            cid = chosen if chosen >= 0 else self._sent_cluster.get(nid)
             if cid is not None and cid in self.models:
                 bases[nid] = self.models[cid]
                 if nid in self.node_partition:
