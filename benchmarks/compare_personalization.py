@@ -106,12 +106,18 @@ def main() -> None:
             f"{time.perf_counter() - t0:.0f}s",
             flush=True,
         )
+    pers = base.personalization
+    finetune = (
+        f"{pers.finetune_steps} SGD step(s)"
+        if pers.finetune_steps > 0
+        else f"{pers.finetune_epochs} epoch(s)"
+    )
     lines = [
         f"# Personalized accuracy: {base.name}",
         "",
         f"{base.data.num_clients} clients, {base.data.dataset} {base.data.partitioner}, "
         f"{base.num_rounds} rounds, model {base.model.name} {base.model.hidden}, seeds {seeds}; "
-        f"fine-tune: {base.personalization.finetune_epochs} epoch(s) at lr {base.train.lr}. "
+        f"fine-tune: {finetune} at lr {base.train.lr}. "
         "Accuracy (%) on each client's local test split at the last round, unweighted mean over "
         "clients; mean ± std over seeds.",
         "",
