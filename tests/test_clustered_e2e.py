@@ -31,7 +31,7 @@ def small(tmp_path: Path, algorithm: dict, engine: str = "inprocess", **extra):
             "num_clients": 6,
             "partitioner": "pathological",
             "classes_per_client": 2,
-            "num_samples": 600,
+            "num_samples": 800,  # not 600: test_data expects to generate that one itself
         },
         "model": {"name": "mlp", "hidden": [16]},
         "algorithm": algorithm,
