@@ -49,8 +49,14 @@ def clusters_log(run_dir: Path) -> list[dict]:
 
 
 def test_clustered_inprocess(tmp_path: Path) -> None:
-    scenario = small(tmp_path, {"name": "clustered", "warmup_rounds": 1, "k_max": 4, "s_min": -1.0})
-    summary = run_engine(scenario, tmp_path / "run", show_progress=False)
+    algorithm = {
+        "name": "clustered",
+        "warmup_rounds": 1,
+        "k_max": 4,
+        "s_min": -1.0,
+        "recluster_every": 2,
+    }
+    summary = run_engine(small(tmp_path, algorithm), tmp_path / "run", show_progress=False)
     run = load_run(tmp_path / "run")
     log = clusters_log(tmp_path / "run")
     assert [r["round"] for r in log] == [1, 2, 3]
@@ -59,7 +65,10 @@ def test_clustered_inprocess(tmp_path: Path) -> None:
     assert log[0]["num_clusters"] >= 2  # s_min = -1: the best cut always beats one cluster
     assert sorted(map(int, log[-1]["assignment"])) == list(range(6))
     assert sum(log[-1]["cluster_sizes"].values()) == 6
-    assert (tmp_path / "run" / "dendrogram-r1.png").stat().st_size > 0
+    clustered_at = [r["round"] for r in log if any("clustering" in e for e in r["events"])]
+    assert clustered_at == [1, 3]  # after warm-up, then every 2 rounds
+    for r in clustered_at:
+        assert (tmp_path / "run" / f"dendrogram-r{r}.png").stat().st_size > 0
     assert run.rounds[1]["num_clusters"] == log[0]["num_clusters"]
     # personalized evaluation: every client, before and after fine-tuning
     last = [c for c in run.clients if c["round"] == 3]
