@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
 from clients.models import build_model
+from clients.personalization import finetune_metrics
 from clients.seeding import derive_seed
 from clients.trainers import trainer_for
 from clients.training import TrainJob, evaluate
@@ -79,7 +80,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     torch.manual_seed(derive_seed(scenario.seed, server_round, data.partition_id, 1))
     trainer = trainer_for(scenario, data.partition_id)
-    result = trainer(TrainJob(model, data, scenario, config, context.state, generator, device))
+    result = trainer(
+        TrainJob(
+            model, data, scenario, config, context.state, generator, device, received=msg.content
+        )
+    )
     metrics = MetricRecord(
         {
             "train_loss": result.train_loss,
@@ -95,15 +100,20 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Accuracy of the received model on this client's local test split."""
-    _, data, model, device = _load(msg, context)
+    """Accuracy of the received model on this client's local test split (and, when the config asks
+    for fine-tuning, after fine-tuning it on the local train split: ``personalized_accuracy``)."""
+    scenario, data, model, device = _load(msg, context)
     loss, acc = evaluate(model, data.x_test, data.y_test, device)
+    tuned = finetune_metrics(
+        model, data, scenario, msg.content.get("config", ConfigRecord()), device
+    )
     metrics = MetricRecord(
         {
             "local_loss": loss,
             "local_accuracy": acc,
             "num-examples": len(data.x_test),
             "partition-id": data.partition_id,
+            **tuned,
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

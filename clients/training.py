@@ -39,6 +39,7 @@ class TrainJob:
     state: RecordDict  # the node's persistent Context.state
     generator: torch.Generator
     device: torch.device
+    received: RecordDict | None = None  # the whole instruction content (e.g. several models)
 
 
 def cross_entropy(model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

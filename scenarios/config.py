@@ -137,6 +137,23 @@ class EngineConfig(_Strict):
     )
 
 
+class PersonalizationConfig(_Strict):
+    """Personalized evaluation: each evaluating client fine-tunes the model it receives on its local
+    train split (``finetune_epochs`` epochs, or ``finetune_steps`` SGD steps when > 0, at
+    ``train.lr``) and reports its local test accuracy before (``local_accuracy``) and after
+    (``personalized_accuracy``). 0 epochs and 0 steps = off. Needs federation.fraction_evaluate > 0."""
+
+    finetune_epochs: int = Field(0, ge=0, description="local fine-tuning epochs before testing")
+    finetune_steps: int = Field(0, ge=0, description="fine-tuning SGD steps (overrides epochs)")
+    evaluate_every: int = Field(
+        1, ge=1, description="evaluate every N rounds (the last round is always evaluated)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.finetune_epochs > 0 or self.finetune_steps > 0
+
+
 class Scenario(_Strict):
     """A whole run. ``num_rounds``, ``seed`` and ``output_dir`` exist in every scenario."""
 
@@ -155,6 +172,7 @@ class Scenario(_Strict):
     devices: DevicesConfig | None = Field(
         None, description="simulated device fleet + virtual clock (None: no device simulation)"
     )
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
 
     @field_validator("algorithm", mode="before")
     @classmethod
@@ -178,6 +196,11 @@ class Scenario(_Strict):
             raise ValueError(
                 f"federation.min_train_clients={self.federation.min_train_clients} exceeds "
                 f"data.num_clients={self.data.num_clients}"
+            )
+        if self.personalization.enabled and self.federation.fraction_evaluate == 0:
+            raise ValueError(
+                "personalization fine-tunes during client evaluation, but "
+                "federation.fraction_evaluate = 0; set it > 0 (e.g. 1.0)"
             )
         return self
 

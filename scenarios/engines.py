@@ -299,7 +299,7 @@ def run_ray(scenario: Scenario, run_dir: Path) -> dict:
                 "--port",
                 str(port),
                 "--database",
-                ":flwr-in-memory-state:",
+                ":flwr-in-memory:",
             ],
         )
         _wait_for_port(port, link, "superlink", group)
@@ -327,7 +327,7 @@ def run_deployment(scenario: Scenario, run_dir: Path) -> dict:
                 "--port",
                 str(port),
                 "--database",
-                ":flwr-in-memory-state:",
+                ":flwr-in-memory:",
             ],
         )
         _wait_for_port(port, link, "superlink", group)

@@ -18,6 +18,7 @@ from clients.models import build_model
 from clients.seeding import seed_everything
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
+from scenarios.personalization import evaluate_config_fn, finalize_personalization
 from scenarios.results import RunWriter
 from server.loop import run_rounds
 from server.plugins import build_plugins
@@ -54,6 +55,8 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
     initial = ArrayRecord(model.state_dict())
     setup = ServerSetup(scenario, info, model, device)
     strategy = build_strategy(setup)
+    if hasattr(strategy, "attach_run_dir"):  # strategies that write their own results files
+        strategy.attach_run_dir(run_dir)
     x_test, y_test = load_central_test(scenario.data, scenario.seed)
     eval_model = build_model(scenario.model, info.input_shape, info.num_classes).to(device)
 
@@ -74,9 +77,10 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
         timeout=scenario.federation.round_timeout_s,
         show_progress=show_progress,
         plugins=build_plugins(setup),
+        evaluate_config=evaluate_config_fn(scenario),
     )
     writer.save_model(final.to_torch_state_dict())
-    summary = writer.finalize()
+    summary = finalize_personalization(run_dir, writer.finalize())
     if scenario.devices is not None:
         from server.deadline import finalize_virtual_clock
 

@@ -114,8 +114,13 @@ def run_rounds(
     timeout: float,
     show_progress: bool = True,
     plugins: list[RoundPlugin] | None = None,
+    evaluate_config: Callable[[int], ConfigRecord | None] | None = None,
 ) -> ArrayRecord:
-    """Run ``num_rounds`` of ``strategy``; write one record per round; return the final arrays."""
+    """Run ``num_rounds`` of ``strategy``; write one record per round; return the final arrays.
+
+    ``evaluate_config(round)`` gives the config sent with that round's evaluate instructions (e.g.
+    personalization's fine-tuning settings); None from it skips client evaluation that round.
+    """
     log(INFO, "fedge: starting %s for %d rounds", type(strategy).__name__, num_rounds)
     progress = RoundProgress(num_rounds) if show_progress else None
     start = time.perf_counter()
@@ -142,8 +147,13 @@ def run_rounds(
             record.update(_flat(train_metrics))
             rows = {r.metadata.src_node_id: _client_row(r) for r in replies if not r.has_error()}
 
-            eval_instructions = list(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+            eval_config = (
+                ConfigRecord() if evaluate_config is None else evaluate_config(server_round)
+            )
+            eval_instructions = (
+                []
+                if eval_config is None
+                else list(strategy.configure_evaluate(server_round, arrays, eval_config, grid))
             )
             if eval_instructions:
                 eval_replies = sort_replies(

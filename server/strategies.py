@@ -43,7 +43,14 @@ def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]
 
 
 def build_strategy(setup: ServerSetup) -> Strategy:
-    from server import fedavg, fedprox  # noqa: F401  (each module registers itself)
+    from server import (  # noqa: F401  (each module registers itself)
+        cfl,
+        clustered,
+        fedavg,
+        fedprox,
+        ifca,
+        perfedavg,
+    )
 
     name = setup.scenario.algorithm.name
     if name not in STRATEGIES:
