@@ -43,7 +43,7 @@ def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]
 
 
 def build_strategy(setup: ServerSetup) -> Strategy:
-    from server import fedavg, fedprox  # noqa: F401  (each module registers itself)
+    from server import fedavg, fedprox, lora_sparse  # noqa: F401  (each module registers itself)
 
     name = setup.scenario.algorithm.name
     if name not in STRATEGIES:
