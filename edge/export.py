@@ -42,15 +42,19 @@ def export_onnx(
     sample: torch.Tensor,
     path: str | Path,
     quantize: bool = True,
+    dynamo: bool = True,
 ) -> ExportResult:
     """Write ``path`` (fp32, input ``x`` and output ``scores`` with a dynamic batch axis) and
-    ``<stem>.int8.onnx``; both pass ``onnx.checker``."""
+    ``<stem>.int8.onnx``; both pass ``onnx.checker``. ``dynamo=False`` goes straight to the legacy
+    exporter (10-100× faster to export small models; same graph semantics)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = plain_model(model)
     sample = sample.to(torch.float32).cpu()
     exporter = "dynamo"
     try:
+        if not dynamo:
+            raise NotImplementedError("legacy exporter requested")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
