@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
@@ -109,8 +108,8 @@ def main() -> None:
                 flush=True,
             )
     print(
-        f"\n| rank | density | base acc | final acc | best acc | uplink KiB (all rounds) | "
-        f"bytes to dense-1pt target | ratio vs dense |"
+        "\n| rank | density | base acc | final acc | best acc | uplink KiB (all rounds) | "
+        "bytes to dense-1pt target | ratio vs dense |"
     )
     print("|" + "---|" * 8)
     for rank in RANKS:

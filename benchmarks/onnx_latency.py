@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,13 @@ CASES = [  # (dataset, model, trainer)
 ]
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_ms(fn, arg, repeats: int) -> float:
+    """Median wall time of ``fn(arg)`` in milliseconds (after one warm-up call)."""
+    fn(arg)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(arg)
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1000)
 
@@ -78,11 +80,11 @@ def main() -> None:
         x1, x64 = x[:1], x[:64]
         t1, t64 = torch.from_numpy(x1), torch.from_numpy(x64)
         with torch.no_grad():
-            torch_b1 = median_ms(lambda: model(t1), 200)
-            torch_b64 = median_ms(lambda: model(t64), 100)
-        ort_b1 = median_ms(lambda: run_onnx(fp32, x1), 200)
-        ort_b64 = median_ms(lambda: run_onnx(fp32, x64), 100)
-        int8_b64 = median_ms(lambda: run_onnx(int8, x64), 100)
+            torch_b1 = median_ms(model, t1, 200)
+            torch_b64 = median_ms(model, t64, 100)
+        ort_b1 = median_ms(partial(run_onnx, fp32), x1, 200)
+        ort_b64 = median_ms(partial(run_onnx, fp32), x64, 100)
+        int8_b64 = median_ms(partial(run_onnx, int8), x64, 100)
         print(
             f"| {dataset} | {model_name} | {trainer} | {res.exporter} | {res.fp32_bytes / 1024:.1f} | "
             f"{res.int8_bytes / 1024:.1f} | {acc_torch:.3f} | {acc_fp32:.3f} | {acc_int8:.3f} | "
