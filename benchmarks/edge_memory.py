@@ -3,7 +3,8 @@
 ``measure_training_memory(trainer, model, x, y)`` is the function other code calls (e.g. a device
 profile's memory check). On CUDA it reports ``torch.cuda.max_memory_allocated`` around the step.
 On CPU (torch has no CPU allocator statistics and tracemalloc cannot see tensor storage) it is a
-*measured count*: parameter bytes + gradient bytes + the peak of live tensors saved for backward,
+*measured count*: parameter bytes + gradient bytes (tpSGD: the largest block's, since its trainer
+steps and frees each block's gradients in turn) + the peak of live tensors saved for backward,
 tracked with ``torch.autograd.graph.saved_tensors_hooks`` (each saved tensor is counted while its
 graph is alive and released when the graph is freed).
 
@@ -68,11 +69,12 @@ def _step_fn(trainer: str, model: nn.Module, seed: int):
     if trainer == "backprop":
         return lambda x, y: F.cross_entropy(model(x), y).backward()
     if trainer == "tpsgd":
-        from edge.tpsgd import projection_matrices, split_blocks, tpsgd_step
+        from edge.tpsgd import block_optimizers, projection_matrices, split_blocks, tpsgd_step
 
         blocks = split_blocks(model)
         proj = projection_matrices(blocks, blocks[-1].width, seed)
-        return lambda x, y: tpsgd_step(blocks, proj, x, y, "ce")
+        opts = block_optimizers(blocks, lr=0.0)  # as the trainer: step + free each block's grads
+        return lambda x, y: tpsgd_step(blocks, proj, x, y, "ce", opts)
     if trainer == "forward_forward":
         from edge.forward_forward import ff_step
 
@@ -108,6 +110,13 @@ def measure_training_memory(
     trainable = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    if trainer == "tpsgd":  # the trainer frees each block's gradients after stepping it
+        from edge.tpsgd import split_blocks
+
+        grad_bytes = max(
+            sum(p.numel() * p.element_size() for p in b.layer.parameters())
+            for b in split_blocks(model)
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)

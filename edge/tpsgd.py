@@ -17,8 +17,9 @@ How it works (DRTP generalised, after "Learning with Local Gradients at the Edge
   activation is global-average-pooled over its spatial axes before the loss (``pool`` above), i.e.
   "pool the activation" rather than "broadcast the target". For Linear blocks ``pool`` is identity.
 * The output block is trained on the task loss (cross-entropy) on the detached last hidden activation.
-* Each block's local loss is back-propagated immediately, so at most one block's activations and
-  gradient graph are alive at any time — the memory saving measured in ``benchmarks/edge_memory.py``.
+* Each block's local loss is back-propagated immediately and the block is stepped right away (one
+  SGD per block), so at most one block's activations, graph and gradients are alive at any time —
+  the memory saving measured in ``benchmarks/edge_memory.py``.
 
 How a tpSGD client combines with others: it trains the *same* zoo model (same architecture, same
 state-dict keys) as backprop clients, only the way the gradient of each weight is obtained differs.
@@ -127,17 +128,40 @@ def tpsgd_step(
     xb: torch.Tensor,
     yb: torch.Tensor,
     kind: str,
+    optimizers: list[torch.optim.Optimizer] | None = None,
 ) -> torch.Tensor:
-    """Accumulate every block's local gradient for one batch; return the output block's task loss."""
+    """One batch of tpSGD; return the output block's task loss.
+
+    With ``optimizers`` (one per block) each block is stepped and its gradients freed right after
+    its own backward, so only one block's gradients exist at a time. This is the same update as
+    stepping all blocks at the end: block l+1's input was computed before block l was stepped.
+    Without, gradients are only accumulated (the caller steps).
+    """
     a = xb
-    for block, proj in zip(blocks[:-1], projections, strict=True):
+    for index, (block, proj) in enumerate(zip(blocks[:-1], projections, strict=True)):
         h = block(a.detach())
         local_loss(h, yb, proj.to(h.device), kind).backward()
         a = h.detach()  # the graph of this block is freed here
+        if optimizers is not None:
+            optimizers[index].step()
+            optimizers[index].zero_grad(set_to_none=True)
     logits = blocks[-1](a)
     loss = F.cross_entropy(logits, yb)
     loss.backward()
+    if optimizers is not None:
+        optimizers[-1].step()
+        optimizers[-1].zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def block_optimizers(
+    blocks: list[Block], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> list[torch.optim.Optimizer]:
+    """One SGD per block (the same hyperparameters as the backprop trainer)."""
+    return [
+        torch.optim.SGD(b.layer.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        for b in blocks
+    ]
 
 
 @register_trainer("tpsgd")
@@ -150,17 +174,13 @@ def train_tpsgd(job: TrainJob) -> TrainResult:
     num_classes = blocks[-1].width
     projections = projection_matrices(blocks, num_classes, job.scenario.seed)
     job.model.train()
-    opt = torch.optim.SGD(
-        job.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    optimizers = block_optimizers(blocks, cfg.lr, cfg.momentum, cfg.weight_decay)
     total, seen, steps = 0.0, 0, 0
     for _ in range(cfg.epochs):
         for xb, yb in batches(
             data.x_train, data.y_train, cfg.batch_size, job.generator, job.device
         ):
-            opt.zero_grad(set_to_none=True)
-            loss = tpsgd_step(blocks, projections, xb, yb, job.scenario.edge.tpsgd_loss)
-            opt.step()
+            loss = tpsgd_step(blocks, projections, xb, yb, job.scenario.edge.tpsgd_loss, optimizers)
             total += float(loss) * len(yb)
             seen += len(yb)
             steps += 1

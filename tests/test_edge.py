@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from clients.training import TrainJob, evaluate
 from edge.export import export_onnx, run_onnx, session
 from edge.forward_forward import FFMLP, ff_step
 from edge.lora import initial_factors, linear_names, wrap_lora
-from edge.tpsgd import projection_matrices, split_blocks, tpsgd_step
+from edge.tpsgd import block_optimizers, projection_matrices, split_blocks, tpsgd_step
 from scenarios.config import ModelConfig, validate_scenario
 from server.lora_sparse import lora_weight_deltas
 
@@ -82,6 +83,23 @@ def test_tpsgd_and_ff_gradients_stay_inside_one_layer() -> None:
                 ff_step(model, x, y, 0.5, torch.Generator().manual_seed(0))
                 grads.append(model.layers[0].weight.grad.clone())
         torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_tpsgd_per_block_steps_equal_one_step_at_the_end() -> None:
+    """Stepping each block right after its backward (to free its grads) is the same update."""
+    x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+    torch.manual_seed(0)
+    per_block = build_model(ModelConfig(name="mlp"), (40,), 10)
+    together = copy.deepcopy(per_block)
+    blocks = split_blocks(per_block)
+    proj = projection_matrices(blocks, 10, 0)
+    tpsgd_step(blocks, proj, x, y, "ce", block_optimizers(blocks, lr=0.1))
+    opt = torch.optim.SGD(together.parameters(), lr=0.1)
+    tpsgd_step(split_blocks(together), proj, x, y, "ce")
+    opt.step()
+    for a, b in zip(per_block.parameters(), together.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+        assert a.grad is None  # freed after its block's step
 
 
 def test_projection_matrices_are_shared_by_seed() -> None:
