@@ -9,6 +9,7 @@ from algorithms import (  # noqa: F401  (registration side effect)
     fedavg,
     fedprox,
     ifca,
+    lora_sparse,
     perfedavg,
 )
 from algorithms.base import ALGORITHM_CONFIGS, AlgorithmConfig, register_algorithm

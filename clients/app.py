@@ -94,7 +94,11 @@ def train(msg: Message, context: Context) -> Message:
             **result.metrics,
         }
     )
-    arrays = ArrayRecord(model.to("cpu").state_dict())
+    arrays = (
+        result.reply_arrays
+        if result.reply_arrays is not None
+        else ArrayRecord(model.to("cpu").state_dict())
+    )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

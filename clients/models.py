@@ -103,4 +103,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
                 f"model.name='cnn2d' needs images, got samples of shape {input_shape}; use cnn1d or mlp"
             )
         return CNN2D(input_shape, num_classes, cfg.channels)
+    if cfg.name == "ff_mlp":
+        from edge.forward_forward import FFMLP  # forward-forward's label-scoring MLP
+
+        return FFMLP(input_shape, num_classes, cfg.hidden)
     raise ValueError(f"unknown model {cfg.name!r}")

@@ -31,8 +31,25 @@ def get_trainer(name: str) -> Trainer:
 
 
 def trainer_for(scenario: Scenario, partition_id: int) -> Trainer:
-    """The local trainer of client ``partition_id`` (the algorithm's own, unless the scenario says otherwise)."""
-    return get_trainer(scenario.algorithm.name)
+    """The local trainer of client ``partition_id`` (the algorithm's own, unless the scenario says otherwise).
+
+    ``[edge] trainers`` picks per client: an exact id beats a range, a range beats ``"*"``.
+    """
+    name = trainer_name_for(scenario, partition_id)
+    return get_trainer(name)
+
+
+def trainer_name_for(scenario: Scenario, partition_id: int) -> str:
+    """Name of the trainer client ``partition_id`` runs (see :func:`trainer_for`)."""
+    chosen = scenario.edge.trainers
+    if str(partition_id) in chosen:
+        return chosen[str(partition_id)]
+    for key, name in chosen.items():
+        if "-" in key:
+            lo, hi = (int(p) for p in key.split("-"))
+            if lo <= partition_id <= hi:
+                return name
+    return chosen.get("*", scenario.algorithm.name)
 
 
 def _load_builtin_trainers() -> None:
@@ -45,3 +62,4 @@ def _load_builtin_trainers() -> None:
         ifca,
         perfedavg,
     )
+    from edge import forward_forward, lora, tpsgd  # noqa: F401

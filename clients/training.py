@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 from torch.nn import functional as F
 
@@ -26,6 +26,8 @@ class TrainResult:
     train_loss: float
     num_steps: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # What to reply instead of the full state dict (e.g. a sparse LoRA update); None = the model.
+    reply_arrays: ArrayRecord | None = None
 
 
 @dataclass

@@ -170,6 +170,30 @@ def report(
     console.print(f"wrote {md} and {png}")
 
 
+edge_app = typer.Typer(help="On-device inference with exported ONNX models.", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
+
+
+@edge_app.command("infer")
+def edge_infer(
+    model: Annotated[Path, typer.Argument(help="an exported .onnx model (e.g. <run>/model.onnx)")],
+    inputs: Annotated[Path, typer.Argument(help=".npy array of inputs, batch first")],
+    repeats: Annotated[int, typer.Option(help="timed repetitions (median reported)")] = 5,
+) -> None:
+    """Classify INPUTS with onnxruntime; print the predictions and the latency."""
+    from edge.runner import infer, load_inputs
+
+    try:
+        result = infer(model, load_inputs(inputs), repeats=repeats)
+    except ValueError as err:
+        _fail(str(err))
+    console.print("predictions: " + " ".join(str(int(p)) for p in result.predictions))
+    console.print(
+        f"latency: {result.batch_latency_ms:.3f} ms for {len(result.predictions)} inputs "
+        f"({result.per_sample_ms:.4f} ms/input, median of {repeats})"
+    )
+
+
 def main() -> None:
     app()
 

@@ -89,8 +89,10 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """A model from the zoo; input shape and class count come from the dataset."""
 
-    name: Literal["mlp", "cnn1d", "cnn2d", "softmax"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [64, 64], description="mlp: hidden widths")
+    name: Literal["mlp", "cnn1d", "cnn2d", "softmax", "ff_mlp"] = "mlp"
+    hidden: list[int] = Field(
+        default_factory=lambda: [64, 64], description="mlp / ff_mlp: hidden widths"
+    )
     channels: int = Field(16, ge=1, description="cnn: channels of the first conv layer")
 
     @field_validator("hidden")
@@ -154,6 +156,42 @@ class PersonalizationConfig(_Strict):
         return self.finetune_epochs > 0 or self.finetune_steps > 0
 
 
+class EdgeConfig(_Strict):
+    """Edge clients: which clients use a backprop-free / LoRA trainer, and those trainers' knobs.
+
+    ``trainers`` maps a client selector to a trainer name; a selector is a partition id (``"3"``),
+    an inclusive range (``"0-4"``) or ``"*"`` (every other client). Unlisted clients use the
+    algorithm's own trainer. Example: ``trainers = {"0-4" = "tpsgd", "5" = "forward_forward"}``.
+    """
+
+    trainers: dict[str, str] = Field(
+        default_factory=dict, description="client selector ('3', '0-4', '*') -> trainer name"
+    )
+    tpsgd_loss: Literal["mse", "ce"] = Field(
+        "ce", description="tpSGD hidden-layer loss: MSE to B_l y, or CE of a fixed random readout"
+    )
+    ff_threshold: float = Field(
+        0.5,
+        gt=0.0,
+        description="forward-forward threshold on mean goodness (0.5 beat 2.0 on digits)",
+    )
+    ff_lr: float = Field(0.01, gt=0.0, description="forward-forward Adam learning rate")
+    export_onnx: bool = Field(
+        True, description="write the final model as .onnx (+ int8) when edge clients take part"
+    )
+
+    @field_validator("trainers")
+    @classmethod
+    def _selectors(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            parts = key.split("-")
+            if key != "*" and not (1 <= len(parts) <= 2 and all(p.isdigit() for p in parts)):
+                raise ValueError(
+                    f"client selector {key!r} must be a partition id ('3'), a range ('0-4') or '*'"
+                )
+        return v
+
+
 class Scenario(_Strict):
     """A whole run. ``num_rounds``, ``seed`` and ``output_dir`` exist in every scenario."""
 
@@ -173,6 +211,8 @@ class Scenario(_Strict):
         None, description="simulated device fleet + virtual clock (None: no device simulation)"
     )
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
 
     @field_validator("algorithm", mode="before")
     @classmethod

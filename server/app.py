@@ -46,17 +46,34 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, scenario, Path(run_dir))
 
 
+def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Path) -> None:
+    """Runs with edge clients (``[edge] trainers`` or a LoRA / FF run) also write
+    ``model.onnx`` and ``model.int8.onnx``: the artifact an on-device app loads."""
+    has_edge = bool(scenario.edge.trainers) or scenario.algorithm.name == "lora_sparse"
+    if not (scenario.edge.export_onnx and (has_edge or scenario.model.name == "ff_mlp")):
+        return
+    import torch
+
+    from edge.export import export_onnx
+
+    model = build_model(scenario.model, info.input_shape, info.num_classes)
+    model.load_state_dict(final.to_torch_state_dict())
+    result = export_onnx(model, torch.zeros(2, *info.input_shape), run_dir / "model.onnx")
+    print(f"fedge: exported {result.fp32_path} ({result.fp32_bytes} B) and int8", flush=True)
+
+
 def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: bool = True) -> dict:
     """Train ``scenario`` over ``grid``; write everything to ``run_dir``; return the run summary."""
     seed_everything(scenario.seed)
     device = resolve_device(scenario.engine.device)
     info = dataset_info(scenario.data)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
-    initial = ArrayRecord(model.state_dict())
     setup = ServerSetup(scenario, info, model, device)
     strategy = build_strategy(setup)
     if hasattr(strategy, "attach_run_dir"):  # strategies that write their own results files
         strategy.attach_run_dir(run_dir)
+    # taken after the strategy exists: a strategy may initialise the model (LoRA's pre-trained base)
+    initial = ArrayRecord(model.state_dict())
     x_test, y_test = load_central_test(scenario.data, scenario.seed)
     eval_model = build_model(scenario.model, info.input_shape, info.num_classes).to(device)
 
@@ -80,6 +97,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
         evaluate_config=evaluate_config_fn(scenario),
     )
     writer.save_model(final.to_torch_state_dict())
+    export_edge_models(scenario, info, final, run_dir)
     summary = finalize_personalization(run_dir, writer.finalize())
     if scenario.devices is not None:
         from server.deadline import finalize_virtual_clock

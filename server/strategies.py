@@ -49,6 +49,7 @@ def build_strategy(setup: ServerSetup) -> Strategy:
         fedavg,
         fedprox,
         ifca,
+        lora_sparse,
         perfedavg,
     )
 

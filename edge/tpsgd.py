@@ -1,0 +1,187 @@
+"""tpSGD — target-projection SGD: backprop-free, layer-wise training with random label projections.
+
+How it works (DRTP generalised, after "Learning with Local Gradients at the Edge"):
+
+* The model is split into *blocks*: each parametrised layer (``Linear`` / ``Conv1d`` / ``Conv2d``)
+  together with the parameter-free modules after it (ReLU, pooling). Before a ``Linear`` block the
+  input is flattened; before a conv block a missing channel axis is added — exactly what the zoo
+  models' ``forward`` does, so ``compose(blocks)(x) == model(x)``.
+* Hidden block l sees its input **detached** (no gradient reaches earlier layers) and is trained
+  against a local target built from the label: ``t_l = B_l · onehot(y)`` where ``B_l`` (width_l × C)
+  is drawn once from the scenario seed. ``B_l`` is part of the model *definition*: every client
+  derives the same matrices, nothing is communicated.
+  - ``loss="mse"``: ``ℓ_l = ||pool(h_l) − t_l||² / width_l``
+  - ``loss="ce"`` (default): cross-entropy of a fixed random readout, ``ℓ_l = CE(pool(h_l) · B_l, y)``
+    (the same ``B_l`` used as a width_l × C readout; gradients flow only into block l).
+* **Conv layers**: the target lives in the *channel* dimension (width_l = out_channels) and the
+  activation is global-average-pooled over its spatial axes before the loss (``pool`` above), i.e.
+  "pool the activation" rather than "broadcast the target". For Linear blocks ``pool`` is identity.
+* The output block is trained on the task loss (cross-entropy) on the detached last hidden activation.
+* Each block's local loss is back-propagated immediately and the block is stepped right away (one
+  SGD per block), so at most one block's activations, graph and gradients are alive at any time —
+  the memory saving measured in ``benchmarks/edge_memory.py``.
+
+How a tpSGD client combines with others: it trains the *same* zoo model (same architecture, same
+state-dict keys) as backprop clients, only the way the gradient of each weight is obtained differs.
+Its reply is a full state dict, so any strategy (FedAvg, FedProx, ...) averages it with backprop
+clients' replies unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clients.seeding import derive_seed
+from clients.trainers import register_trainer
+from clients.training import TrainJob, TrainResult, batches
+
+TPSGD_SEED_TAG = 0x7059  # separates the projection matrices' seed stream from everything else
+PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class Block:
+    """One trainable layer and the parameter-free modules that follow it."""
+
+    layer: nn.Module
+    post: list[nn.Module]
+
+    @property
+    def width(self) -> int:
+        return (
+            self.layer.out_features
+            if isinstance(self.layer, nn.Linear)
+            else self.layer.out_channels
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.layer, nn.Linear):
+            x = x.flatten(1)
+        elif (
+            isinstance(self.layer, nn.Conv1d)
+            and x.dim() == 2
+            or isinstance(self.layer, nn.Conv2d)
+            and x.dim() == 3
+        ):
+            x = x.unsqueeze(1)
+        x = self.layer(x)
+        for module in self.post:
+            x = module(x)
+        return x
+
+
+def _leaf_modules(module: nn.Module) -> list[nn.Module]:
+    children = list(module.children())
+    if not children:
+        return [module]
+    return [leaf for child in children for leaf in _leaf_modules(child)]
+
+
+def split_blocks(model: nn.Module) -> list[Block]:
+    """The model's blocks in forward order (works for every feed-forward zoo model)."""
+    blocks: list[Block] = []
+    for leaf in _leaf_modules(model):
+        if isinstance(leaf, PARAM_LAYERS):
+            blocks.append(Block(leaf, []))
+        elif any(True for _ in leaf.parameters()):
+            raise ValueError(
+                f"tpSGD cannot train layer {type(leaf).__name__}; it supports Linear/Conv1d/Conv2d "
+                "models (model.name = mlp, cnn1d, cnn2d, softmax)"
+            )
+        elif blocks:
+            blocks[-1].post.append(leaf)
+        else:
+            raise ValueError(f"model starts with a parameter-free {type(leaf).__name__}")
+    return blocks
+
+
+def projection_matrices(blocks: list[Block], num_classes: int, seed: int) -> list[torch.Tensor]:
+    """Fixed B_l (width_l × C) for every hidden block, N(0, 1)/sqrt(C), from the scenario seed."""
+    out = []
+    for index, block in enumerate(blocks[:-1]):
+        gen = torch.Generator().manual_seed(derive_seed(seed, TPSGD_SEED_TAG, index))
+        out.append(torch.randn(block.width, num_classes, generator=gen) / num_classes**0.5)
+    return out
+
+
+def _pool(h: torch.Tensor) -> torch.Tensor:
+    """Conv activations (B, C, *spatial) -> (B, C) by spatial mean; linear ones unchanged."""
+    return h.flatten(2).mean(2) if h.dim() > 2 else h
+
+
+def local_loss(h: torch.Tensor, y: torch.Tensor, proj: torch.Tensor, kind: str) -> torch.Tensor:
+    """Hidden-block loss: MSE to t = B·onehot(y), or CE of the fixed random readout pool(h)·B."""
+    pooled = _pool(h)
+    if kind == "mse":
+        target = proj[:, y].T  # (B, width) = (B_l · onehot(y))^T
+        return F.mse_loss(pooled, target)
+    return F.cross_entropy(pooled @ proj, y)
+
+
+def tpsgd_step(
+    blocks: list[Block],
+    projections: list[torch.Tensor],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    kind: str,
+    optimizers: list[torch.optim.Optimizer] | None = None,
+) -> torch.Tensor:
+    """One batch of tpSGD; return the output block's task loss.
+
+    With ``optimizers`` (one per block) each block is stepped and its gradients freed right after
+    its own backward, so only one block's gradients exist at a time. This is the same update as
+    stepping all blocks at the end: block l+1's input was computed before block l was stepped.
+    Without, gradients are only accumulated (the caller steps).
+    """
+    a = xb
+    for index, (block, proj) in enumerate(zip(blocks[:-1], projections, strict=True)):
+        h = block(a.detach())
+        local_loss(h, yb, proj.to(h.device), kind).backward()
+        a = h.detach()  # the graph of this block is freed here
+        if optimizers is not None:
+            optimizers[index].step()
+            optimizers[index].zero_grad(set_to_none=True)
+    logits = blocks[-1](a)
+    loss = F.cross_entropy(logits, yb)
+    loss.backward()
+    if optimizers is not None:
+        optimizers[-1].step()
+        optimizers[-1].zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def block_optimizers(
+    blocks: list[Block], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> list[torch.optim.Optimizer]:
+    """One SGD per block (the same hyperparameters as the backprop trainer)."""
+    return [
+        torch.optim.SGD(b.layer.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        for b in blocks
+    ]
+
+
+@register_trainer("tpsgd")
+def train_tpsgd(job: TrainJob) -> TrainResult:
+    """tpSGD on the client's data for ``train.epochs`` epochs (SGD, same lr/momentum as backprop)."""
+    cfg, data = job.scenario.train, job.data
+    if len(data.x_train) == 0:
+        raise ValueError(f"client {data.partition_id} has no training data")
+    blocks = split_blocks(job.model)
+    num_classes = blocks[-1].width
+    projections = projection_matrices(blocks, num_classes, job.scenario.seed)
+    job.model.train()
+    optimizers = block_optimizers(blocks, cfg.lr, cfg.momentum, cfg.weight_decay)
+    total, seen, steps = 0.0, 0, 0
+    for _ in range(cfg.epochs):
+        for xb, yb in batches(
+            data.x_train, data.y_train, cfg.batch_size, job.generator, job.device
+        ):
+            loss = tpsgd_step(blocks, projections, xb, yb, job.scenario.edge.tpsgd_loss, optimizers)
+            total += float(loss) * len(yb)
+            seen += len(yb)
+            steps += 1
+    return TrainResult(len(data.x_train), total / max(seen, 1), steps)
