@@ -3,7 +3,7 @@
 Importing this package registers every algorithm's hyperparameter model in ``ALGORITHM_CONFIGS``.
 """
 
-from algorithms import fedavg, fedprox  # noqa: F401  (registration side effect)
+from algorithms import fedavg, fedlaw, fedld, fedprox  # noqa: F401  (registration side effect)
 from algorithms.base import ALGORITHM_CONFIGS, AlgorithmConfig, register_algorithm
 
 __all__ = ["ALGORITHM_CONFIGS", "AlgorithmConfig", "register_algorithm"]
