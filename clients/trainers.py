@@ -37,4 +37,4 @@ def trainer_for(scenario: Scenario, partition_id: int) -> Trainer:
 
 def _load_builtin_trainers() -> None:
     # Imported lazily: each module registers itself on import.
-    from clients import fedavg, fedprox  # noqa: F401
+    from clients import fedavg, fedlaw, fedld, fedprox  # noqa: F401

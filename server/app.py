@@ -52,7 +52,7 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
     info = dataset_info(scenario.data)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
     initial = ArrayRecord(model.state_dict())
-    setup = ServerSetup(scenario, info, model, device)
+    setup = ServerSetup(scenario, info, model, device, run_dir)
     strategy = build_strategy(setup)
     x_test, y_test = load_central_test(scenario.data, scenario.seed)
     eval_model = build_model(scenario.model, info.input_shape, info.num_classes).to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,9 @@ class ServerSetup:
     info: DatasetInfo
     model: torch.nn.Module  # holds the initial weights; strategies that need a forward pass use it
     device: torch.device
+    run_dir: Path | None = (
+        None  # where the run's files go; strategies may write their own logs there
+    )
 
 
 StrategyFactory = Callable[[ServerSetup], Strategy]
@@ -43,7 +47,7 @@ def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]
 
 
 def build_strategy(setup: ServerSetup) -> Strategy:
-    from server import fedavg, fedprox  # noqa: F401  (each module registers itself)
+    from server import fedavg, fedlaw, fedld, fedprox  # noqa: F401  (each module registers itself)
 
     name = setup.scenario.algorithm.name
     if name not in STRATEGIES:
