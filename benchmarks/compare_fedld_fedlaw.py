@@ -1,6 +1,7 @@
 """FedAvg / FedProx / FedLD / FedLAW and their ablations over seeds, on mnist1d label skew.
 
     python benchmarks/compare_fedld_fedlaw.py [--alphas 0.1,0.5] [--seeds 0,1,2] [--rounds 15]
+                                              [--variants fedavg,fedld,...] [--fedld-server-lr 1.0]
                                               [--out results/compare_fedld_fedlaw]
 
 Every run shares the same data, model, local training and proxy carve-out (data.proxy_fraction =
@@ -34,7 +35,12 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def scenario(label: str, alpha: float, seed: int, rounds: int, out: Path):
+def scenario(
+    label: str, alpha: float, seed: int, rounds: int, out: Path, fedld_server_lr: float = 1.0
+):
+    algorithm = dict(VARIANTS[label])
+    if algorithm["name"] == "fedld":
+        algorithm["server_lr"] = fedld_server_lr
     return validate_scenario(
         {
             "name": label,
@@ -49,7 +55,7 @@ def scenario(label: str, alpha: float, seed: int, rounds: int, out: Path):
                 "proxy_fraction": 0.02,
             },
             "model": {"name": "mlp", "hidden": [64, 64]},
-            "algorithm": VARIANTS[label],
+            "algorithm": algorithm,
             "train": {
                 "epochs": 1,
                 "batch_size": 32,
@@ -68,6 +74,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--fedld-server-lr", type=float, default=1.0, help="FedLD variants only")
     parser.add_argument("--out", type=Path, default=Path("results/compare_fedld_fedlaw"))
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -81,7 +88,11 @@ def main() -> None:
             for seed in seeds:
                 run_dir = out / f"{label}-s{seed}"
                 if not (run_dir / "summary.json").exists():  # rerunning resumes a cut-off sweep
-                    run_engine(scenario(label, alpha, seed, args.rounds, out), run_dir, False)
+                    run_engine(
+                        scenario(label, alpha, seed, args.rounds, out, args.fedld_server_lr),
+                        run_dir,
+                        False,
+                    )
                 run_dirs.append(run_dir)
                 done += 1
                 acc = load_run(run_dir).summary["final_accuracy"]
