@@ -7,6 +7,8 @@ from algorithms import (  # noqa: F401  (registration side effect)
     cfl,
     clustered,
     fedavg,
+    fedlaw,
+    fedld,
     fedprox,
     ifca,
     lora_sparse,

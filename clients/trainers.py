@@ -58,6 +58,8 @@ def _load_builtin_trainers() -> None:
         cfl,
         clustered,
         fedavg,
+        fedlaw,
+        fedld,
         fedprox,
         ifca,
         perfedavg,

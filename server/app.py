@@ -68,10 +68,8 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
     device = resolve_device(scenario.engine.device)
     info = dataset_info(scenario.data)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
-    setup = ServerSetup(scenario, info, model, device)
+    setup = ServerSetup(scenario, info, model, device, run_dir)
     strategy = build_strategy(setup)
-    if hasattr(strategy, "attach_run_dir"):  # strategies that write their own results files
-        strategy.attach_run_dir(run_dir)
     # taken after the strategy exists: a strategy may initialise the model (LoRA's pre-trained base)
     initial = ArrayRecord(model.state_dict())
     x_test, y_test = load_central_test(scenario.data, scenario.seed)

@@ -77,7 +77,7 @@ class ClusterStrategy(FedAvg):
         self.cluster_weight: dict[int, float] = {}  # examples behind each cluster model
         self.next_cluster_id = 0
         self.node_partition: dict[int, int] = {}  # this run's node id -> partition id
-        self.run_dir: Path | None = None
+        self.run_dir: Path | None = setup.run_dir  # where clusters.jsonl and dendrograms go
         self._sent_cluster: dict[int, int | None] = {}  # node -> cluster it got (None: global)
         self._sent_global: ArrayRecord | None = None
         self._events: list[dict] = []  # what happened this round (clustering, splits)
@@ -101,10 +101,6 @@ class ClusterStrategy(FedAvg):
         pass
 
     # ---------------------------------------------------------------- bookkeeping
-    def attach_run_dir(self, run_dir: Path) -> None:
-        """Where ``clusters.jsonl`` and dendrograms go (called by the ServerApp)."""
-        self.run_dir = Path(run_dir)
-
     def new_cluster_id(self) -> int:
         cid = self.next_cluster_id
         self.next_cluster_id += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,9 @@ class ServerSetup:
     info: DatasetInfo
     model: torch.nn.Module  # holds the initial weights; strategies that need a forward pass use it
     device: torch.device
+    run_dir: Path | None = (
+        None  # where the run's files go; strategies may write their own logs there
+    )
 
 
 StrategyFactory = Callable[[ServerSetup], Strategy]
@@ -47,6 +51,8 @@ def build_strategy(setup: ServerSetup) -> Strategy:
         cfl,
         clustered,
         fedavg,
+        fedlaw,
+        fedld,
         fedprox,
         ifca,
         lora_sparse,

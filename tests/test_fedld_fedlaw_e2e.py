@@ -1,0 +1,114 @@
+"""FedLD and FedLAW end to end through fedge's ServerApp/ClientApp (in-process; one Ray run)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.data import dataset_info
+from clients.models import build_model
+from scenarios.config import Scenario, validate_scenario
+from scenarios.engines import run_engine
+from scenarios.results import load_run
+from server.fedlaw import WEIGHTS_FILE, FedLAW, FedLAWProxyError
+from server.fedld import FedLD
+from server.strategies import ServerSetup, build_strategy
+
+
+def tiny(algorithm: dict, tmp_path: Path, engine: str = "inprocess", **data) -> Scenario:
+    return validate_scenario(
+        {
+            "name": f"e2e-{algorithm['name']}-{engine}",
+            "seed": 3,
+            "num_rounds": 2,
+            "output_dir": str(tmp_path),
+            "data": {
+                "dataset": "mnist1d",
+                "num_clients": 3,
+                "partitioner": "dirichlet",
+                "alpha": 1.0,
+                "num_samples": 600,
+                **data,
+            },
+            "model": {"name": "mlp", "hidden": [32]},
+            "algorithm": algorithm,
+            "train": {"epochs": 1, "batch_size": 16, "lr": 0.1},
+            "engine": {"name": engine},
+        }
+    )
+
+
+def setup_for(scenario: Scenario) -> ServerSetup:
+    import torch
+
+    info = dataset_info(scenario.data)
+    model = build_model(scenario.model, info.input_shape, info.num_classes)
+    return ServerSetup(scenario, info, model, torch.device("cpu"))
+
+
+def test_fedld_inprocess_end_to_end(tmp_path: Path) -> None:
+    scenario = tiny({"name": "fedld", "margin_lambda": 0.2}, tmp_path)
+    assert isinstance(build_strategy(setup_for(scenario)), FedLD)
+    summary = run_engine(scenario, tmp_path / "run", show_progress=False)
+    rounds = load_run(tmp_path / "run").rounds
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[-1]["num_replies"] == 3
+    assert rounds[-1]["central_accuracy"] > rounds[0]["central_accuracy"]
+    assert math.isfinite(summary["final_accuracy"])
+
+
+def test_fedlaw_inprocess_end_to_end(tmp_path: Path) -> None:
+    scenario = tiny({"name": "fedlaw", "server_epochs": 3}, tmp_path, proxy_fraction=0.05)
+    run_engine(scenario, tmp_path / "run", show_progress=False)
+    rounds = load_run(tmp_path / "run").rounds
+    assert rounds[-1]["central_accuracy"] > rounds[0]["central_accuracy"]
+    for r in rounds[1:]:
+        assert r["fedlaw_proxy_size"] == 24  # 5% of 480 train rows, carved before partitioning
+        assert r["fedlaw_gamma"] > 0
+        assert 0 <= r["fedlaw_lambda_entropy"] <= math.log(3) + 1e-9
+        assert r["fedlaw_proxy_loss_after"] <= r["fedlaw_proxy_loss_before"] + 1e-6
+    lines = [json.loads(s) for s in (tmp_path / "run" / WEIGHTS_FILE).read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    assert sorted(lines[0]["lambda"]) == ["0", "1", "2"]
+    assert sum(lines[0]["lambda"].values()) == pytest.approx(1.0)
+
+
+def test_fedlaw_without_proxy_fails_before_round_one(tmp_path: Path) -> None:
+    scenario = tiny({"name": "fedlaw"}, tmp_path)  # data.proxy_fraction defaults to 0
+    with pytest.raises(FedLAWProxyError, match=r"data\.proxy_fraction \(e\.g\. 0\.02"):
+        build_strategy(setup_for(scenario))
+    with pytest.raises(FedLAWProxyError):
+        run_engine(scenario, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fedlaw_operator_proxy_file(tmp_path: Path) -> None:
+    info = dataset_info(tiny({"name": "fedavg"}, tmp_path).data)
+    good = tmp_path / "proxy.npz"
+    rng = np.random.default_rng(0)
+    np.savez(good, x=rng.normal(size=(20, *info.input_shape)), y=np.arange(20) % 10)
+    strategy = build_strategy(
+        setup_for(tiny({"name": "fedlaw", "proxy_file": str(good)}, tmp_path))
+    )
+    assert isinstance(strategy, FedLAW) and len(strategy.proxy_y) == 20
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((4, 3)), y=np.zeros(4))
+    with pytest.raises(FedLAWProxyError, match="expected"):
+        build_strategy(setup_for(tiny({"name": "fedlaw", "proxy_file": str(bad)}, tmp_path)))
+
+
+@pytest.mark.slow
+def test_fedlaw_ray_matches_inprocess(tmp_path: Path) -> None:
+    algorithm = {"name": "fedlaw", "server_epochs": 3}
+    for engine in ("inprocess", "ray"):
+        scenario = tiny(algorithm, tmp_path, engine=engine, proxy_fraction=0.05)
+        run_engine(scenario, tmp_path / engine, show_progress=False)
+    ours, ray = (load_run(tmp_path / e).rounds for e in ("inprocess", "ray"))
+    assert [r["central_accuracy"] for r in ray] == [r["central_accuracy"] for r in ours]
+    assert [r.get("fedlaw_gamma") for r in ray] == pytest.approx(
+        [r.get("fedlaw_gamma") for r in ours], abs=1e-6
+    )
