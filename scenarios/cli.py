@@ -36,7 +36,11 @@ def _fail(message: str) -> None:
 
 
 def _run_one(
-    path: Path, overrides: list[str], run_dir: Path | None = None, quiet: bool = False
+    path: Path,
+    overrides: list[str],
+    run_dir: Path | None = None,
+    quiet: bool = False,
+    resume: bool = False,
 ) -> Path:
     from clients.data import DataError
     from scenarios.engines import EngineError, run_engine
@@ -47,8 +51,8 @@ def _run_one(
         run_dir = run_dir or default_run_dir(scenario)
         # Fail on bad data / model choices before any engine starts.
         _preflight(scenario)
-        summary = run_engine(scenario, run_dir, show_progress=not quiet)
-    except (ScenarioError, DataError, EngineError, ValueError) as err:
+        summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
+    except (ScenarioError, DataError, EngineError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if not quiet:
         console.print(
@@ -69,15 +73,30 @@ def _preflight(scenario) -> None:
 
 @app.command()
 def run(
-    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    scenario: Annotated[Path | None, typer.Argument(help="scenario TOML file")] = None,
     set_: SetOpt = None,
     run_dir: Annotated[
         Path | None,
         typer.Option(help="results folder (default: <output_dir>/<name>-s<seed>-<time>)"),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="continue this run folder from its last checkpoint (uses its scenario.toml)"
+        ),
+    ] = None,
 ) -> None:
-    """Run one scenario on the engine it names (engine.name)."""
+    """Run one scenario on the engine it names (engine.name), or --resume an interrupted run."""
+    if resume is not None:
+        if scenario is not None or set_ or run_dir is not None:
+            _fail("--resume RUN_DIR takes no scenario, --set or --run-dir: it reuses the run's own")
+        if not (resume / "scenario.toml").is_file():
+            _fail(f"{resume} is not a run folder (no scenario.toml); pass the folder of a run")
+        _run_one(resume / "scenario.toml", [], resume, quiet, resume=True)
+        return
+    if scenario is None:
+        _fail("give a scenario file (e.g. scenarios/quickstart.toml) or --resume RUN_DIR")
     _run_one(scenario, set_ or [], run_dir, quiet)
 
 

@@ -136,6 +136,23 @@ class EngineConfig(_Strict):
     )
 
 
+class RobustnessConfig(_Strict):
+    """Server-side fault tolerance: which training replies are aggregated, and checkpoints."""
+
+    validate_replies: bool = Field(
+        True, description="check every train reply (finite, keys, shapes, dtypes, norm, size)"
+    )
+    max_update_norm: float = Field(
+        1e4, gt=0.0, description="exclude replies whose ||w_client - w_sent||_2 exceeds this"
+    )
+    max_reply_factor: float = Field(
+        4.0, ge=1.0, description="exclude replies larger than this many times the model sent"
+    )
+    checkpoint: bool = Field(
+        True, description="write checkpoint.pt after every round (enables `fedge run --resume`)"
+    )
+
+
 class Scenario(_Strict):
     """A whole run. ``num_rounds``, ``seed`` and ``output_dir`` exist in every scenario."""
 
@@ -151,6 +168,7 @@ class Scenario(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
     @field_validator("algorithm", mode="before")
     @classmethod
