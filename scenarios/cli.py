@@ -63,12 +63,21 @@ def _run_one(
 
 
 def _preflight(scenario) -> None:
+    """Everything that can fail on bad input, before any run folder or process exists: data,
+    model, device, and the algorithm's server strategy (which may need e.g. a proxy set)."""
+    from clients.app import resolve_device
     from clients.data import dataset_info, load_client_data
     from clients.models import build_model
+    from server.strategies import ServerSetup, build_strategy
 
     info = dataset_info(scenario.data)
-    build_model(scenario.model, info.input_shape, info.num_classes)
+    model = build_model(scenario.model, info.input_shape, info.num_classes)
     load_client_data(scenario.data, scenario.seed, 0)
+    try:
+        device = resolve_device(scenario.engine.device)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    build_strategy(ServerSetup(scenario, info, model, device))
 
 
 @app.command()
