@@ -38,6 +38,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from scenarios.config import Scenario
+from scenarios.deploy import superlink_args, supernode_args, write_connection
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml's [tool.flwr.app]
 SERVER_NODE_ID = 1
@@ -287,21 +288,14 @@ def _submit(
     scenario: Scenario,
     run_dir: Path,
     group: ProcessGroup,
-    port: int,
+    address: str,
     federation_config: str | None,
     resume: bool = False,
+    root_cert: Path | None = None,
 ) -> dict:
-    """``flwr run <app> fedge --stream`` with the scenario as run config; wait for the results."""
-    (group.flwr_home / "config.toml").write_text(
-        tomli_w.dumps(
-            {
-                "superlink": {
-                    "default": "fedge",
-                    "fedge": {"address": f"127.0.0.1:{port}", "insecure": True},
-                }
-            }
-        )
-    )
+    """``flwr run <app> fedge --stream`` against the SuperLink at ``address`` (TLS verified with
+    ``root_cert``; plain HTTP when None) with the scenario as run config; wait for the results."""
+    write_connection(group.flwr_home, address, root_cert)
     overrides = group.log_dir / "run_config.toml"
     overrides.write_text(
         tomli_w.dumps({**scenario.to_run_config(), "run-dir": str(run_dir), "resume": resume})
@@ -356,7 +350,7 @@ def run_ray(scenario: Scenario, run_dir: Path, resume: bool = False) -> dict:
             f"num-supernodes={scenario.data.num_clients} client-resources-num-cpus={eng.num_cpus} "
             f"client-resources-num-gpus={eng.num_gpus}"
         )
-        return _submit(scenario, run_dir, group, port, federation, resume)
+        return _submit(scenario, run_dir, group, f"127.0.0.1:{port}", federation, resume)
 
 
 def run_deployment(scenario: Scenario, run_dir: Path, resume: bool = False) -> dict:
@@ -367,34 +361,23 @@ def run_deployment(scenario: Scenario, run_dir: Path, resume: bool = False) -> d
         port = eng.port or free_port()
         link = group.start(
             "superlink",
-            [
+            superlink_args(
                 _exe("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                ":flwr-in-memory-state:",
-            ],
+                certs=None,
+                host="127.0.0.1",
+                port=port,
+                database=":flwr-in-memory-state:",
+            ),
         )
         _wait_for_port(port, link, "superlink", group)
         for i in range(n):
             group.start(
                 f"supernode-{i}",
-                [
-                    _exe("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{port}",
-                    "--node-config",
-                    f"partition-id={i} num-partitions={n}",
-                    "--port",
-                    str(free_port()),
-                ],
+                supernode_args(
+                    _exe("flower-supernode"), f"127.0.0.1:{port}", i, n, port=free_port()
+                ),
             )
-        return _submit(scenario, run_dir, group, port, None, resume)
+        return _submit(scenario, run_dir, group, f"127.0.0.1:{port}", None, resume)
 
 
 def run_engine(
