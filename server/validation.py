@@ -24,7 +24,7 @@ different clients (clustered, personalized) are checked correctly too.
 from __future__ import annotations
 
 from collections import Counter
-from logging import INFO, WARNING
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -184,7 +184,7 @@ class ReplyValidator(RoundPlugin):
         if not self._warned_extras:
             dropped = sorted(set.union(*key_sets) - common)
             log(
-                INFO,
+                WARNING,
                 "some clients send metrics others do not (%s): aggregating only the common ones; "
                 "client-side extras are ignored for those rounds",
                 ", ".join(dropped),
