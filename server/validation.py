@@ -4,7 +4,7 @@ aggregates it, so one broken, malicious or stale client can never corrupt the gl
 A reply is excluded, with a logged reason, when it
 
 - is an error reply (the client raised, dropped out, or the node vanished)        -> ``error``
-- carries no single ArrayRecord, or no MetricRecord with a numeric ``num-examples`` -> ``malformed``
+- carries no ArrayRecord, or not one MetricRecord with a positive ``num-examples``  -> ``malformed``
 - has array keys other than the ones it was sent                                  -> ``keys``
 - has an array whose shape or dtype differs from the one it was sent              -> ``shape``
 - holds NaN or ±Inf anywhere (arrays or ``num-examples``)                          -> ``nonfinite``
@@ -23,6 +23,7 @@ different clients (clustered, personalized) are checked correctly too.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from logging import WARNING
 
@@ -49,9 +50,17 @@ def update_norm(reply: ArrayRecord, sent: ArrayRecord) -> float:
     return float(np.sqrt(total))
 
 
-def _single_arrays(content: RecordDict) -> ArrayRecord | None:
-    records = list(content.array_records.values())
-    return records[0] if len(records) == 1 else None
+def _reference_pairs(
+    content: RecordDict, sent: RecordDict | None
+) -> list[tuple[str, ArrayRecord, ArrayRecord | None]]:
+    """Each ArrayRecord of a reply with the one it answers: the sent record of the same name, or
+    the only one sent when both sides carry a single record (its name may differ)."""
+    sent_records = dict(sent.array_records) if sent is not None else {}
+    replies = dict(content.array_records)
+    if len(replies) == 1 and len(sent_records) == 1:
+        (name, arrays), (ref,) = next(iter(replies.items())), sent_records.values()
+        return [(name, arrays, ref)]
+    return [(name, arrays, sent_records.get(name)) for name, arrays in replies.items()]
 
 
 def _content_bytes(content: RecordDict) -> int:
@@ -132,47 +141,49 @@ class ReplyValidator(RoundPlugin):
         if reply.has_error():
             return "error", reply.error.reason
         content = reply.content
-        arrays = _single_arrays(content)
-        if arrays is None:
-            return "malformed", f"expected one ArrayRecord, got {len(content.array_records)}"
+        if not content.array_records:
+            return "malformed", "the reply carries no ArrayRecord"
         metric_records = list(content.metric_records.values())
         if len(metric_records) != 1 or WEIGHT_KEY not in metric_records[0]:
             return "malformed", f"expected one MetricRecord holding {WEIGHT_KEY!r}"
         weight = metric_records[0][WEIGHT_KEY]
-        if not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
-            return "malformed" if np.isfinite(weight) else "nonfinite", f"{WEIGHT_KEY}={weight!r}"
+        if not isinstance(weight, int | float) or isinstance(weight, bool):
+            return "malformed", f"{WEIGHT_KEY}={weight!r} is not a number"
+        if not np.isfinite(weight):
+            return "nonfinite", f"{WEIGHT_KEY}={weight!r}"
+        if weight <= 0:
+            return "malformed", f"{WEIGHT_KEY}={weight!r} must be positive"
 
         sent_content = self._sent.get(reply.metadata.src_node_id)
-        sent = _single_arrays(sent_content) if sent_content is not None else None
-        if sent is not None:
+        pairs = _reference_pairs(content, sent_content)
+        for name, arrays, sent in pairs:
+            if sent is None:
+                continue
             if set(arrays.keys()) != set(sent.keys()):
                 missing = sorted(set(sent.keys()) - set(arrays.keys()))
                 extra = sorted(set(arrays.keys()) - set(sent.keys()))
-                return "keys", f"missing {missing[:5]}, unexpected {extra[:5]}"
+                return "keys", f"{name}: missing {missing[:5]}, unexpected {extra[:5]}"
             for key, arr in arrays.items():
                 ref = sent[key]
                 if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
                     return "shape", (
                         f"{key}: got {arr.dtype}{list(arr.shape)}, sent {ref.dtype}{list(ref.shape)}"
                     )
-            size, limit = (
-                _content_bytes(content),
-                self.max_reply_factor * _content_bytes(sent_content),
-            )
-            if size > limit:
-                return (
-                    "oversized",
-                    f"{size} bytes > {self.max_reply_factor:g} × {limit / self.max_reply_factor:.0f} sent",
+        if sent_content is not None:
+            size, sent_size = _content_bytes(content), _content_bytes(sent_content)
+            if size > self.max_reply_factor * sent_size:
+                return "oversized", (
+                    f"{size} bytes > robustness.max_reply_factor={self.max_reply_factor:g} "
+                    f"× {sent_size} bytes sent"
                 )
-        if not arrays_finite(arrays):
+        if not all(arrays_finite(arrays) for _, arrays, _ in pairs):
             return "nonfinite", "arrays hold NaN or Inf"
-        if sent is not None:
-            norm = update_norm(arrays, sent)
-            if norm > self.max_update_norm:
-                return (
-                    "norm",
-                    f"||update||={norm:.3g} > robustness.max_update_norm={self.max_update_norm:g}",
-                )
+        squared = sum(update_norm(a, ref) ** 2 for _, a, ref in pairs if ref is not None)
+        if math.sqrt(squared) > self.max_update_norm:
+            return "norm", (
+                f"||update||={math.sqrt(squared):.3g} > "
+                f"robustness.max_update_norm={self.max_update_norm:g}"
+            )
         return None
 
     def _common_metric_keys(self, replies: list[Message]) -> list[Message]:

@@ -251,3 +251,72 @@ def test_mixed_stock_and_fedge_clients_drop_extras_with_a_log_line(tmp_path: Pat
     assert all(r["num_valid"] == 4 for r in rounds[1:])
     assert "train_loss" not in rounds[1]  # an extra only fedge's clients send: not averaged
     assert any("client-side extras are ignored" in line for line in handler.lines)
+
+
+# ------------------------------------------------------------------ the validator on hand-made replies
+def _exchange(sent: RecordDict, reply: RecordDict, node_id: int = 5) -> tuple[Message, Message]:
+    from flwr.app import MessageType
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 1
+    instruction = Message(sent, node_id, MessageType.TRAIN)
+    instruction.metadata.__dict__["_message_id"] = "m1"
+    return instruction, Message(reply, reply_to=instruction)
+
+
+def _arrays(value: float = 0.0, **shapes) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full(s, value, dtype=np.float32)) for k, s in shapes.items()})
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (RecordDict({"metrics": MetricRecord({"num-examples": 3})}), "malformed"),
+        (RecordDict({"arrays": _arrays(w=(2,))}), "malformed"),
+        (
+            RecordDict({"arrays": _arrays(w=(2,)), "m": MetricRecord({"num-examples": 0})}),
+            "malformed",
+        ),
+        (
+            RecordDict({"arrays": _arrays(w=(2,)), "m": MetricRecord({"num-examples": math.inf})}),
+            "nonfinite",
+        ),
+        (RecordDict({"arrays": _arrays(w=(2,)), "m": MetricRecord({"num-examples": 4})}), None),
+        (
+            RecordDict(
+                {
+                    "arrays": _arrays(w=(2,)),
+                    "extra": _arrays(math.nan, c=(2,)),
+                    "m": MetricRecord({"num-examples": 4}),
+                }
+            ),
+            "nonfinite",
+        ),
+    ],
+)
+def test_validator_reasons(reply: RecordDict, reason: str | None) -> None:
+    from server.validation import ReplyValidator
+
+    validator = ReplyValidator(max_update_norm=10.0, max_reply_factor=4.0, min_valid=1)
+    instruction, message = _exchange(RecordDict({"arrays": _arrays(w=(2,))}), reply)
+    validator.observe_train_instructions(1, [instruction])
+    got = validator.check(message)
+    assert (got[0] if got else None) == reason, got
+
+
+def test_validator_matches_several_records_by_name_and_sums_their_norms() -> None:
+    from server.validation import ReplyValidator
+
+    sent = RecordDict({"global": _arrays(w=(4,)), "control": _arrays(c=(4,))})
+    reply = RecordDict(
+        {
+            "global": _arrays(3.0, w=(4,)),  # ||.|| = 6
+            "control": _arrays(4.0, c=(4,)),  # ||.|| = 8  -> total 10
+            "m": MetricRecord({"num-examples": 1}),
+        }
+    )
+    instruction, message = _exchange(sent, reply)
+    for bound, expected in ((10.5, None), (9.5, "norm")):
+        validator = ReplyValidator(max_update_norm=bound, max_reply_factor=4.0, min_valid=1)
+        validator.observe_train_instructions(1, [instruction])
+        got = validator.check(message)
+        assert (got[0] if got else None) == expected
