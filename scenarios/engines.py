@@ -34,6 +34,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -342,7 +343,7 @@ def run_ray(scenario: Scenario, run_dir: Path, resume: bool = False) -> dict:
                 "--port",
                 str(port),
                 "--database",
-                ":flwr-in-memory-state:",
+                FLWR_IN_MEMORY_DB_NAME,
             ],
         )
         _wait_for_port(port, link, "superlink", group)
@@ -366,7 +367,7 @@ def run_deployment(scenario: Scenario, run_dir: Path, resume: bool = False) -> d
                 certs=None,
                 host="127.0.0.1",
                 port=port,
-                database=":flwr-in-memory-state:",
+                database=FLWR_IN_MEMORY_DB_NAME,
             ),
         )
         _wait_for_port(port, link, "superlink", group)

@@ -20,7 +20,14 @@ from scenarios.deploy import (
     supernode_args,
     write_connection,
 )
-from scenarios.engines import _exe, _submit, _wait_for_port, flower_processes, free_port
+from scenarios.engines import (
+    FLWR_IN_MEMORY_DB_NAME,
+    _exe,
+    _submit,
+    _wait_for_port,
+    flower_processes,
+    free_port,
+)
 from scenarios.results import load_run
 from tests.test_engines import tiny
 
@@ -70,7 +77,7 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
                 auth=True,
                 host="127.0.0.1",
                 port=port,
-                database=":flwr-in-memory-state:",
+                database=FLWR_IN_MEMORY_DB_NAME,
             ),
         )
         _wait_for_port(port, link, "superlink", group)
