@@ -82,15 +82,19 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
         )
         _wait_for_port(port, link, "superlink", group)
         write_connection(group.flwr_home, address, certs["ca.crt"])
-        for i in range(3):
-            out = subprocess.run(
+        registrations = [  # the three `flwr supernode register` calls run side by side
+            subprocess.Popen(
                 register_args(_exe("flwr"), keys[i][1], name=f"edge-{i}"),
                 env=group.env,
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 text=True,
-                timeout=60,
             )
-            assert out.returncode == 0 and "registered successfully" in out.stdout, out.stdout
+            for i in range(3)
+        ]
+        for reg in registrations:
+            out, _ = reg.communicate(timeout=60)
+            assert reg.returncode == 0 and "registered successfully" in out, out
         [
             group.start(
                 f"supernode-{i}",
