@@ -9,6 +9,7 @@ The server decodes each reply by scattering values at indices into a dense zero 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -27,6 +28,14 @@ class LoraSparseConfig(AlgorithmConfig):
     pretrain_epochs: int = Field(
         5, ge=0, description="central pre-training of the frozen base on the server proxy set"
     )
+
+
+SPARSE_INDEX_SUFFIX = ".indices"
+
+
+def is_sparse_encoded(keys: Iterable[str]) -> bool:
+    """A reply in the sparse (values + indices) encoding rather than one dense tensor per key."""
+    return any(key.endswith(SPARSE_INDEX_SUFFIX) for key in keys)
 
 
 def topk_sparsify(update: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,11 @@ def _fail(message: str) -> None:
 
 
 def _run_one(
-    path: Path, overrides: list[str], run_dir: Path | None = None, quiet: bool = False
+    path: Path,
+    overrides: list[str],
+    run_dir: Path | None = None,
+    quiet: bool = False,
+    resume: bool = False,
 ) -> Path:
     from clients.data import DataError
     from scenarios.engines import EngineError, run_engine
@@ -47,8 +51,8 @@ def _run_one(
         run_dir = run_dir or default_run_dir(scenario)
         # Fail on bad data / model choices before any engine starts.
         _preflight(scenario)
-        summary = run_engine(scenario, run_dir, show_progress=not quiet)
-    except (ScenarioError, DataError, EngineError, ValueError) as err:
+        summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
+    except (ScenarioError, DataError, EngineError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if not quiet:
         console.print(
@@ -59,25 +63,49 @@ def _run_one(
 
 
 def _preflight(scenario) -> None:
+    """Everything that can fail on bad input, before any run folder or process exists: data,
+    model, device, and the algorithm's server strategy (which may need e.g. a proxy set)."""
+    from clients.app import resolve_device
     from clients.data import dataset_info, load_client_data
     from clients.models import build_model
+    from server.strategies import ServerSetup, build_strategy
 
     info = dataset_info(scenario.data)
-    build_model(scenario.model, info.input_shape, info.num_classes)
+    model = build_model(scenario.model, info.input_shape, info.num_classes)
     load_client_data(scenario.data, scenario.seed, 0)
+    try:
+        device = resolve_device(scenario.engine.device)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    build_strategy(ServerSetup(scenario, info, model, device))
 
 
 @app.command()
 def run(
-    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    scenario: Annotated[Path | None, typer.Argument(help="scenario TOML file")] = None,
     set_: SetOpt = None,
     run_dir: Annotated[
         Path | None,
         typer.Option(help="results folder (default: <output_dir>/<name>-s<seed>-<time>)"),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="continue this run folder from its last checkpoint (uses its scenario.toml)"
+        ),
+    ] = None,
 ) -> None:
-    """Run one scenario on the engine it names (engine.name)."""
+    """Run one scenario on the engine it names (engine.name), or --resume an interrupted run."""
+    if resume is not None:
+        if scenario is not None or set_ or run_dir is not None:
+            _fail("--resume RUN_DIR takes no scenario, --set or --run-dir: it reuses the run's own")
+        if not (resume / "scenario.toml").is_file():
+            _fail(f"{resume} is not a run folder (no scenario.toml); pass the folder of a run")
+        _run_one(resume / "scenario.toml", [], resume, quiet, resume=True)
+        return
+    if scenario is None:
+        _fail("give a scenario file (e.g. scenarios/quickstart.toml) or --resume RUN_DIR")
     _run_one(scenario, set_ or [], run_dir, quiet)
 
 
@@ -192,6 +220,165 @@ def edge_infer(
         f"latency: {result.batch_latency_ms:.3f} ms for {len(result.predictions)} inputs "
         f"({result.per_sample_ms:.4f} ms/input, median of {repeats})"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# fedge deploy: real machines (see README "Deploy on real machines")
+# --------------------------------------------------------------------------------------------
+deploy_app = typer.Typer(
+    no_args_is_help=True,
+    help="Run on real machines: TLS certs, SuperNode keys, SuperLink/SuperNodes, submit a scenario.",
+)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("certs")
+def deploy_certs(
+    out: Annotated[
+        Path, typer.Option(help="folder for ca.crt, ca.key, server.pem, server.key")
+    ] = Path("certs"),
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="SuperLink IP or DNS name the SuperNodes dial (repeatable)"),
+    ] = None,
+    days: int = 365,
+) -> None:
+    """Make a test CA and a SuperLink server certificate (SANs: 127.0.0.1, localhost, --host)."""
+    from scenarios.deploy import make_certs
+
+    paths = make_certs(out, host or [], days)
+    console.print(
+        f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}\n"
+        f"SuperLink needs ca.crt, server.pem, server.key; every SuperNode and user needs ca.crt only."
+    )
+
+
+@deploy_app.command("keys")
+def deploy_keys(
+    out: Annotated[Path, typer.Option(help="folder for sn<i> / sn<i>.pub")] = Path("keys"),
+    count: Annotated[int, typer.Option(min=1, help="how many SuperNodes")] = 1,
+) -> None:
+    """Make EC P-384 key pairs (OpenSSH format) for SuperNode authentication."""
+    from scenarios.deploy import make_keys
+
+    for private, public in make_keys(out, count):
+        console.print(
+            f"[green]wrote[/] {private} (copy to its SuperNode) and {public} (register it)"
+        )
+
+
+@deploy_app.command("superlink")
+def deploy_superlink(
+    certs: Annotated[
+        Path | None, typer.Option(help="folder from `fedge deploy certs` (omit: insecure HTTP)")
+    ] = None,
+    auth: Annotated[bool, typer.Option(help="only registered SuperNodes may connect")] = False,
+    host: str = "0.0.0.0",
+    port: Annotated[
+        int, typer.Option(help="the one port to open: Fleet+Control+Runtime API")
+    ] = 8000,
+    database: Annotated[str, typer.Option(help="SuperLink state (sqlite file)")] = "state.db",
+) -> None:
+    """Start the SuperLink in the foreground (server machine)."""
+    from scenarios.deploy import run_foreground, superlink_args
+    from scenarios.engines import _exe
+
+    if certs is not None and not (certs / "server.pem").is_file():
+        _fail(f"{certs}/server.pem not found; make it with `fedge deploy certs --out {certs}`")
+    try:
+        args = superlink_args(_exe("flower-superlink"), certs, auth, host, port, database)
+    except ValueError as err:
+        _fail(str(err))
+    raise typer.Exit(run_foreground(args))
+
+
+@deploy_app.command("supernode")
+def deploy_supernode(
+    superlink: Annotated[str, typer.Option(help="SuperLink address host:port")],
+    partition_id: Annotated[int, typer.Option(help="this node's data partition")],
+    num_partitions: Annotated[int, typer.Option(help="data.num_clients of the scenario")],
+    root_cert: Annotated[Path | None, typer.Option(help="ca.crt (omit: insecure HTTP)")] = None,
+    key: Annotated[Path | None, typer.Option(help="private key for SuperNode auth")] = None,
+    device_profile: Annotated[str | None, typer.Option(help="device profile name")] = None,
+    port: Annotated[int, typer.Option(help="local ClientApp API port (distinct per node)")] = 9094,
+) -> None:
+    """Start one SuperNode in the foreground (edge machine)."""
+    from scenarios.deploy import run_foreground, supernode_args
+    from scenarios.engines import _exe
+
+    for path in (root_cert, key):
+        if path is not None and not path.is_file():
+            _fail(f"{path} not found")
+    try:
+        args = supernode_args(
+            _exe("flower-supernode"),
+            superlink,
+            partition_id,
+            num_partitions,
+            root_cert,
+            key,
+            device_profile,
+            port,
+        )
+    except ValueError as err:
+        _fail(str(err))
+    raise typer.Exit(run_foreground(args))
+
+
+@deploy_app.command("connect")
+def deploy_connect(
+    superlink: Annotated[str, typer.Argument(help="SuperLink address host:port")],
+    root_cert: Annotated[Path | None, typer.Option(help="ca.crt (omit: insecure HTTP)")] = None,
+) -> None:
+    """Save the SuperLink as the `fedge` connection in $FLWR_HOME/config.toml (user machine)."""
+    from scenarios.deploy import flwr_home, write_connection
+
+    if root_cert is not None and not root_cert.is_file():
+        _fail(f"{root_cert} not found")
+    path = write_connection(flwr_home(), superlink, root_cert)
+    console.print(f"[green]saved[/] connection 'fedge' -> {superlink} in {path}")
+
+
+@deploy_app.command("register")
+def deploy_register(
+    public_key: Annotated[Path, typer.Argument(help="sn<i>.pub from `fedge deploy keys`")],
+    name: Annotated[str | None, typer.Option(help="a name for the SuperNode")] = None,
+) -> None:
+    """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
+    from scenarios.deploy import register_args, run_foreground
+    from scenarios.engines import _exe
+
+    if not public_key.is_file():
+        _fail(f"{public_key} not found")
+    raise typer.Exit(run_foreground(register_args(_exe("flwr"), public_key, name)))
+
+
+@deploy_app.command("submit")
+def deploy_submit(
+    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    set_: SetOpt = None,
+    run_dir: Annotated[
+        str | None,
+        typer.Option(help="absolute results folder *on the SuperLink machine* (default: auto)"),
+    ] = None,
+) -> None:
+    """Submit a scenario to the `fedge` connection with `flwr run --stream` (user machine)."""
+    import tempfile
+
+    import tomli_w
+
+    from clients.data import DataError
+    from scenarios.deploy import run_foreground, submit_args
+    from scenarios.engines import APP_DIR, _exe
+
+    try:
+        sc = load_scenario(scenario, set_ or [])
+        _preflight(sc)
+    except (ScenarioError, DataError, ValueError) as err:
+        _fail(str(err))
+    config = Path(tempfile.mkdtemp(prefix="fedge-submit-")) / "run_config.toml"
+    config.write_text(tomli_w.dumps({**sc.to_run_config(), "run-dir": run_dir or ""}))
+    raise typer.Exit(run_foreground(submit_args(_exe("flwr"), APP_DIR, config)))
 
 
 def main() -> None:

@@ -192,6 +192,23 @@ class EdgeConfig(_Strict):
         return v
 
 
+class RobustnessConfig(_Strict):
+    """Server-side fault tolerance: which training replies are aggregated, and checkpoints."""
+
+    validate_replies: bool = Field(
+        True, description="check every train reply (finite, keys, shapes, dtypes, norm, size)"
+    )
+    max_update_norm: float = Field(
+        1e4, gt=0.0, description="exclude replies whose ||w_client - w_sent||_2 exceeds this"
+    )
+    max_reply_factor: float = Field(
+        4.0, ge=1.0, description="exclude replies larger than this many times the model sent"
+    )
+    checkpoint: bool = Field(
+        True, description="write checkpoint.pt after every round (enables `fedge run --resume`)"
+    )
+
+
 class Scenario(_Strict):
     """A whole run. ``num_rounds``, ``seed`` and ``output_dir`` exist in every scenario."""
 
@@ -213,6 +230,7 @@ class Scenario(_Strict):
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
 
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
     @field_validator("algorithm", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,11 +31,15 @@ import tomli_w
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from scenarios.config import Scenario
+from scenarios.deploy import superlink_args, supernode_args, write_connection
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml's [tool.flwr.app]
 SERVER_NODE_ID = 1
@@ -66,7 +70,10 @@ class InProcessGrid(Grid):
         seed: int = 0,
         run_id: int = 1,
         node_configs: list[dict] | None = None,
+        latency_fn: Callable[[Context, Message], float] | None = None,
     ) -> None:
+        """``latency_fn(context, reply)`` adds simulated seconds to a node's measured reply time;
+        replies that arrive after ``send_and_receive``'s timeout are dropped, as on a real grid."""
         rng = random.Random(seed)
         ids: list[int] = []
         while len(ids) < num_nodes:  # random 63-bit ids like a SuperLink's, but reproducible
@@ -90,7 +97,8 @@ class InProcessGrid(Grid):
             )
             for i, nid in enumerate(ids)
         }
-        self._replies: dict[str, Message] = {}
+        self.latency_fn = latency_fn
+        self._replies: dict[str, tuple[Message, float]] = {}  # message id -> (reply, seconds)
 
     # Grid API -------------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -111,17 +119,49 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg_id = str(uuid.uuid4())
             msg.metadata.__dict__["_message_id"] = msg_id  # what a SuperLink assigns on push
-            self._replies[msg_id] = self._deliver(msg)
+            t0 = time.perf_counter()
+            reply = self._deliver(msg)
+            seconds = time.perf_counter() - t0
+            if self.latency_fn is not None and msg.metadata.dst_node_id in self.contexts:
+                seconds += self.latency_fn(self.contexts[msg.metadata.dst_node_id], reply)
+            self._replies[msg_id] = (reply, seconds)
             ids.append(msg_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        return [self._replies.pop(i)[0] for i in message_ids if i in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Deliver and collect; nodes run "in parallel", so a reply is late when its own time
+        exceeds ``timeout`` — late replies are dropped (stragglers), like Flower's Grid does."""
+        ids = list(self.push_messages(messages))
+        if timeout is not None:
+            for msg_id in ids:
+                reply, seconds = self._replies[msg_id]
+                if seconds > timeout:
+                    del self._replies[msg_id]
+                    logging.getLogger("flwr").warning(
+                        "node %d replied after %.1fs > timeout %.1fs: dropped as a straggler",
+                        reply.metadata.src_node_id,
+                        seconds,
+                        timeout,
+                    )
+        return self.pull_messages(ids)
+
+    # Client state, for checkpoints: each node's Context.state as serialized bytes.
+    def node_states(self) -> dict[int, bytes]:
+        return {
+            nid: recorddict_to_proto(ctx.state).SerializeToString()
+            for nid, ctx in self.contexts.items()
+        }
+
+    def load_node_states(self, states: dict[int, bytes]) -> None:
+        for nid, raw in states.items():
+            proto = ProtoRecordDict()
+            proto.ParseFromString(raw)
+            self.contexts[nid].state = recorddict_from_proto(proto)
 
     # ------------------------------------------------------------------------------------------
     def _deliver(self, msg: Message) -> Message:
@@ -137,7 +177,9 @@ class InProcessGrid(Grid):
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
 
 
-def run_inprocess(scenario: Scenario, run_dir: Path, show_progress: bool = True) -> dict:
+def run_inprocess(
+    scenario: Scenario, run_dir: Path, show_progress: bool = True, resume: bool = False
+) -> dict:
     """Run the scenario with :class:`InProcessGrid`; return the run summary."""
     from clients.app import app as client_app
     from server.app import run_server
@@ -149,7 +191,7 @@ def run_inprocess(scenario: Scenario, run_dir: Path, show_progress: bool = True)
     TaskIdentity.run_id = grid.run.run_id
     TaskIdentity.node_id = SERVER_NODE_ID
     TaskIdentity.task_id = 1
-    return run_server(grid, scenario, run_dir, show_progress=show_progress)
+    return run_server(grid, scenario, run_dir, show_progress=show_progress, resume=resume)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,21 +284,21 @@ def _wait_for_port(
 
 
 def _submit(
-    scenario: Scenario, run_dir: Path, group: ProcessGroup, port: int, federation_config: str | None
+    scenario: Scenario,
+    run_dir: Path,
+    group: ProcessGroup,
+    address: str,
+    federation_config: str | None,
+    resume: bool = False,
+    root_cert: Path | None = None,
 ) -> dict:
-    """``flwr run <app> fedge --stream`` with the scenario as run config; wait for the results."""
-    (group.flwr_home / "config.toml").write_text(
-        tomli_w.dumps(
-            {
-                "superlink": {
-                    "default": "fedge",
-                    "fedge": {"address": f"127.0.0.1:{port}", "insecure": True},
-                }
-            }
-        )
-    )
+    """``flwr run <app> fedge --stream`` against the SuperLink at ``address`` (TLS verified with
+    ``root_cert``; plain HTTP when None) with the scenario as run config; wait for the results."""
+    write_connection(group.flwr_home, address, root_cert)
     overrides = group.log_dir / "run_config.toml"
-    overrides.write_text(tomli_w.dumps({**scenario.to_run_config(), "run-dir": str(run_dir)}))
+    overrides.write_text(
+        tomli_w.dumps({**scenario.to_run_config(), "run-dir": str(run_dir), "resume": resume})
+    )
     args = [_exe("flwr"), "run", str(APP_DIR), "fedge", "--stream", "--run-config", str(overrides)]
     if federation_config:
         args += ["--federation-config", federation_config]
@@ -282,7 +324,7 @@ def _submit(
     return json.loads(summary_file.read_text())
 
 
-def run_ray(scenario: Scenario, run_dir: Path) -> dict:
+def run_ray(scenario: Scenario, run_dir: Path, resume: bool = False) -> dict:
     """Flower's simulation runtime (Ray) behind a loopback SuperLink, driven by ``flwr run``."""
     eng = scenario.engine
     with flower_processes(run_dir / "logs") as group:
@@ -299,7 +341,7 @@ def run_ray(scenario: Scenario, run_dir: Path) -> dict:
                 "--port",
                 str(port),
                 "--database",
-                ":flwr-in-memory:",
+                FLWR_IN_MEMORY_DB_NAME,
             ],
         )
         _wait_for_port(port, link, "superlink", group)
@@ -307,10 +349,10 @@ def run_ray(scenario: Scenario, run_dir: Path) -> dict:
             f"num-supernodes={scenario.data.num_clients} client-resources-num-cpus={eng.num_cpus} "
             f"client-resources-num-gpus={eng.num_gpus}"
         )
-        return _submit(scenario, run_dir, group, port, federation)
+        return _submit(scenario, run_dir, group, f"127.0.0.1:{port}", federation, resume)
 
 
-def run_deployment(scenario: Scenario, run_dir: Path) -> dict:
+def run_deployment(scenario: Scenario, run_dir: Path, resume: bool = False) -> dict:
     """A SuperLink plus one SuperNode per client on loopback (insecure), driven by ``flwr run``."""
     eng = scenario.engine
     n = scenario.data.num_clients
@@ -318,42 +360,34 @@ def run_deployment(scenario: Scenario, run_dir: Path) -> dict:
         port = eng.port or free_port()
         link = group.start(
             "superlink",
-            [
+            superlink_args(
                 _exe("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                ":flwr-in-memory:",
-            ],
+                certs=None,
+                host="127.0.0.1",
+                port=port,
+                database=FLWR_IN_MEMORY_DB_NAME,
+            ),
         )
         _wait_for_port(port, link, "superlink", group)
         for i in range(n):
             group.start(
                 f"supernode-{i}",
-                [
-                    _exe("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{port}",
-                    "--node-config",
-                    f"partition-id={i} num-partitions={n}",
-                    "--port",
-                    str(free_port()),
-                ],
+                supernode_args(
+                    _exe("flower-supernode"), f"127.0.0.1:{port}", i, n, port=free_port()
+                ),
             )
-        return _submit(scenario, run_dir, group, port, None)
+        return _submit(scenario, run_dir, group, f"127.0.0.1:{port}", None, resume)
 
 
-def run_engine(scenario: Scenario, run_dir: Path, show_progress: bool = True) -> dict:
-    """Run ``scenario`` on the engine it names; results land in ``run_dir``; return the summary."""
+def run_engine(
+    scenario: Scenario, run_dir: Path, show_progress: bool = True, resume: bool = False
+) -> dict:
+    """Run ``scenario`` on the engine it names; results land in ``run_dir``; return the summary.
+    ``resume=True`` continues ``run_dir`` from its last checkpoint."""
     if scenario.engine.name == "inprocess":
-        return run_inprocess(scenario, run_dir, show_progress=show_progress)
+        return run_inprocess(scenario, run_dir, show_progress=show_progress, resume=resume)
     if scenario.engine.name == "ray":
-        return run_ray(scenario, run_dir)
+        return run_ray(scenario, run_dir, resume)
     if scenario.engine.name == "deployment":
-        return run_deployment(scenario, run_dir)
+        return run_deployment(scenario, run_dir, resume)
     raise ValueError(f"unknown engine {scenario.engine.name!r}")

@@ -105,11 +105,12 @@ def atomic_write(path: Path, data: str | bytes) -> Path:
 class RunWriter:
     """Writes one run directory. Per-round logging is append + flush; whole files are atomic."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, resume: bool = False) -> None:
+        """``resume=True`` appends to a run folder that already holds rounds (``fedge run --resume``)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.run_dir / METRICS_FILE
-        if metrics.exists() and metrics.stat().st_size > 0:
+        if not resume and metrics.exists() and metrics.stat().st_size > 0:
             raise FileExistsError(
                 f"{metrics} already holds a run; refusing to mix two runs in one folder "
                 "(pick a new run dir)"

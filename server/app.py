@@ -20,11 +20,19 @@ from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
 from scenarios.personalization import evaluate_config_fn, finalize_personalization
 from scenarios.results import RunWriter
+from server.checkpoint import (
+    capture_run_state,
+    load_checkpoint,
+    restore_run_state,
+    save_checkpoint,
+    truncate_logs,
+)
 from server.loop import run_rounds
 from server.plugins import build_plugins
 from server.strategies import ServerSetup, build_strategy
 
 RUN_DIR_KEY = "run-dir"
+RESUME_KEY = "resume"
 
 app = ServerApp()
 
@@ -43,7 +51,8 @@ def default_run_dir(scenario: Scenario) -> Path:
 def main(grid: Grid, context: Context) -> None:
     scenario = Scenario.from_run_config(context.run_config)
     run_dir = str(context.run_config.get(RUN_DIR_KEY, "")) or str(default_run_dir(scenario))
-    run_server(grid, scenario, Path(run_dir))
+    resume = bool(context.run_config.get(RESUME_KEY, False))
+    run_server(grid, scenario, Path(run_dir), resume=resume)
 
 
 def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Path) -> None:
@@ -62,8 +71,11 @@ def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Pa
     print(f"fedge: exported {result.fp32_path} ({result.fp32_bytes} B) and int8", flush=True)
 
 
-def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: bool = True) -> dict:
-    """Train ``scenario`` over ``grid``; write everything to ``run_dir``; return the run summary."""
+def run_server(
+    grid: Grid, scenario: Scenario, run_dir: Path, show_progress: bool = True, resume: bool = False
+) -> dict:
+    """Train ``scenario`` over ``grid``; write everything to ``run_dir``; return the run summary.
+    ``resume=True`` continues from ``run_dir``'s last checkpoint (see :mod:`server.checkpoint`)."""
     seed_everything(scenario.seed)
     device = resolve_device(scenario.engine.device)
     info = dataset_info(scenario.data)
@@ -80,8 +92,20 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
         loss, acc = evaluate(eval_model, x_test, y_test, device)
         return MetricRecord({"central_loss": loss, "central_accuracy": acc})
 
-    writer = RunWriter(run_dir)
+    plugins = build_plugins(setup)
+    start_round = 1
+    if resume:
+        state = load_checkpoint(run_dir)
+        initial, start_round = state.arrays, state.server_round + 1
+        restore_run_state(state, strategy, plugins, grid)
+        truncate_logs(run_dir, state.server_round)
+        print(f"fedge: resuming {run_dir} after round {state.server_round}", flush=True)
+    writer = RunWriter(run_dir, resume=resume)
     writer.write_scenario(scenario_to_toml(scenario))
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        save_checkpoint(run_dir, capture_run_state(server_round, arrays, strategy, plugins, grid))
+
     final = run_rounds(
         grid,
         strategy,
@@ -91,8 +115,10 @@ def run_server(grid: Grid, scenario: Scenario, run_dir: Path, show_progress: boo
         central_eval,
         timeout=scenario.federation.round_timeout_s,
         show_progress=show_progress,
-        plugins=build_plugins(setup),
+        plugins=plugins,
         evaluate_config=evaluate_config_fn(scenario),
+        start_round=start_round,
+        on_round_end=checkpoint if scenario.robustness.checkpoint else None,
     )
     writer.save_model(final.to_torch_state_dict())
     export_edge_models(scenario, info, final, run_dir)

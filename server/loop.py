@@ -13,8 +13,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -24,6 +25,15 @@ from scenarios.results import RunWriter
 from server.plugins import RoundPlugin
 
 CentralEval = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+def arrays_finite(arrays: ArrayRecord) -> bool:
+    """True when every floating-point value in ``arrays`` is finite."""
+    for arr in arrays.values():
+        values = arr.numpy()
+        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+            return False
+    return True
 
 
 def message_bytes(msg: Message) -> int:
@@ -115,8 +125,12 @@ def run_rounds(
     show_progress: bool = True,
     plugins: list[RoundPlugin] | None = None,
     evaluate_config: Callable[[int], ConfigRecord | None] | None = None,
+    start_round: int = 1,
+    on_round_end: Callable[[int, ArrayRecord], None] | None = None,
 ) -> ArrayRecord:
-    """Run ``num_rounds`` of ``strategy``; write one record per round; return the final arrays.
+    """Run rounds ``start_round..num_rounds`` of ``strategy``; write one record per round; return
+    the final arrays. ``on_round_end(round, arrays)`` runs after each round is logged (checkpoints).
+    A round whose replies are all filtered out, or whose aggregate is not finite, keeps the arrays.
 
     ``evaluate_config(round)`` gives the config sent with that round's evaluate instructions (e.g.
     personalization's fine-tuning settings); None from it skips client evaluation that round.
@@ -124,11 +138,12 @@ def run_rounds(
     log(INFO, "fedge: starting %s for %d rounds", type(strategy).__name__, num_rounds)
     progress = RoundProgress(num_rounds) if show_progress else None
     start = time.perf_counter()
-    record = _central(central_eval, 0, arrays)
-    record.update(round=0, wall_time_s=0.0, cumulative_wall_time_s=0.0)
-    writer.log_round(record)
+    if start_round == 1:
+        record = _central(central_eval, 0, arrays)
+        record.update(round=0, wall_time_s=0.0, cumulative_wall_time_s=0.0)
+        writer.log_round(record)
     try:
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(start_round, num_rounds + 1):
             t0 = time.perf_counter()
             record = {"round": server_round}
 
@@ -136,14 +151,21 @@ def run_rounds(
                 {k: v for p in plugins or [] for k, v in p.train_config(server_round).items()}
             )
             instructions = list(strategy.configure_train(server_round, arrays, train_config, grid))
+            for plugin in plugins or []:
+                plugin.observe_train_instructions(server_round, instructions)
             replies = sort_replies(grid.send_and_receive(instructions, timeout=timeout))
             record.update(_round_traffic(instructions, replies))
             for plugin in plugins or []:
                 replies, plugin_metrics = plugin.filter_train_replies(server_round, replies)
                 record.update(plugin_metrics)
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            if new_arrays is not None:
+            new_arrays, train_metrics = (
+                strategy.aggregate_train(server_round, replies) if replies else (None, None)
+            )
+            if new_arrays is not None and arrays_finite(new_arrays):
                 arrays = new_arrays
+            elif new_arrays is not None:
+                log(WARNING, "round %d: aggregate is not finite; keeping the model", server_round)
+                record["aggregate_nonfinite"] = 1
             record.update(_flat(train_metrics))
             rows = {r.metadata.src_node_id: _client_row(r) for r in replies if not r.has_error()}
 
@@ -169,6 +191,8 @@ def run_rounds(
             record["cumulative_wall_time_s"] = time.perf_counter() - start
             writer.log_round(record)
             writer.log_clients(server_round, list(rows.values()))
+            if on_round_end is not None:
+                on_round_end(server_round, arrays)
             if progress:
                 progress.update(server_round, record)
     finally:

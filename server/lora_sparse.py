@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from torch.nn import functional as F
 
-from algorithms.lora_sparse import LoraSparseConfig, densify
+from algorithms.lora_sparse import LoraSparseConfig, densify, is_sparse_encoded
 from clients.data import load_proxy
 from clients.seeding import derive_seed
 from clients.training import batches
@@ -26,7 +26,7 @@ from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
 
 
 def is_sparse_reply(arrays: ArrayRecord) -> bool:
-    return any(key.endswith(".indices") for key in arrays)
+    return is_sparse_encoded(arrays.keys())
 
 
 def lora_weight_deltas(

@@ -21,6 +21,9 @@ class RoundPlugin:
         """Extra entries for the ConfigRecord sent with this round's training instructions."""
         return {}
 
+    def observe_train_instructions(self, server_round: int, instructions: list[Message]) -> None:
+        """See what each node was sent this round (e.g. to compare replies against it)."""
+
     def filter_train_replies(
         self, server_round: int, replies: list[Message]
     ) -> tuple[list[Message], Metrics]:
@@ -37,9 +40,13 @@ class RoundPlugin:
 
 def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
     """The plugins a scenario asks for, in the order they filter replies."""
+    from server.validation import ReplyValidator
+
     plugins: list[RoundPlugin] = []
     if setup.scenario.devices is not None:
         from server.deadline import DeviceClockPlugin
 
         plugins.append(DeviceClockPlugin(setup.scenario))
+    if setup.scenario.robustness.validate_replies:
+        plugins.append(ReplyValidator.from_setup(setup))
     return plugins

@@ -1,0 +1,255 @@
+"""Deployment on real machines: TLS certificates, SuperNode keys, and the Flower commands per machine.
+
+``fedge deploy`` wraps these (see the README, "Deploy on real machines")::
+
+    fedge deploy certs --out certs --host 10.0.0.5         # test CA + server cert (SANs: 127.0.0.1, localhost, hosts)
+    fedge deploy keys --out keys --count 3                 # EC P-384 keys (OpenSSH) for SuperNode auth
+    fedge deploy superlink --certs certs --auth            # server machine: flower-superlink with TLS (+ auth)
+    fedge deploy connect 10.0.0.5:8000 --root-cert certs/ca.crt   # user machine: a `fedge` connection
+    fedge deploy register keys/sn0.pub                     # user machine: flwr supernode register
+    fedge deploy supernode --superlink 10.0.0.5:8000 --root-cert certs/ca.crt --key keys/sn0 \\
+        --partition-id 0 --num-partitions 3 --device-profile jetson   # each edge machine
+    fedge deploy submit scenarios/quickstart.toml          # user machine: flwr run with the scenario
+
+The argument lists are built by plain functions so that the loopback test starts exactly what the
+README tells a user to start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import tomli_w
+
+CONNECTION = "fedge"  # name of the SuperLink connection fedge writes into $FLWR_HOME/config.toml
+DEFAULT_PORT = (
+    8000  # flower-superlink's HTTP(S) port: Fleet, Control and Runtime APIs (flwr >= 1.41)
+)
+CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
+
+
+# --------------------------------------------------------------------------------------------
+# certificates and keys
+# --------------------------------------------------------------------------------------------
+def make_certs(out_dir: Path, hosts: list[str] | None = None, days: int = 365) -> dict[str, Path]:
+    """A self-signed test CA and a server certificate it signs, valid for 127.0.0.1, localhost and
+    ``hosts`` (IP addresses or DNS names of the SuperLink machine). For testing: use your
+    organisation's CA in production."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedge test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    names: list[x509.GeneralName] = []
+    for host in ["127.0.0.1", "localhost", *(hosts or [])]:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedge superlink")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem, key_fmt = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    paths = {name: out_dir / name for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)}
+    paths[CA_CERT].write_bytes(ca_cert.public_bytes(pem))
+    paths[SERVER_CERT].write_bytes(server_cert.public_bytes(pem))
+    for name, key in ((CA_KEY, ca_key), (SERVER_KEY, server_key)):
+        paths[name].write_bytes(key.private_bytes(pem, key_fmt, serialization.NoEncryption()))
+        paths[name].chmod(0o600)
+    return paths
+
+
+def make_keys(out_dir: Path, count: int, prefix: str = "sn") -> list[tuple[Path, Path]]:
+    """``count`` EC (NIST P-384) key pairs in OpenSSH format, as ``ssh-keygen -t ecdsa -b 384``
+    makes them: ``<prefix><i>`` (private, stays on the SuperNode) and ``<prefix><i>.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i in range(count):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = out_dir / f"{prefix}{i}", out_dir / f"{prefix}{i}.pub"
+        private.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+        )
+        private.chmod(0o600)
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+            + f" fedge-{prefix}{i}\n".encode()
+        )
+        pairs.append((private, public))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# command lines
+# --------------------------------------------------------------------------------------------
+def superlink_args(
+    exe: str,
+    certs: Path | None,
+    auth: bool = False,
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_PORT,
+    database: str = "state.db",
+) -> list[str]:
+    """``flower-superlink`` with TLS from ``certs`` (``--insecure`` when None) and, with ``auth``,
+    SuperNode authentication (Flower refuses auth without TLS)."""
+    if auth and certs is None:
+        raise ValueError("SuperNode authentication needs TLS: pass the certificates folder")
+    args = [exe, "--host", host, "--port", str(port), "--database", database]
+    args += ["--disable-runtime-dependency-installation"]  # SuperNodes/SuperLink are pre-installed
+    if certs is None:
+        args.append("--insecure")
+    else:
+        certs = Path(certs).resolve()
+        args += [
+            "--ssl-ca-certfile",
+            str(certs / CA_CERT),
+            "--ssl-certfile",
+            str(certs / SERVER_CERT),
+            "--ssl-keyfile",
+            str(certs / SERVER_KEY),
+        ]
+    if auth:
+        args.append("--enable-supernode-auth")
+    return args
+
+
+def node_config(partition_id: int, num_partitions: int, device_profile: str | None) -> str:
+    """The ``--node-config`` string: who this SuperNode is (and, optionally, what device it is)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"--partition-id {partition_id} is out of range for --num-partitions {num_partitions}"
+        )
+    text = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if device_profile:
+        if "'" in device_profile or " " in device_profile:
+            raise ValueError(
+                f"--device-profile {device_profile!r}: use a name without spaces/quotes"
+            )
+        text += f" device-profile='{device_profile}'"
+    return text
+
+
+def supernode_args(
+    exe: str,
+    superlink: str,
+    partition_id: int,
+    num_partitions: int,
+    root_cert: Path | None = None,
+    key: Path | None = None,
+    device_profile: str | None = None,
+    port: int = 9094,
+) -> list[str]:
+    """``flower-supernode`` connecting to ``superlink`` (host:port) over TLS (``--insecure`` when
+    ``root_cert`` is None), authenticating with private ``key`` when given. ``port`` is the node's
+    local ClientApp API: co-located SuperNodes need distinct ones."""
+    args = [exe, "--superlink", superlink, "--port", str(port)]
+    args += ["--node-config", node_config(partition_id, num_partitions, device_profile)]
+    args += (
+        ["--insecure"]
+        if root_cert is None
+        else ["--root-certificates", str(Path(root_cert).resolve())]
+    )
+    if key is not None:
+        if root_cert is None:
+            raise ValueError("SuperNode authentication needs TLS: pass --root-cert too")
+        args += ["--auth-supernode-private-key", str(Path(key).resolve())]
+    return args
+
+
+def flwr_home(env: dict[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def write_connection(
+    home: Path, address: str, root_cert: Path | None, name: str = CONNECTION, default: bool = True
+) -> Path:
+    """Add/replace the SuperLink connection ``name`` in ``<home>/config.toml``, keeping the others
+    (the flwr CLI reads its connections from there since flwr 1.41)."""
+    path = Path(home) / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = tomllib.loads(path.read_text()) if path.exists() else {}
+    links = data.setdefault("superlink", {})
+    conn: dict[str, object] = {"address": address}
+    if root_cert is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(Path(root_cert).resolve())
+    links[name] = conn
+    if default or "default" not in links:
+        links["default"] = name
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def register_args(exe: str, public_key: Path, name: str | None = None) -> list[str]:
+    """``flwr supernode register <key.pub> fedge``: allow the SuperNode holding the private key."""
+    args = [exe, "supernode", "register", str(Path(public_key).resolve()), CONNECTION]
+    return [*args, "--name", name] if name else args
+
+
+def exec_env() -> dict[str, str]:
+    """Flower's processes start ``flower-superexec`` & co. by name: put this interpreter's bin first."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def run_foreground(args: list[str]) -> int:
+    """Run a Flower process in the foreground (Ctrl-C stops it); return its exit code."""
+    print("$ " + " ".join(args), flush=True)
+    try:
+        return subprocess.call(args, env=exec_env())
+    except KeyboardInterrupt:
+        return 130
+
+
+def submit_args(exe: str, app_dir: Path, run_config: Path, stream: bool = True) -> list[str]:
+    """``flwr run <app> fedge --run-config <file> [--stream]``."""
+    args = [exe, "run", str(app_dir), CONNECTION, "--run-config", str(run_config)]
+    return [*args, "--stream"] if stream else args

@@ -1,0 +1,74 @@
+"""Bad scenarios, missing data, unknown names: a clear error before any work, non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomli_w
+from typer.testing import CliRunner
+
+from scenarios.cli import app
+
+runner = CliRunner()
+
+
+def scenario_file(tmp_path: Path, **tables) -> Path:
+    raw = {
+        "name": "bad",
+        "num_rounds": 1,
+        "output_dir": str(tmp_path / "results"),
+        "data": {"dataset": "mnist1d", "num_clients": 2, "num_samples": 200},
+        "model": {"name": "mlp", "hidden": [8]},
+    }
+    for key, value in tables.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "bad.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+CASES = {
+    "unknown algorithm": ({"algorithm": {"name": "fedmagic"}}, "unknown algorithm 'fedmagic'"),
+    "unknown device": ({"engine": {"device": "tpu"}}, "engine.device"),
+    "unknown engine": ({"engine": {"name": "kubernetes"}}, "engine.name"),
+    "unknown key": ({"train": {"learning_rate": 0.1}}, "train.learning_rate: unknown key"),
+    "out of bounds": ({"num_rounds": 0}, "num_rounds"),
+    "unknown model": ({"model": {"name": "resnet9000"}}, "model.name"),
+    "missing data": (
+        {
+            "data": {
+                "dataset": "hub",
+                "hub_path": "parquet",
+                "hub_data_files": {"train": "/nonexistent/train.parquet"},
+            }
+        },
+        "data.hub_path",
+    ),
+    "too many clients": ({"data": {"num_clients": 500}}, "data.num_clients"),
+    "fedprox bad mu": ({"algorithm": {"name": "fedprox", "mu": -1.0}}, "algorithm.mu"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_scenario_fails_before_any_work(case: str, tmp_path: Path) -> None:
+    tables, expected = CASES[case]
+    path = scenario_file(tmp_path, **tables)
+    for command in (["validate", str(path)], ["run", str(path), "--quiet"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert "error:" in result.output and expected in " ".join(result.output.split())
+    assert not (tmp_path / "results").exists()  # no run folder was made: nothing started
+
+
+def _fails(args: list[str], expected: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
+
+
+def test_missing_scenario_file_and_bad_resume(tmp_path: Path) -> None:
+    _fails(["run", str(tmp_path / "nope.toml")], "scenario file not found")
+    _fails(["run", "--resume", str(tmp_path)], "not a run folder")
+    (tmp_path / "scenario.toml").write_text(scenario_file(tmp_path).read_text())
+    _fails(["run", "--resume", str(tmp_path)], "no checkpoint")
+    _fails(["run"], "--resume")

@@ -1,0 +1,143 @@
+"""Deployment: TLS certificates, SuperNode auth keys, and a loopback SuperLink + SuperNodes run
+started exactly as the README's "Deploy on real machines" tells a user to."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from scenarios.deploy import (
+    make_certs,
+    make_keys,
+    node_config,
+    register_args,
+    superlink_args,
+    supernode_args,
+    write_connection,
+)
+from scenarios.engines import (
+    FLWR_IN_MEMORY_DB_NAME,
+    _exe,
+    _submit,
+    _wait_for_port,
+    flower_processes,
+    free_port,
+)
+from scenarios.results import load_run
+from tests.test_engines import tiny
+
+
+def test_certs_have_the_sans_and_chain_to_the_ca(tmp_path: Path) -> None:
+    paths = make_certs(tmp_path, hosts=["10.0.0.5", "link.example"])
+    ca = x509.load_pem_x509_certificate(paths["ca.crt"].read_bytes())
+    server = x509.load_pem_x509_certificate(paths["server.pem"].read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.0.0.5"}
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"localhost", "link.example"}
+    assert paths["server.key"].stat().st_mode & 0o077 == 0  # private keys are not world-readable
+
+
+def test_keys_are_openssh_ec_p384(tmp_path: Path) -> None:
+    (private, public), *_ = make_keys(tmp_path, 2)
+    key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
+    assert key.curve.name == "secp384r1"
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_command_lines_refuse_auth_without_tls(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs TLS"):
+        superlink_args("flower-superlink", None, auth=True)
+    with pytest.raises(ValueError, match="needs TLS"):
+        supernode_args("flower-supernode", "h:1", 0, 2, root_cert=None, key=tmp_path / "k")
+    with pytest.raises(ValueError, match="out of range"):
+        node_config(3, 3, None)
+    assert node_config(1, 3, "jetson") == "partition-id=1 num-partitions=3 device-profile='jetson'"
+
+
+@pytest.mark.slow
+def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    keys = make_keys(tmp_path / "keys", 4)  # sn0..sn2 registered; sn3 is an intruder
+    scenario = tiny("deployment", tmp_path, federation={"round_timeout_s": 120.0})
+    run_dir = tmp_path / "run"
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    with flower_processes(tmp_path / "logs") as group:
+        link = group.start(
+            "superlink",
+            superlink_args(
+                _exe("flower-superlink"),
+                tmp_path / "certs",
+                auth=True,
+                host="127.0.0.1",
+                port=port,
+                database=FLWR_IN_MEMORY_DB_NAME,
+            ),
+        )
+        _wait_for_port(port, link, "superlink", group)
+        write_connection(group.flwr_home, address, certs["ca.crt"])
+        registrations = [  # the three `flwr supernode register` calls run side by side
+            subprocess.Popen(
+                register_args(_exe("flwr"), keys[i][1], name=f"edge-{i}"),
+                env=group.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        for reg in registrations:
+            out, _ = reg.communicate(timeout=60)
+            assert reg.returncode == 0 and "registered successfully" in out, out
+        [
+            group.start(
+                f"supernode-{i}",
+                supernode_args(
+                    _exe("flower-supernode"),
+                    address,
+                    i,
+                    3,
+                    root_cert=certs["ca.crt"],
+                    key=keys[i][0],
+                    device_profile="edge-cpu",
+                    port=free_port(),
+                ),
+            )
+            for i in range(3)
+        ]
+        group.start(
+            "intruder",
+            supernode_args(
+                _exe("flower-supernode"),
+                address,
+                0,
+                3,
+                root_cert=certs["ca.crt"],
+                key=keys[3][0],
+                port=free_port(),
+            ),
+        )
+        summary = _submit(scenario, run_dir, group, address, None, root_cert=certs["ca.crt"])
+        deadline = time.time() + 60  # refused at activation, before any work (exit code 305)
+        while "Failed to activate SuperNode" not in group.log_tail("intruder", 200):
+            assert time.time() < deadline, group.log_tail("intruder")
+            time.sleep(0.5)
+        intruder_log = group.log_tail("intruder", 200)
+        superlink_log = group.log_tail("superlink", 500)
+        procs = [proc for _, proc in group.procs]
+    # Every process the test started was stopped by its PID (flower_processes -> stop_all).
+    assert all(proc.poll() is not None for proc in procs)
+
+    rounds = load_run(run_dir).rounds
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["num_sampled"] == 3 and r["num_replies"] == 3 for r in rounds[1:])
+    assert summary["final_accuracy"] == rounds[-1]["central_accuracy"]
+    # The unregistered SuperNode was refused and never received a message.
+    assert "Exit Code: 305" in intruder_log and "Receiving:" not in intruder_log
+    assert "No SuperNode found with the given public key" in superlink_log
