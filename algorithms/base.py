@@ -13,6 +13,10 @@ class AlgorithmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
 
+    def needs_server_proxy(self) -> bool:
+        """Whether the server step needs a proxy set carved from train (``data.proxy_fraction``)."""
+        return False
+
 
 def register_algorithm(cls: type[AlgorithmConfig]) -> type[AlgorithmConfig]:
     """Class decorator: make ``cls`` selectable as ``[algorithm] name = "<its name>"``."""

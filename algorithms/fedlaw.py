@@ -52,6 +52,9 @@ class FedLAWConfig(AlgorithmConfig):
         "(default: carve data.proxy_fraction out of train)",
     )
 
+    def needs_server_proxy(self) -> bool:
+        return self.proxy_file is None
+
 
 class FedLAWResult(NamedTuple):
     global_state: dict[str, torch.Tensor]

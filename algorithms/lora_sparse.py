@@ -29,6 +29,9 @@ class LoraSparseConfig(AlgorithmConfig):
         5, ge=0, description="central pre-training of the frozen base on the server proxy set"
     )
 
+    def needs_server_proxy(self) -> bool:
+        return True  # the frozen base is pre-trained centrally on the proxy set
+
 
 SPARSE_INDEX_SUFFIX = ".indices"
 

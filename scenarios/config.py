@@ -255,6 +255,16 @@ class Scenario(_Strict):
                 f"federation.min_train_clients={self.federation.min_train_clients} exceeds "
                 f"data.num_clients={self.data.num_clients}"
             )
+        if self.algorithm.needs_server_proxy() and self.data.proxy_fraction == 0:
+            raise ValueError(
+                f"algorithm {self.algorithm.name!r} needs a server proxy set, but "
+                "data.proxy_fraction = 0; set it (e.g. 0.02)"
+                + (
+                    " or algorithm.proxy_file"
+                    if "proxy_file" in type(self.algorithm).model_fields
+                    else ""
+                )
+            )
         if self.personalization.enabled and self.federation.fraction_evaluate == 0:
             raise ValueError(
                 "personalization fine-tunes during client evaluation, but "

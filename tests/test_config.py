@@ -37,6 +37,8 @@ def test_shipped_scenarios_validate(path: Path) -> None:
             ["min_train_clients", "num_clients"],
         ),
         ({"data": {"dataset": "hub"}}, ["hub_path"]),
+        ({"algorithm": {"name": "fedlaw"}}, ["fedlaw", "data.proxy_fraction", "proxy_file"]),
+        ({"algorithm": {"name": "lora_sparse"}}, ["lora_sparse", "data.proxy_fraction"]),
         ({"engine": {"name": "slurm"}}, ["engine.name", "'inprocess'", "'ray'", "'deployment'"]),
     ],
 )

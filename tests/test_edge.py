@@ -151,6 +151,7 @@ def test_topk_and_error_feedback_on_hand_made_tensor() -> None:
 
 def lora_scenario(density: float):
     return scenario(
+        data={"dataset": "digits", "num_clients": 1, "proxy_fraction": 0.05},
         model={"name": "mlp", "hidden": [64]},
         algorithm={"name": "lora_sparse", "rank": 4, "density": density},
     )

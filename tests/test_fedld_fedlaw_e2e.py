@@ -11,7 +11,7 @@ import pytest
 
 from clients.data import dataset_info
 from clients.models import build_model
-from scenarios.config import Scenario, validate_scenario
+from scenarios.config import Scenario, ScenarioError, validate_scenario
 from scenarios.engines import run_engine
 from scenarios.results import load_run
 from server.fedlaw import WEIGHTS_FILE, FedLAW, FedLAWProxyError
@@ -78,12 +78,16 @@ def test_fedlaw_inprocess_end_to_end(tmp_path: Path) -> None:
 
 
 def test_fedlaw_without_proxy_fails_before_round_one(tmp_path: Path) -> None:
-    scenario = tiny({"name": "fedlaw"}, tmp_path)  # data.proxy_fraction defaults to 0
+    # Caught when the scenario is validated, i.e. before any engine or run folder exists.
+    with pytest.raises(ScenarioError, match=r"fedlaw.*data\.proxy_fraction.*proxy_file"):
+        tiny({"name": "fedlaw"}, tmp_path)  # data.proxy_fraction defaults to 0
+    # The strategy factory keeps its own check for scenarios built without validation.
+    valid = tiny({"name": "fedlaw"}, tmp_path, proxy_fraction=0.1)
+    unchecked = valid.model_copy(
+        update={"data": valid.data.model_copy(update={"proxy_fraction": 0.0})}
+    )
     with pytest.raises(FedLAWProxyError, match=r"data\.proxy_fraction \(e\.g\. 0\.02"):
-        build_strategy(setup_for(scenario))
-    with pytest.raises(FedLAWProxyError):
-        run_engine(scenario, tmp_path / "run", show_progress=False)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+        build_strategy(setup_for(unchecked))
 
 
 def test_fedlaw_operator_proxy_file(tmp_path: Path) -> None:
