@@ -81,7 +81,8 @@ def principal_gradient_aggregate(updates: torch.Tensor, k_prop: float = 0.8) -> 
     With G = updates, H = G G^T / K = E diag(s) E^T (s descending), V = G^T E (d x K):
     keep the first k = max(1, floor(K k_prop)) columns w_j with s_j > EIG_RTOL * s_1; flip w_j when
     more clients have Delta_i . w_j < 0 than >= 0; with C = G W^T (K x k) the projection
-    p_ij = (C_ij / ||w_j||^2) w_j is rescaled to length ||Delta_i|| s_j / sum_kept(s), i.e.
+    p_ij = (C_ij / ||w_j||^2) w_j is rescaled to length ||Delta_i|| s_j / sum(s) (sum over all K
+    eigenvalues, as the reference), i.e.
     p_ij = sign(C_ij) ||Delta_i|| (s_j / sum s) w_j / ||w_j||  (C_ij = 0 contributes nothing), and
 
         result = mean_i sum_j p_ij = sum_j [mean_i sign(C_ij) ||Delta_i||] (s_j / sum s) w_j/||w_j||.
@@ -98,6 +99,10 @@ def principal_gradient_aggregate(updates: torch.Tensor, k_prop: float = 0.8) -> 
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
     k = num_directions(num_clients, k_prop)
+    # Rescaling divides by the sum of *all* K eigenvalues, as the reference does (not just the k kept
+    # ones): the aggregate is shorter by sum(kept)/sum(all). Identical updates still give that update
+    # back, since their Gram matrix has a single non-zero eigenvalue.
+    total = evals.clamp_min(0.0).sum()
     evals, evecs = evals[:k], evecs[:, :k]
     keep = evals > EIG_RTOL * evals[0].clamp_min(0.0)
     if not bool(keep.any()):  # every update is zero (or numerically so)
@@ -110,7 +115,7 @@ def principal_gradient_aggregate(updates: torch.Tensor, k_prop: float = 0.8) -> 
     directions, coeffs = directions * sign_fix[:, None], coeffs * sign_fix[None, :]
     unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
     client_norms = g.norm(dim=1)  # ||Delta_i||
-    weight = (torch.sign(coeffs) * client_norms[:, None]).mean(0) * (s / s.sum())  # (k,)
+    weight = (torch.sign(coeffs) * client_norms[:, None]).mean(0) * (s / total)  # (k,)
     return (weight @ unit).to(updates.dtype)
 
 
@@ -148,3 +153,30 @@ def fedld_aggregate_state(
             update = updates.mean(0)
         out[key] = base + server_lr * update.reshape(base.shape)
     return out
+
+
+def agreement_with_mean(
+    global_state: dict[str, torch.Tensor],
+    new_state: dict[str, torch.Tensor],
+    client_states: Sequence[dict[str, torch.Tensor]],
+    skip: Collection[str] = (),
+) -> tuple[float, float]:
+    """(cosine, norm ratio) of the applied update ``new - global`` against the plain unweighted mean
+    update, over all floating-point tensors not in ``skip``.
+
+    A diagnostic, logged every round: under strong label skew the majority sign vote can point the
+    classifier's update away from the mean (cosine <= 0), which is where FedLD loses to FedAvg.
+    """
+    applied, mean = [], []
+    for key, base in global_state.items():
+        if key in skip or not base.is_floating_point():
+            continue
+        applied.append((new_state[key] - base).flatten().double())
+        mean.append(
+            (torch.stack([cs[key] for cs in client_states]).mean(0) - base).flatten().double()
+        )
+    a, m = torch.cat(applied), torch.cat(mean)
+    denom = float(a.norm() * m.norm())
+    cos = float(a @ m) / denom if denom > 0 else 0.0
+    ratio = float(a.norm() / m.norm()) if float(m.norm()) > 0 else 0.0
+    return cos, ratio

@@ -2,6 +2,7 @@
 
     python benchmarks/compare_fedld_fedlaw.py [--alphas 0.1,0.5] [--seeds 0,1,2] [--rounds 15]
                                               [--variants fedavg,fedld,...] [--fedld-server-lr 1.0]
+                                              [--train short|authors]
                                               [--out results/compare_fedld_fedlaw]
 
 Every run shares the same data, model, local training and proxy carve-out (data.proxy_fraction =
@@ -34,9 +35,22 @@ VARIANTS: dict[str, dict] = {
     "fedlaw_gamma_only": {"name": "fedlaw", "learn_lambda": False},
 }
 
+# Local training presets: "short" keeps 3 seeds x 8 variants to minutes; "authors" is FedLD's
+# reference optimizer (SGD lr 0.01, momentum 0.5, weight decay 5e-4, batch 50, 5 local epochs).
+TRAIN_PRESETS: dict[str, dict] = {
+    "short": {"epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+    "authors": {"epochs": 5, "batch_size": 50, "lr": 0.01, "momentum": 0.5, "weight_decay": 5e-4},
+}
+
 
 def scenario(
-    label: str, alpha: float, seed: int, rounds: int, out: Path, fedld_server_lr: float = 1.0
+    label: str,
+    alpha: float,
+    seed: int,
+    rounds: int,
+    out: Path,
+    fedld_server_lr: float = 1.0,
+    train: str = "short",
 ):
     algorithm = dict(VARIANTS[label])
     if algorithm["name"] == "fedld":
@@ -56,13 +70,7 @@ def scenario(
             },
             "model": {"name": "mlp", "hidden": [64, 64]},
             "algorithm": algorithm,
-            "train": {
-                "epochs": 1,
-                "batch_size": 32,
-                "lr": 0.05,
-                "momentum": 0.9,
-                "weight_decay": 5e-4,
-            },
+            "train": TRAIN_PRESETS[train],
             "engine": {"name": "inprocess"},
         }
     )
@@ -75,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--fedld-server-lr", type=float, default=1.0, help="FedLD variants only")
+    parser.add_argument("--train", choices=sorted(TRAIN_PRESETS), default="short")
     parser.add_argument("--out", type=Path, default=Path("results/compare_fedld_fedlaw"))
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -89,7 +98,9 @@ def main() -> None:
                 run_dir = out / f"{label}-s{seed}"
                 if not (run_dir / "summary.json").exists():  # rerunning resumes a cut-off sweep
                     run_engine(
-                        scenario(label, alpha, seed, args.rounds, out, args.fedld_server_lr),
+                        scenario(
+                            label, alpha, seed, args.rounds, out, args.fedld_server_lr, args.train
+                        ),
                         run_dir,
                         False,
                     )

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from algorithms.fedld import FedLDConfig, fedld_aggregate_state
+from algorithms.fedld import FedLDConfig, agreement_with_mean, fedld_aggregate_state
 from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
 
 
@@ -46,9 +46,11 @@ class FedLD(FedAvg):
             return None, None
         if self._global is None:
             raise RuntimeError("FedLD.aggregate_train called before configure_train")
+        global_state = self._global.to_torch_state_dict()
+        client_states = [reply_arrays(m).to_torch_state_dict() for m in valid]
         new_state = fedld_aggregate_state(
-            self._global.to_torch_state_dict(),
-            [reply_arrays(m).to_torch_state_dict() for m in valid],
+            global_state,
+            client_states,
             k_prop=self.cfg.k_prop,
             server_lr=self.cfg.server_lr,
             first_round=self.num_aggregations == 0,
@@ -57,6 +59,10 @@ class FedLD(FedAvg):
         )
         self.num_aggregations += 1
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        metrics = metrics if metrics is not None else MetricRecord()
+        cos, ratio = agreement_with_mean(global_state, new_state, client_states, self.buffer_names)
+        metrics["fedld_cos_to_mean"] = cos  # 1.0 on the first round and in the mean ablation
+        metrics["fedld_norm_ratio_to_mean"] = ratio
         return ArrayRecord(new_state), metrics
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from algorithms.fedld import (
+    agreement_with_mean,
     fedld_aggregate_state,
     margin_control_loss,
     num_directions,
@@ -42,9 +43,10 @@ def test_k_directions_kept() -> None:
     out = principal_gradient_aggregate(updates, k_prop=0.6)
     assert torch.count_nonzero(out.abs() > 1e-9) == 3
     assert torch.all(out[3:].abs() < 1e-9)
-    # Each kept axis j: only client j projects on it, with weight ||D_j|| s_j / sum s, averaged /K.
-    s = norms[:3] ** 2 / 5
-    expected = norms[:3] * s / s.sum() / 5
+    # Each kept axis j: only client j projects on it, with weight ||D_j|| s_j / sum s, averaged /K;
+    # the sum runs over all 5 eigenvalues (reference), not only the 3 kept.
+    s = norms**2 / 5
+    expected = norms[:3] * s[:3] / s.sum() / 5
     torch.testing.assert_close(out[:3], expected)
 
 
@@ -100,3 +102,18 @@ def test_state_dict_first_round_mean_and_buffers() -> None:
     torch.testing.assert_close(later["w"], expected_w)
     plain = fedld_aggregate_state(base, clients, principal=False)
     torch.testing.assert_close(plain["w"], mean("w"))
+
+
+def test_agreement_with_mean_diagnostic() -> None:
+    base = {"w": torch.zeros(3), "running_mean": torch.zeros(3)}
+    clients = [{"w": torch.tensor([1.0, 0.0, 0.0]), "running_mean": torch.ones(3)}] * 2
+    same = {"w": torch.tensor([2.0, 0.0, 0.0]), "running_mean": torch.ones(3)}
+    cos, ratio = agreement_with_mean(base, same, clients, skip={"running_mean"})
+    assert cos == pytest.approx(1.0) and ratio == pytest.approx(2.0)
+    # Label skew on a 3-class bias, one client per class, each raising its own class: the mean is
+    # nearly zero, (0, 0, 0.07), and the majority vote on every principal direction sides with
+    # the two clients that push that class *down*.
+    updates = torch.tensor([[2.0, -1.0, -1.0], [-1.0, 2.0, -1.0], [-1.0, -1.0, 2.2]])
+    out = principal_gradient_aggregate(updates, k_prop=1.0)
+    mean = updates.mean(0)
+    assert float(out @ mean) < 0  # anti-aligned with the mean: what the diagnostic reports

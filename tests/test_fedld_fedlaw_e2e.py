@@ -59,6 +59,8 @@ def test_fedld_inprocess_end_to_end(tmp_path: Path) -> None:
     assert rounds[-1]["num_replies"] == 3
     assert rounds[-1]["central_accuracy"] > rounds[0]["central_accuracy"]
     assert math.isfinite(summary["final_accuracy"])
+    assert rounds[1]["fedld_cos_to_mean"] == pytest.approx(1.0)  # first round: plain mean
+    assert -1.0 <= rounds[2]["fedld_cos_to_mean"] < 1.0 - 1e-6  # principal aggregation differs
 
 
 def test_fedlaw_inprocess_end_to_end(tmp_path: Path) -> None:
