@@ -5,7 +5,7 @@
   clients and ``--rounds`` FedAvg rounds, every client on the same trainer, plus a mixed federation
   (half backprop, half tpSGD). FF runs use the ``ff_mlp`` model (features + one-hot label input).
 
-Peak memory is ``benchmarks.edge_memory.measure_training_memory`` for one step at the training batch
+Peak memory is ``edge.memory.measure_training_memory`` for one step at the training batch
 size (CPU: params + grads + peak saved-for-backward tensors). Model: 2-hidden-layer MLP 128×128.
 
 Run: ``PYTHONPATH=. python benchmarks/edge_trainers.py --part alone`` (then ``--part federated``).
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from benchmarks.edge_memory import measure_training_memory
 from clients.data import dataset_info, load_central_test, load_client_data
 from clients.models import build_model
 from clients.trainers import get_trainer
 from clients.training import TrainJob, evaluate
+from edge.memory import measure_training_memory
 from scenarios.config import validate_scenario
 
 CPU = torch.device("cpu")

@@ -30,9 +30,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clients.devices import DeviceProfile, client_profile, drops_out, is_available
 
-# Trainers that do not keep backprop's activations/gradients (built in the edge issues): the
-# memory check is skipped for them.
-MEMORY_LIGHT_TRAINERS = frozenset({"tpsgd", "forward_forward", "lora"})
+# Edge trainers whose training memory is measured on one step of their own update rule
+# (edge/memory.py) instead of backprop's params + grads + optimizer + activations: trainer name ->
+# (measurement kind, optimizer buffers per trainable parameter; None = SGD: 1 with momentum, else 0).
+EDGE_MEMORY: dict[str, tuple[str, int | None]] = {
+    "tpsgd": ("tpsgd", None),
+    "forward_forward": ("forward_forward", 2),  # Adam: two moments
+    "lora": ("lora", None),
+    "lora_sparse": ("lora", None),
+}
 
 # Prefixes of the error reasons; the server counts failures by them (they survive every engine's
 # wrapping of the exception text, unlike exception class names).
@@ -169,6 +175,58 @@ def _work_cached(model_json: str, data_json: str, batch_size: int) -> WorkEstima
     return measure_work(model, info.input_shape, batch_size)
 
 
+@lru_cache(maxsize=16)
+def _edge_memory_cached(
+    trainer: str, model_json: str, data_json: str, batch_size: int, lora_rank: int, seed: int
+):
+    from clients.data import dataset_info
+    from clients.models import build_model
+    from edge.memory import measure_training_memory
+    from scenarios.config import DataConfig, ModelConfig
+
+    info = dataset_info(DataConfig.model_validate(json.loads(data_json)))
+    with torch.random.fork_rng(devices=[]):  # the probe must not move the client's RNG
+        torch.manual_seed(seed)
+        model = build_model(
+            ModelConfig.model_validate(json.loads(model_json)), info.input_shape, info.num_classes
+        )
+        x = torch.zeros((batch_size, *info.input_shape))
+        y = torch.zeros(batch_size, dtype=torch.long)
+        return measure_training_memory(trainer, model, x, y, seed=seed, lora_rank=lora_rank)
+
+
+def training_memory_need(scenario, trainer: str, work: WorkEstimate) -> tuple[int, str]:
+    """Bytes client training needs with ``trainer`` and a one-line breakdown for error messages.
+
+    Backprop trainers: params + grads + optimizer state + one batch of saved activations
+    (``work``). Edge trainers (:data:`EDGE_MEMORY`): the measured peak of one step of their own
+    update rule plus their optimizer's buffers.
+    """
+    momentum_copies = 1 if scenario.train.momentum > 0 else 0
+    batch = scenario.train.batch_size
+    if trainer not in EDGE_MEMORY:
+        need = training_memory_bytes(work, optimizer_copies=momentum_copies)
+        return need, (
+            f"params+grads+optimizer {format_bytes(need - work.activation_bytes)} + activations "
+            f"of a {batch}-sample batch {format_bytes(work.activation_bytes)}"
+        )
+    kind, copies = EDGE_MEMORY[trainer]
+    report = _edge_memory_cached(
+        kind,
+        scenario.model.model_dump_json(),
+        scenario.data.model_dump_json(),
+        batch,
+        int(getattr(scenario.algorithm, "rank", 4)),
+        scenario.seed,
+    )
+    need = report.with_optimizer(momentum_copies if copies is None else copies)
+    return need, (
+        f"{trainer}: params {format_bytes(report.param_bytes)} + grads "
+        f"{format_bytes(report.grad_bytes)} + optimizer {format_bytes(need - report.peak_bytes)} "
+        f"+ activations of a {batch}-sample batch {format_bytes(report.activation_bytes)}"
+    )
+
+
 # -------------------- the mod
 
 
@@ -208,15 +266,14 @@ def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
     work = _work_cached(
         scenario.model.model_dump_json(), scenario.data.model_dump_json(), batch_size
     )
-    if cfg.memory_check and _trainer_name(scenario, pid) not in MEMORY_LIGHT_TRAINERS:
-        need = training_memory_bytes(work, optimizer_copies=1 if scenario.train.momentum > 0 else 0)
+    if cfg.memory_check:
+        need, breakdown = training_memory_need(scenario, _trainer_name(scenario, pid), work)
         if need > profile.memory_bytes:
             raise DeviceError(
                 OUT_OF_MEMORY,
                 f"device {name} has {format_bytes(profile.memory_bytes)}, training needs "
-                f"{format_bytes(need)} (params+grads+optimizer {format_bytes(need - work.activation_bytes)}"
-                f" + activations of a {batch_size}-sample batch {format_bytes(work.activation_bytes)});"
-                " use a smaller model/batch or a memory-light trainer",
+                f"{format_bytes(need)} ({breakdown}); use a smaller model/batch or a "
+                "memory-light edge trainer ([edge] trainers: tpsgd, forward_forward, lora)",
             )
 
     bytes_down = _array_bytes(msg.content)

@@ -132,15 +132,20 @@ def ff_step(
     return total
 
 
-@register_trainer("forward_forward")
-def train_forward_forward(job: TrainJob) -> TrainResult:
-    """Forward-forward on the client's data (Adam, lr = ``edge.ff_lr``) for ``train.epochs`` epochs."""
-    model, data, cfg = job.model, job.data, job.scenario.train
+def require_ff_model(model: nn.Module) -> FFMLP:
     if not isinstance(model, FFMLP):
         raise ValueError(
             "the forward_forward trainer needs model.name = 'ff_mlp' (its first layer reads the "
             f"label); this run's model is {type(model).__name__}"
         )
+    return model
+
+
+@register_trainer("forward_forward")
+def train_forward_forward(job: TrainJob) -> TrainResult:
+    """Forward-forward on the client's data (Adam, lr = ``edge.ff_lr``) for ``train.epochs`` epochs."""
+    model, data, cfg = job.model, job.data, job.scenario.train
+    require_ff_model(model)
     if len(data.x_train) == 0:
         raise ValueError(f"client {data.partition_id} has no training data")
     model.train()

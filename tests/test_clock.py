@@ -79,11 +79,11 @@ def test_measured_flops_and_memory_match_the_layer_math() -> None:
 # -------------------- the mod inside the real ClientApp
 
 
-def scenario_json(**devices) -> str:
+def scenario_json(hidden: tuple[int, ...] = (16,), **devices) -> str:
     raw = {
         "seed": 1,
         "data": {"dataset": "mnist1d", "num_clients": 2, "num_samples": 400},
-        "model": {"name": "mlp", "hidden": [16]},
+        "model": {"name": "mlp", "hidden": list(hidden)},
         "train": {"epochs": 1, "batch_size": 16},
         "devices": {"assign": "list", "classes": ["t4"], **devices},
     }
@@ -142,9 +142,47 @@ def test_memory_check_names_device_and_sizes(monkeypatch: pytest.MonkeyPatch) ->
     assert all(r.has_error() for r in replies)
     reason = replies[0].error.reason
     assert "device out of memory: device tiny has 4.0 KiB, training needs" in reason
-    # a memory-light edge trainer is not held to backprop's memory
-    monkeypatch.setattr(clock, "_trainer_name", lambda scenario, pid: "forward_forward")
-    assert not any(r.has_error() for r in train_on_grid(scenario))
+    assert "params+grads+optimizer" in reason and "16-sample batch" in reason
+    # edge trainers are held to their own measured memory, not skipped
+    monkeypatch.setattr(clock, "_trainer_name", lambda scenario, pid: "tpsgd")
+    reason = train_on_grid(scenario)[0].error.reason
+    assert "training needs" in reason and "tpsgd: params" in reason
+
+
+def test_edge_trainer_memory_is_measured_and_can_fit_where_backprop_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from scenarios.config import Scenario
+
+    def needs(memory_bytes: int = 2**30) -> tuple[str, dict[str, int]]:
+        raw = scenario_json(
+            (256,), classes=["box"], profiles={"box": {**TINY, "memory_bytes": memory_bytes}}
+        )
+        scenario = Scenario.from_run_config({"scenario": raw})
+        work = clock._work_cached(
+            scenario.model.model_dump_json(), scenario.data.model_dump_json(), 16
+        )
+        return raw, {
+            t: clock.training_memory_need(scenario, t, work)[0] for t in ("fedavg", "lora", "tpsgd")
+        }
+
+    _, need = needs()
+    # LoRA freezes the 256-wide base: no base gradients or momentum buffers
+    assert need["lora"] < need["fedavg"]
+    report = clock._edge_memory_cached("tpsgd", *_model_data_json(), 16, 4, 1)
+    assert need["tpsgd"] == report.with_optimizer(0)  # train.momentum = 0: no SGD buffers
+    between = (need["lora"] + need["fedavg"]) // 2
+    raw, _ = needs(between)
+    assert all("device out of memory" in r.error.reason for r in train_on_grid(raw))
+    monkeypatch.setattr(clock, "_trainer_name", lambda scenario, pid: "lora")
+    assert not any(r.has_error() for r in train_on_grid(raw))
+
+
+def _model_data_json() -> tuple[str, str]:
+    from scenarios.config import Scenario
+
+    scenario = Scenario.from_run_config({"scenario": scenario_json((256,))})
+    return scenario.model.model_dump_json(), scenario.data.model_dump_json()
 
 
 def test_partial_work_caps_steps_to_fit_the_deadline() -> None:

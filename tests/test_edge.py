@@ -19,6 +19,7 @@ from clients.training import TrainJob, evaluate
 from edge.export import export_onnx, run_onnx, session
 from edge.forward_forward import FFMLP, ff_step
 from edge.lora import initial_factors, linear_names, wrap_lora
+from edge.memory import measure_training_memory
 from edge.tpsgd import block_optimizers, projection_matrices, split_blocks, tpsgd_step
 from scenarios.config import ModelConfig, validate_scenario
 from server.lora_sparse import lora_weight_deltas
@@ -123,6 +124,24 @@ def test_forward_forward_learns_digits_above_chance() -> None:
 def test_forward_forward_needs_its_model() -> None:
     with pytest.raises(ValueError, match="ff_mlp"):
         train_alone(scenario(), "forward_forward", 1)
+
+
+def test_measured_memory_per_trainer() -> None:
+    shape = (40,)
+    x, y = torch.zeros(32, *shape), torch.zeros(32, dtype=torch.long)
+    mlp = build_model(ModelConfig(name="mlp", hidden=[256, 256]), shape, 10)
+    ff = build_model(ModelConfig(name="ff_mlp", hidden=[256, 256]), shape, 10)
+    bp = measure_training_memory("backprop", mlp, x, y)
+    lora = measure_training_memory("lora", mlp, x, y)
+    ff_report = measure_training_memory("forward_forward", ff, x, y)
+    assert bp.grad_bytes == bp.trainable_bytes == bp.param_bytes  # every weight trains
+    assert lora.trainable_bytes < bp.param_bytes // 10  # adapters only
+    assert lora.peak_bytes < bp.peak_bytes
+    assert ff_report.with_optimizer(2) == ff_report.peak_bytes + 2 * ff_report.param_bytes
+    with pytest.raises(ValueError, match="model.name = 'ff_mlp'"):
+        measure_training_memory("forward_forward", mlp, x, y)
+    with pytest.raises(ValueError, match="unknown trainer 'sgd'"):
+        measure_training_memory("sgd", mlp, x, y)
 
 
 def test_trainer_selection_per_client() -> None:
@@ -288,3 +307,20 @@ def test_mixed_federation_backprop_and_tpsgd_writes_onnx(tmp_path: Path) -> None
     x, _ = load_central_test(sc.data, sc.seed)
     assert run_onnx(sess, x[:4]).shape == (4, 10)
     assert (tmp_path / "run" / "model.int8.onnx").stat().st_size > 0
+
+
+def test_mcu_boards_train_with_tpsgd_but_not_with_backprop(tmp_path: Path) -> None:
+    """scenarios/edge_mcu.toml: on 1 MiB boards backprop's measured need (1.3 MiB) fails the device
+    memory check; tpSGD's (950 KiB) fits, so every client trains."""
+    from scenarios.config import load_scenario
+    from scenarios.engines import run_engine
+    from scenarios.results import load_run
+
+    sets = ["num_rounds=1", "edge.export_onnx=false"]
+    for trainers, oom in (("{'4-7' = 'tpsgd'}", 0), ("{}", 4)):
+        run_dir = tmp_path / f"oom{oom}"
+        scenario = load_scenario("scenarios/edge_mcu.toml", [*sets, f"edge.trainers={trainers}"])
+        run_engine(scenario, run_dir, show_progress=False)
+        last = load_run(run_dir).rounds[-1]
+        assert last["num_out_of_memory"] == oom
+        assert last["num_replies"] == 8 - oom
