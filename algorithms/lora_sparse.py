@@ -8,6 +8,7 @@ The server decodes each reply by scattering values at indices into a dense zero 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Literal
@@ -56,6 +57,44 @@ def densify(values: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> t
     out = torch.zeros(math.prod(shape), dtype=values.dtype)
     out[indices.long()] = values
     return out.reshape(shape)
+
+
+# One reply carries every adapter's top-k entries in two flat arrays: per-array overhead of an
+# ArrayRecord (~130 B each) would otherwise dominate small, very sparse replies.
+PACKED_VALUES = "adapters.values"
+PACKED_INDICES = "adapters" + SPARSE_INDEX_SUFFIX
+
+
+def pack_sparse(
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]], shapes: dict[str, torch.Size]
+) -> dict[str, torch.Tensor]:
+    """``{key: (values, flat indices)}`` -> one values and one int32 indices array, the indices
+    offset into the concatenation of the tensors in ``shapes``' order (the order both sides share)."""
+    offsets = dict(
+        zip(
+            shapes,
+            itertools.accumulate((math.prod(s) for s in shapes.values()), initial=0),
+            strict=False,
+        )
+    )
+    values = torch.cat([parts[k][0].reshape(-1).float() for k in shapes])
+    indices = torch.cat([parts[k][1].long() + offsets[k] for k in shapes]).to(torch.int32)
+    return {PACKED_VALUES: values, PACKED_INDICES: indices}
+
+
+def unpack_sparse(
+    values: torch.Tensor, indices: torch.Tensor, shapes: dict[str, torch.Size]
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_sparse`: dense ``{key: update}`` (zeros where nothing was sent)."""
+    sizes = [math.prod(s) for s in shapes.values()]
+    total = sum(sizes)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= total):
+        raise ValueError(f"sparse indices outside 0..{total - 1} (the adapters' total size)")
+    flat = densify(values, indices, torch.Size([total]))
+    return {
+        k: chunk.reshape(shape)
+        for (k, shape), chunk in zip(shapes.items(), flat.split(sizes), strict=True)
+    }
 
 
 def sparsify_with_feedback(

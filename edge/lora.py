@@ -10,8 +10,9 @@ Protocol (algorithm ``lora_sparse``; server side in ``server/lora_sparse.py``):
   ``B₀ = 0``. Only the adapters are trained.
 * The update ``u = (A − A₀, B)`` is sparsified per tensor to its top-k entries (density ρ) with
   error feedback: the residual not sent is kept in the node's ``Context.state`` and added to the
-  next round's update. The reply carries ``<layer>.lora_A.values`` (float32) and
-  ``<layer>.lora_A.indices`` (int32), same for ``lora_B`` — so ``ArrayRecord.count_bytes()`` and the
+  next round's update. The reply carries every adapter's top-k entries packed into
+  ``adapters.values`` (float32) and ``adapters.indices`` (int32, offsets into the adapters
+  concatenated in ``linear_names`` order, lora_A before lora_B) — so ``ArrayRecord.count_bytes()`` and the
   round's ``bytes_up`` see exactly the sparse payload.
 * The server decodes each reply densely and turns it into that client's weight update
   ``ΔW_k = (α/r)·B_k·(A₀ + ΔA_k)`` (the merge of its adapter, ``merge_and_unload``'s formula), then
@@ -30,7 +31,7 @@ from flwr.app import ArrayRecord
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from algorithms.lora_sparse import LoraSparseConfig, sparsify_with_feedback
+from algorithms.lora_sparse import LoraSparseConfig, pack_sparse, sparsify_with_feedback
 from clients.seeding import derive_seed
 from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, local_sgd
@@ -96,16 +97,16 @@ def train_lora(job: TrainJob) -> TrainResult:
 
     previous = job.state.get(RESIDUAL_KEY) if cfg.error_feedback else None
     residuals = previous.to_torch_state_dict() if previous is not None else {}
-    payload: dict[str, torch.Tensor] = {}
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     new_residuals: dict[str, torch.Tensor] = {}
     dense_bytes = 0
     for key, value in trained.items():
         update = value - start[key]
         values, indices, residual = sparsify_with_feedback(update, residuals.get(key), cfg.density)
-        payload[f"{key}.values"] = values.float()
-        payload[f"{key}.indices"] = indices
+        parts[key] = (values, indices)
         new_residuals[key] = residual
         dense_bytes += update.numel() * 4
+    payload = pack_sparse(parts, {k: v.shape for k, v in start.items()})
     if cfg.error_feedback:
         job.state[RESIDUAL_KEY] = ArrayRecord(torch_state_dict=new_residuals)
     residual_norm = float(torch.sqrt(sum(r.pow(2).sum() for r in new_residuals.values())))

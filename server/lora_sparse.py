@@ -2,7 +2,8 @@
 
 See ``edge/lora.py`` for the protocol. ``aggregate_train`` decodes every sparse reply (values at
 int32 indices, scattered into dense zeros — the union of all clients' indices is what ends up
-non-zero), forms each client's weight update ΔW_k = (α/r)·B_k·A_k and averages the deltas of all
+non-zero; one values and one indices array per reply, offset into the adapters concatenated in
+a fixed order), forms each client's weight update ΔW_k = (α/r)·B_k·A_k and averages the deltas of all
 replies (dense replies of backprop/tpSGD clients contribute W_k − W) weighted by ``num-examples``.
 """
 
@@ -17,7 +18,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from torch.nn import functional as F
 
-from algorithms.lora_sparse import LoraSparseConfig, densify, is_sparse_encoded
+from algorithms.lora_sparse import (
+    PACKED_INDICES,
+    PACKED_VALUES,
+    LoraSparseConfig,
+    is_sparse_encoded,
+    unpack_sparse,
+)
 from clients.data import load_proxy
 from clients.seeding import derive_seed
 from clients.training import batches
@@ -34,14 +41,14 @@ def lora_weight_deltas(
 ) -> dict[str, torch.Tensor]:
     """Decode one sparse reply into ``{"<layer>.weight": (α/r)·B·A}`` with A = A₀ + ΔA, B = ΔB."""
     tensors = arrays.to_torch_state_dict()
+    deltas = unpack_sparse(
+        tensors[PACKED_VALUES], tensors[PACKED_INDICES], {k: v.shape for k, v in start.items()}
+    )
     out = {}
     for name in names:
-        factors = {}
-        for part in ("lora_A", "lora_B"):
-            key = f"{name}.{part}"
-            delta = densify(tensors[f"{key}.values"], tensors[f"{key}.indices"], start[key].shape)
-            factors[part] = start[key] + delta
-        out[f"{name}.weight"] = scaling * factors["lora_B"] @ factors["lora_A"]
+        a = start[f"{name}.lora_A"] + deltas[f"{name}.lora_A"]
+        b = start[f"{name}.lora_B"] + deltas[f"{name}.lora_B"]
+        out[f"{name}.weight"] = scaling * b @ a
     return out
 
 

@@ -11,7 +11,16 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from typer.testing import CliRunner
 
-from algorithms.lora_sparse import LoraSparseConfig, densify, sparsify_with_feedback, topk_sparsify
+from algorithms.lora_sparse import (
+    PACKED_INDICES,
+    PACKED_VALUES,
+    LoraSparseConfig,
+    densify,
+    pack_sparse,
+    sparsify_with_feedback,
+    topk_sparsify,
+    unpack_sparse,
+)
 from clients.data import dataset_info, load_central_test, load_client_data
 from clients.models import build_model
 from clients.trainers import get_trainer, trainer_name_for
@@ -176,6 +185,26 @@ def lora_scenario(density: float):
     )
 
 
+def test_pack_and_unpack_sparse_round_trip() -> None:
+    shapes = {"a": torch.Size([2, 3]), "b": torch.Size([4])}
+    dense = {
+        "a": torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, -1.0]]),
+        "b": torch.tensor([0.0, 0.0, 2.0, 0.0]),
+    }
+    parts = {
+        "a": (torch.tensor([5.0, -1.0]), torch.tensor([1, 5], dtype=torch.int32)),
+        "b": (torch.tensor([2.0]), torch.tensor([2], dtype=torch.int32)),
+    }
+    packed = pack_sparse(parts, shapes)
+    assert packed[PACKED_INDICES].tolist() == [1, 5, 8]  # b's index 2 is offset by a's 6 entries
+    assert packed[PACKED_INDICES].dtype == torch.int32
+    out = unpack_sparse(packed[PACKED_VALUES], packed[PACKED_INDICES], shapes)
+    for key in dense:
+        torch.testing.assert_close(out[key], dense[key])
+    with pytest.raises(ValueError, match="outside 0..9"):
+        unpack_sparse(torch.ones(1), torch.tensor([10], dtype=torch.int32), shapes)
+
+
 def test_lora_sparse_reply_is_smaller_and_carries_residual() -> None:
     state = RecordDict()
     _, _, sparse = train_alone(lora_scenario(0.05), "lora", 1, state)
@@ -207,15 +236,18 @@ def test_server_decode_equals_peft_merge() -> None:
     # rebuild the trained peft model from the reply and merge it with peft
     peft_model = wrap_lora(model, cfg, sc.seed)
     tensors = result.reply_arrays.to_torch_state_dict()
+    assert set(tensors) == {PACKED_VALUES, PACKED_INDICES}  # one flat pair, not one per adapter
     inner = peft_model.base_model.model
     with torch.no_grad():
-        for name in linear_names(model):
-            layer = inner.get_submodule(name)
-            for part in ("lora_A", "lora_B"):
-                w = getattr(layer, part)["default"].weight
-                w += densify(
-                    tensors[f"{name}.{part}.values"], tensors[f"{name}.{part}.indices"], w.shape
-                )
+        start = initial_factors(model, cfg, sc.seed)
+        factor_deltas = unpack_sparse(
+            tensors[PACKED_VALUES],
+            tensors[PACKED_INDICES],
+            {k: v.shape for k, v in start.items()},
+        )
+        for key, factor_delta in factor_deltas.items():
+            name, part = key.rsplit(".", 1)
+            getattr(inner.get_submodule(name), part)["default"].weight += factor_delta
     merged = peft_model.merge_and_unload().state_dict()
     for key, delta in deltas.items():
         torch.testing.assert_close(merged[key] - model.state_dict()[key], delta, atol=1e-6, rtol=0)

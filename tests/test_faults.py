@@ -116,8 +116,8 @@ def _corrupt(reply: Message, fault: str) -> Message:
     metrics = next(iter(reply.content.metric_records.values()))
     content = RecordDict({name: ArrayRecord({k: Array(v) for k, v in tensors.items()})})
     content["metrics"] = metrics
-    if fault == "oversized":  # a reply padded to ~50x the model's size
-        size = sum(v.size for v in tensors.values()) * 50
+    if fault == "oversized":  # a reply padded to ~1.6 MB, ~500x this test's 3.3 KB model
+        size = 200_000
         content["metrics"] = MetricRecord({**dict(metrics.items()), "padding": [0.0] * size})
     reply.content = content
     return reply
