@@ -164,6 +164,12 @@ def measure_work(
 
 @lru_cache(maxsize=16)
 def _work_cached(model_json: str, data_json: str, batch_size: int) -> WorkEstimate:
+    model, input_shape = _model_from_json(model_json, data_json)
+    return measure_work(model, input_shape, batch_size)
+
+
+def _model_from_json(model_json: str, data_json: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The scenario's model (fresh init) and its input shape, from the configs' JSON (cache keys)."""
     from clients.data import dataset_info
     from clients.models import build_model
     from scenarios.config import DataConfig, ModelConfig
@@ -172,25 +178,19 @@ def _work_cached(model_json: str, data_json: str, batch_size: int) -> WorkEstima
     model = build_model(
         ModelConfig.model_validate(json.loads(model_json)), info.input_shape, info.num_classes
     )
-    return measure_work(model, info.input_shape, batch_size)
+    return model, info.input_shape
 
 
 @lru_cache(maxsize=16)
 def _edge_memory_cached(
     trainer: str, model_json: str, data_json: str, batch_size: int, lora_rank: int, seed: int
 ):
-    from clients.data import dataset_info
-    from clients.models import build_model
     from edge.memory import measure_training_memory
-    from scenarios.config import DataConfig, ModelConfig
 
-    info = dataset_info(DataConfig.model_validate(json.loads(data_json)))
     with torch.random.fork_rng(devices=[]):  # the probe must not move the client's RNG
         torch.manual_seed(seed)
-        model = build_model(
-            ModelConfig.model_validate(json.loads(model_json)), info.input_shape, info.num_classes
-        )
-        x = torch.zeros((batch_size, *info.input_shape))
+        model, input_shape = _model_from_json(model_json, data_json)
+        x = torch.zeros((batch_size, *input_shape))
         y = torch.zeros(batch_size, dtype=torch.long)
         return measure_training_memory(trainer, model, x, y, seed=seed, lora_rank=lora_rank)
 

@@ -166,23 +166,18 @@ def test_edge_trainer_memory_is_measured_and_can_fit_where_backprop_does_not(
             t: clock.training_memory_need(scenario, t, work)[0] for t in ("fedavg", "lora", "tpsgd")
         }
 
-    _, need = needs()
+    raw, need = needs()
     # LoRA freezes the 256-wide base: no base gradients or momentum buffers
     assert need["lora"] < need["fedavg"]
-    report = clock._edge_memory_cached("tpsgd", *_model_data_json(), 16, 4, 1)
+    scenario = Scenario.from_run_config({"scenario": raw})
+    model_json, data_json = scenario.model.model_dump_json(), scenario.data.model_dump_json()
+    report = clock._edge_memory_cached("tpsgd", model_json, data_json, 16, 4, 1)
     assert need["tpsgd"] == report.with_optimizer(0)  # train.momentum = 0: no SGD buffers
     between = (need["lora"] + need["fedavg"]) // 2
     raw, _ = needs(between)
     assert all("device out of memory" in r.error.reason for r in train_on_grid(raw))
     monkeypatch.setattr(clock, "_trainer_name", lambda scenario, pid: "lora")
     assert not any(r.has_error() for r in train_on_grid(raw))
-
-
-def _model_data_json() -> tuple[str, str]:
-    from scenarios.config import Scenario
-
-    scenario = Scenario.from_run_config({"scenario": scenario_json((256,))})
-    return scenario.model.model_dump_json(), scenario.data.model_dump_json()
 
 
 def test_partial_work_caps_steps_to_fit_the_deadline() -> None:
