@@ -8,7 +8,7 @@
 Every run shares the same data, model, local training and proxy carve-out (data.proxy_fraction =
 0.02 for all, so every algorithm's clients hold exactly the same rows); only ``[algorithm]`` differs.
 Writes, per alpha, ``<out>/dir<alpha>/comparison.md`` (per-run table + mean ± std over seeds) and
-``comparison.png`` (central accuracy vs round), via ``scenarios.report.compare_runs``, and prints
+``comparison.png`` (central accuracy vs round), via ``fedge.report.compare_runs``, and prints
 the mean final accuracy and FedLAW's mean gamma* per variant.
 """
 
@@ -19,9 +19,9 @@ import statistics
 import time
 from pathlib import Path
 
+from fedge.engines import run_engine
+from fedge.report import compare_runs
 from scenarios.config import validate_scenario
-from scenarios.engines import run_engine
-from scenarios.report import compare_runs
 from scenarios.results import load_run
 
 VARIANTS: dict[str, dict] = {

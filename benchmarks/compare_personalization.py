@@ -22,9 +22,9 @@ import statistics
 import time
 from pathlib import Path
 
+from fedge.engines import run_engine
+from fedge.report import compare_runs
 from scenarios.config import load_scenario
-from scenarios.engines import run_engine
-from scenarios.report import compare_runs
 
 DEFAULT_SETS = ["data.num_clients=12", "num_rounds=20", "personalization.evaluate_every=10"]
 ALGORITHMS = {

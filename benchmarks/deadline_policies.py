@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedge.engines import run_engine
 from scenarios.config import load_scenario
-from scenarios.engines import run_engine
 from scenarios.results import load_run, plot_metric
 
 HERE = Path(__file__).resolve().parents[1]

@@ -82,7 +82,7 @@ def alone(epochs: int) -> None:
 
 
 def federated(rounds: int, clients: int) -> None:
-    from scenarios.engines import run_engine
+    from fedge.engines import run_engine
     from scenarios.results import load_run
 
     runs = {label: ({"*": trainer}, model) for label, (trainer, model) in TRAINERS.items()}

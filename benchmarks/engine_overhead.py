@@ -20,8 +20,8 @@ from torch.nn import functional as F
 from clients.data import dataset_info, load_central_test, load_client_data
 from clients.models import build_model
 from clients.seeding import seed_everything
+from fedge.engines import run_engine
 from scenarios.config import load_scenario
-from scenarios.engines import run_engine
 
 
 def bare_fedavg(scenario) -> float:

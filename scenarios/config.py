@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from algorithms import ALGORITHM_CONFIGS, AlgorithmConfig
-from clients.devices import DevicesConfig
+from scenarios.devices import DevicesConfig
 
 RUN_CONFIG_KEY = "scenario"
 

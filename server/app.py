@@ -18,7 +18,6 @@ from clients.models import build_model
 from clients.seeding import seed_everything
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
-from scenarios.personalization import evaluate_config_fn, finalize_personalization
 from scenarios.results import RunWriter
 from server.checkpoint import (
     capture_run_state,
@@ -28,6 +27,7 @@ from server.checkpoint import (
     truncate_logs,
 )
 from server.loop import run_rounds
+from server.personalization import evaluate_config_fn, finalize_personalization
 from server.plugins import build_plugins
 from server.strategies import ServerSetup, build_strategy
 

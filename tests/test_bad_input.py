@@ -8,7 +8,7 @@ import pytest
 import tomli_w
 from typer.testing import CliRunner
 
-from scenarios.cli import app
+from fedge.cli import app
 
 runner = CliRunner()
 

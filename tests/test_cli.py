@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from scenarios.cli import app
+from fedge.cli import app
 from scenarios.results import load_run
 
 runner = CliRunner()

@@ -27,9 +27,9 @@ from clients.clock import (
     training_memory_bytes,
     virtual_clock_mod,
 )
-from clients.devices import DeviceProfile, load_catalog
+from fedge.engines import InProcessGrid
 from scenarios.config import validate_scenario
-from scenarios.engines import InProcessGrid
+from scenarios.devices import DeviceProfile, load_catalog
 
 BOARD = DeviceProfile(
     peak_flops=2e9,

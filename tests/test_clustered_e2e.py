@@ -12,8 +12,8 @@ from flwr.app import ArrayRecord
 
 from clients.data import dataset_info
 from clients.models import build_model
+from fedge.engines import run_engine
 from scenarios.config import ScenarioError, validate_scenario
-from scenarios.engines import run_engine
 from scenarios.results import load_run
 from server.cluster_base import CLUSTERS_FILE
 from server.clustered import ClusteredPersonalization

@@ -9,8 +9,8 @@ import pytest
 from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedge.engines import run_engine
 from scenarios.config import load_scenario, validate_scenario
-from scenarios.engines import run_engine
 from scenarios.results import load_run
 from server.deadline import DeviceClockPlugin, apply_deadline_policy, failure_kind
 

@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scenarios.deploy import (
+from fedge.deploy import (
     make_certs,
     make_keys,
     node_config,
@@ -20,7 +20,7 @@ from scenarios.deploy import (
     supernode_args,
     write_connection,
 )
-from scenarios.engines import (
+from fedge.engines import (
     FLWR_IN_MEMORY_DB_NAME,
     _exe,
     _submit,

@@ -7,15 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.devices import (
-    DevicesConfig,
-    assign_classes,
-    client_profile,
-    is_available,
-    load_catalog,
-    schedule,
-)
+from clients.devices import assign_classes, client_profile, is_available, schedule
 from scenarios.config import ScenarioError, load_scenario, validate_scenario
+from scenarios.devices import DevicesConfig, load_catalog
 
 REQUIRED = {
     "h100",

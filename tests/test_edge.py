@@ -295,7 +295,7 @@ def test_onnx_parity_lora_merged_dynamo(tmp_path: Path) -> None:
 
 
 def test_ff_export_equals_pytorch_predictor_and_cli(tmp_path: Path) -> None:
-    from scenarios.cli import app
+    from fedge.cli import app
 
     sc = scenario(model={"name": "ff_mlp", "hidden": [32, 32]})
     model, _, _ = train_alone(sc, "forward_forward", 1)
@@ -316,7 +316,7 @@ def test_ff_export_equals_pytorch_predictor_and_cli(tmp_path: Path) -> None:
 
 # -- federations ----------------------------------------------------------------------------------
 def test_mixed_federation_backprop_and_tpsgd_writes_onnx(tmp_path: Path) -> None:
-    from scenarios.engines import run_engine
+    from fedge.engines import run_engine
     from scenarios.results import load_run
 
     sc = validate_scenario(
@@ -344,8 +344,8 @@ def test_mixed_federation_backprop_and_tpsgd_writes_onnx(tmp_path: Path) -> None
 def test_mcu_boards_train_with_tpsgd_but_not_with_backprop(tmp_path: Path) -> None:
     """scenarios/edge_mcu.toml: on 1 MiB boards backprop's measured need (1.3 MiB) fails the device
     memory check; tpSGD's (950 KiB) fits, so every client trains."""
+    from fedge.engines import run_engine
     from scenarios.config import load_scenario
-    from scenarios.engines import run_engine
     from scenarios.results import load_run
 
     sets = ["num_rounds=1", "edge.export_onnx=false"]

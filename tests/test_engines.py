@@ -8,8 +8,8 @@ import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedge.engines import InProcessGrid, run_engine
 from scenarios.config import Scenario, validate_scenario
-from scenarios.engines import InProcessGrid, run_engine
 from scenarios.results import load_run
 
 TIMING_KEYS = {"wall_time_s", "cumulative_wall_time_s"}

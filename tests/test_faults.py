@@ -23,8 +23,8 @@ from algorithms import ALGORITHM_CONFIGS
 from clients.app import app as fedge_client_app
 from clients.data import DataError, load_client_data
 from clients.models import build_model
+from fedge.engines import SERVER_NODE_ID, InProcessGrid
 from scenarios.config import ScenarioError, validate_scenario
-from scenarios.engines import SERVER_NODE_ID, InProcessGrid
 from scenarios.results import load_run
 from server.app import run_server
 

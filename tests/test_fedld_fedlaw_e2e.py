@@ -11,8 +11,8 @@ import pytest
 
 from clients.data import dataset_info
 from clients.models import build_model
+from fedge.engines import run_engine
 from scenarios.config import Scenario, ScenarioError, validate_scenario
-from scenarios.engines import run_engine
 from scenarios.results import load_run
 from server.fedlaw import WEIGHTS_FILE, FedLAW, FedLAWProxyError
 from server.fedld import FedLD

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from scenarios.report import compare_runs, expand_run_dirs, strip_seed_suffix
+from fedge.report import compare_runs, expand_run_dirs, strip_seed_suffix
 from scenarios.results import RunData, RunWriter, load_run, plot_metric
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

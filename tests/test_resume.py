@@ -13,8 +13,8 @@ import pytest
 import tomli_w
 import torch
 
+from fedge.engines import run_engine
 from scenarios.config import load_scenario
-from scenarios.engines import run_engine
 from scenarios.results import load_run
 from server.checkpoint import load_checkpoint
 
@@ -44,7 +44,7 @@ def write_scenario(path: Path, output_dir: Path) -> Path:
 
 
 def fedge(*args: str) -> list[str]:
-    return [sys.executable, "-m", "scenarios.cli", *args]
+    return [sys.executable, "-m", "fedge.cli", *args]
 
 
 def env() -> dict[str, str]:
@@ -128,7 +128,7 @@ def test_inprocess_node_states_round_trip() -> None:
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
     from flwr.clientapp import ClientApp
 
-    from scenarios.engines import InProcessGrid
+    from fedge.engines import InProcessGrid
 
     grid = InProcessGrid(ClientApp(), num_nodes=3, run_config={})
     first = next(iter(grid.contexts))

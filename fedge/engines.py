@@ -38,8 +38,8 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedge.deploy import superlink_args, supernode_args, write_connection
 from scenarios.config import Scenario
-from scenarios.deploy import superlink_args, supernode_args, write_connection
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml's [tool.flwr.app]
 SERVER_NODE_ID = 1

@@ -43,7 +43,7 @@ def _run_one(
     resume: bool = False,
 ) -> Path:
     from clients.data import DataError
-    from scenarios.engines import EngineError, run_engine
+    from fedge.engines import EngineError, run_engine
     from server.app import default_run_dir
 
     try:
@@ -138,7 +138,7 @@ def sweep(
     ] = None,
 ) -> None:
     """Run the scenario over a grid of overrides × seeds, then write a comparison report."""
-    from scenarios.report import compare_runs
+    from fedge.report import compare_runs
 
     try:
         base = load_scenario(scenario, set_ or [])
@@ -186,7 +186,7 @@ def report(
     metric: str = "central_accuracy",
 ) -> None:
     """Compare runs: one plot and a markdown table (mean ± std over seeds)."""
-    from scenarios.report import compare_runs, expand_run_dirs
+    from fedge.report import compare_runs, expand_run_dirs
 
     try:
         runs = expand_run_dirs(run_dirs)
@@ -244,7 +244,7 @@ def deploy_certs(
     days: int = 365,
 ) -> None:
     """Make a test CA and a SuperLink server certificate (SANs: 127.0.0.1, localhost, --host)."""
-    from scenarios.deploy import make_certs
+    from fedge.deploy import make_certs
 
     paths = make_certs(out, host or [], days)
     console.print(
@@ -259,7 +259,7 @@ def deploy_keys(
     count: Annotated[int, typer.Option(min=1, help="how many SuperNodes")] = 1,
 ) -> None:
     """Make EC P-384 key pairs (OpenSSH format) for SuperNode authentication."""
-    from scenarios.deploy import make_keys
+    from fedge.deploy import make_keys
 
     for private, public in make_keys(out, count):
         console.print(
@@ -280,8 +280,8 @@ def deploy_superlink(
     database: Annotated[str, typer.Option(help="SuperLink state (sqlite file)")] = "state.db",
 ) -> None:
     """Start the SuperLink in the foreground (server machine)."""
-    from scenarios.deploy import run_foreground, superlink_args
-    from scenarios.engines import _exe
+    from fedge.deploy import run_foreground, superlink_args
+    from fedge.engines import _exe
 
     if certs is not None and not (certs / "server.pem").is_file():
         _fail(f"{certs}/server.pem not found; make it with `fedge deploy certs --out {certs}`")
@@ -303,8 +303,8 @@ def deploy_supernode(
     port: Annotated[int, typer.Option(help="local ClientApp API port (distinct per node)")] = 9094,
 ) -> None:
     """Start one SuperNode in the foreground (edge machine)."""
-    from scenarios.deploy import run_foreground, supernode_args
-    from scenarios.engines import _exe
+    from fedge.deploy import run_foreground, supernode_args
+    from fedge.engines import _exe
 
     for path in (root_cert, key):
         if path is not None and not path.is_file():
@@ -331,7 +331,7 @@ def deploy_connect(
     root_cert: Annotated[Path | None, typer.Option(help="ca.crt (omit: insecure HTTP)")] = None,
 ) -> None:
     """Save the SuperLink as the `fedge` connection in $FLWR_HOME/config.toml (user machine)."""
-    from scenarios.deploy import flwr_home, write_connection
+    from fedge.deploy import flwr_home, write_connection
 
     if root_cert is not None and not root_cert.is_file():
         _fail(f"{root_cert} not found")
@@ -345,8 +345,8 @@ def deploy_register(
     name: Annotated[str | None, typer.Option(help="a name for the SuperNode")] = None,
 ) -> None:
     """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
-    from scenarios.deploy import register_args, run_foreground
-    from scenarios.engines import _exe
+    from fedge.deploy import register_args, run_foreground
+    from fedge.engines import _exe
 
     if not public_key.is_file():
         _fail(f"{public_key} not found")
@@ -368,8 +368,8 @@ def deploy_submit(
     import tomli_w
 
     from clients.data import DataError
-    from scenarios.deploy import run_foreground, submit_args
-    from scenarios.engines import APP_DIR, _exe
+    from fedge.deploy import run_foreground, submit_args
+    from fedge.engines import APP_DIR, _exe
 
     try:
         sc = load_scenario(scenario, set_ or [])
