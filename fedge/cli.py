@@ -65,9 +65,9 @@ def _run_one(
 def _preflight(scenario) -> None:
     """Everything that can fail on bad input, before any run folder or process exists: data,
     model, device, and the algorithm's server strategy (which may need e.g. a proxy set)."""
-    from clients.app import resolve_device
     from clients.data import dataset_info, load_client_data
     from clients.models import build_model
+    from clients.node import resolve_device
     from server.strategies import ServerSetup, build_strategy
 
     info = dataset_info(scenario.data)

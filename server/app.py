@@ -12,9 +12,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clients.app import resolve_device
 from clients.data import dataset_info, load_central_test
 from clients.models import build_model
+from clients.node import resolve_device
 from clients.seeding import seed_everything
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
@@ -26,10 +26,12 @@ from server.checkpoint import (
     save_checkpoint,
     truncate_logs,
 )
+from server.deadline import DeviceClockPlugin, finalize_virtual_clock
 from server.loop import run_rounds
 from server.personalization import evaluate_config_fn, finalize_personalization
-from server.plugins import build_plugins
+from server.plugins import RoundPlugin
 from server.strategies import ServerSetup, build_strategy
+from server.validation import ReplyValidator
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
@@ -53,6 +55,16 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = str(context.run_config.get(RUN_DIR_KEY, "")) or str(default_run_dir(scenario))
     resume = bool(context.run_config.get(RESUME_KEY, False))
     run_server(grid, scenario, Path(run_dir), resume=resume)
+
+
+def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
+    """The round plugins a scenario asks for, in the order they filter replies."""
+    plugins: list[RoundPlugin] = []
+    if setup.scenario.devices is not None:
+        plugins.append(DeviceClockPlugin(setup.scenario))
+    if setup.scenario.robustness.validate_replies:
+        plugins.append(ReplyValidator.from_setup(setup))
+    return plugins
 
 
 def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Path) -> None:
@@ -124,8 +136,6 @@ def run_server(
     export_edge_models(scenario, info, final, run_dir)
     summary = finalize_personalization(run_dir, writer.finalize())
     if scenario.devices is not None:
-        from server.deadline import finalize_virtual_clock
-
         summary = finalize_virtual_clock(writer, summary)
     print(f"fedge: results in {run_dir}", flush=True)
     return summary
