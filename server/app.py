@@ -12,10 +12,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clients.data import dataset_info, load_central_test
+from clients.data import load_central_test
 from clients.models import build_model
-from clients.node import resolve_device
-from clients.seeding import seed_everything
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
 from scenarios.results import RunWriter
@@ -26,12 +24,10 @@ from server.checkpoint import (
     save_checkpoint,
     truncate_logs,
 )
-from server.deadline import DeviceClockPlugin, finalize_virtual_clock
+from server.deadline import finalize_virtual_clock
 from server.loop import run_rounds
 from server.personalization import evaluate_config_fn, finalize_personalization
-from server.plugins import RoundPlugin
-from server.strategies import ServerSetup, build_strategy
-from server.validation import ReplyValidator
+from server.setup import build_run
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
@@ -57,16 +53,6 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, scenario, Path(run_dir), resume=resume)
 
 
-def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
-    """The round plugins a scenario asks for, in the order they filter replies."""
-    plugins: list[RoundPlugin] = []
-    if setup.scenario.devices is not None:
-        plugins.append(DeviceClockPlugin(setup.scenario))
-    if setup.scenario.robustness.validate_replies:
-        plugins.append(ReplyValidator.from_setup(setup))
-    return plugins
-
-
 def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Path) -> None:
     """Runs with edge clients (``[edge] trainers`` or a LoRA / FF run) also write
     ``model.onnx`` and ``model.int8.onnx``: the artifact an on-device app loads."""
@@ -88,12 +74,9 @@ def run_server(
 ) -> dict:
     """Train ``scenario`` over ``grid``; write everything to ``run_dir``; return the run summary.
     ``resume=True`` continues from ``run_dir``'s last checkpoint (see :mod:`server.checkpoint`)."""
-    seed_everything(scenario.seed)
-    device = resolve_device(scenario.engine.device)
-    info = dataset_info(scenario.data)
-    model = build_model(scenario.model, info.input_shape, info.num_classes)
-    setup = ServerSetup(scenario, info, model, device, run_dir)
-    strategy = build_strategy(setup)
+    run = build_run(scenario, run_dir)
+    setup, strategy, plugins = run.setup, run.strategy, run.plugins
+    device, info, model = setup.device, setup.info, setup.model
     # taken after the strategy exists: a strategy may initialise the model (LoRA's pre-trained base)
     initial = ArrayRecord(model.state_dict())
     x_test, y_test = load_central_test(scenario.data, scenario.seed)
@@ -104,7 +87,6 @@ def run_server(
         loss, acc = evaluate(eval_model, x_test, y_test, device)
         return MetricRecord({"central_loss": loss, "central_accuracy": acc})
 
-    plugins = build_plugins(setup)
     start_round = 1
     if resume:
         state = load_checkpoint(run_dir)
