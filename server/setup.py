@@ -47,7 +47,9 @@ def check_clients(scenario: Scenario) -> None:
     (partitioning is cached per process, so the in-process clients reuse it) or a client's
     trainer is unknown."""
     load_client_data(scenario.data, scenario.seed, 0)
-    for name in sorted({trainer_name_for(scenario, pid) for pid in range(scenario.data.num_clients)}):
+    for name in sorted(
+        {trainer_name_for(scenario, pid) for pid in range(scenario.data.num_clients)}
+    ):
         get_trainer(name)
 
 
