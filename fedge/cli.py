@@ -52,7 +52,14 @@ def _run_one(
         # Fail on bad data / model choices before any engine starts.
         _preflight(scenario)
         summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
-    except (ScenarioError, DataError, EngineError, ValueError, FileNotFoundError) as err:
+    except (
+        ScenarioError,
+        DataError,
+        EngineError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:
         _fail(str(err))
     if not quiet:
         console.print(

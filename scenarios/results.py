@@ -113,7 +113,7 @@ class RunWriter:
         if not resume and metrics.exists() and metrics.stat().st_size > 0:
             raise FileExistsError(
                 f"{metrics} already holds a run; refusing to mix two runs in one folder "
-                "(pick a new run dir)"
+                "(pick a new --run-dir, or continue the run with `fedge run --resume DIR`)"
             )
         # An (empty) metrics.jsonl marks the folder as a run from the start, so a run that dies
         # before round 0 is still found by `fedge report` and read by load_run (with no rounds).
