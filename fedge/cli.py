@@ -181,7 +181,9 @@ def _label(override: str) -> str:
     """``algorithm.name=fedprox`` -> ``fedprox``; ``data.alpha=0.1`` -> ``alpha-0.1``."""
     key, value = override.split("=", 1)
     last = key.split(".")[-1]
-    return value if last == "name" else f"{last}-{value}"
+    label = value if last == "name" else f"{last}-{value}"
+    # the label names a folder (and the run): path parts in a value must not become folders
+    return label.replace("/", "_").replace("\\", "_").strip(".") or "run"
 
 
 @app.command()

@@ -232,6 +232,19 @@ class Scenario(_Strict):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # The name becomes a folder under output_dir: a path part would write outside it.
+        bad = [c for c in ("/", "\\", "\x00") if c in value]
+        if bad or value.strip(".").strip() == "":
+            raise ValueError(
+                f"run name {value!r} must be one plain folder name (no '/', '\\', NUL, and not "
+                "'', '.' or '..'), because runs are written to <output_dir>/<name>-...; "
+                "to write elsewhere set output_dir (or pass --run-dir)"
+            )
+        return value
+
     @field_validator("algorithm", mode="before")
     @classmethod
     def _resolve_algorithm(cls, value: Any) -> AlgorithmConfig:
