@@ -251,11 +251,17 @@ def deploy_certs(
         typer.Option(help="SuperLink IP or DNS name the SuperNodes dial (repeatable)"),
     ] = None,
     days: int = 365,
+    force: Annotated[
+        bool, typer.Option(help="replace an existing CA (every node must get the new ca.crt)")
+    ] = False,
 ) -> None:
     """Make a test CA and a SuperLink server certificate (SANs: 127.0.0.1, localhost, --host)."""
     from fedge.deploy import make_certs
 
-    paths = make_certs(out, host or [], days)
+    try:
+        paths = make_certs(out, host or [], days, force=force)
+    except FileExistsError as err:
+        _fail(str(err))
     console.print(
         f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}\n"
         f"SuperLink needs ca.crt, server.pem, server.key; every SuperNode and user needs ca.crt only."
@@ -266,11 +272,18 @@ def deploy_certs(
 def deploy_keys(
     out: Annotated[Path, typer.Option(help="folder for sn<i> / sn<i>.pub")] = Path("keys"),
     count: Annotated[int, typer.Option(min=1, help="how many SuperNodes")] = 1,
+    force: Annotated[
+        bool, typer.Option(help="replace existing keys (those nodes must be registered again)")
+    ] = False,
 ) -> None:
     """Make EC P-384 key pairs (OpenSSH format) for SuperNode authentication."""
     from fedge.deploy import make_keys
 
-    for private, public in make_keys(out, count):
+    try:
+        pairs = make_keys(out, count, force=force)
+    except FileExistsError as err:
+        _fail(str(err))
+    for private, public in pairs:
         console.print(
             f"[green]wrote[/] {private} (copy to its SuperNode) and {public} (register it)"
         )

@@ -141,3 +141,45 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
     # The unregistered SuperNode was refused and never received a message.
     assert "Exit Code: 305" in intruder_log and "Receiving:" not in intruder_log
     assert "No SuperNode found with the given public key" in superlink_log
+
+
+@pytest.mark.parametrize("kind", ["certs", "keys"])
+def test_certs_and_keys_are_not_replaced_without_force(tmp_path: Path, kind: str) -> None:
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    runner = CliRunner()
+    first = runner.invoke(app, ["deploy", kind, "--out", str(tmp_path)])
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    again = runner.invoke(app, ["deploy", kind, "--out", str(tmp_path)])
+    assert again.exit_code == 2
+    said = " ".join(again.output.split())  # rich wraps long lines
+    assert "--force" in said and "already exist" in said
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # untouched
+    forced = runner.invoke(app, ["deploy", kind, "--out", str(tmp_path), "--force"])
+    assert forced.exit_code == 0, forced.output
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+
+
+def test_private_keys_are_created_0600_not_chmod_ed_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With chmod disabled, a key written with the usual umask then chmod-ed would stay 0644:
+    the mode must come from the creating open() call itself."""
+    import os
+
+    monkeypatch.setattr(Path, "chmod", lambda *a, **k: None)
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
+    old = os.umask(0o022)
+    try:
+        certs = make_certs(tmp_path / "certs")
+        (private, public), *_ = make_keys(tmp_path / "keys", 1)
+        make_keys(tmp_path / "keys", 1, force=True)  # a replaced key is created 0600 too
+    finally:
+        os.umask(old)
+    for path in (certs["ca.key"], certs["server.key"], private):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert public.stat().st_mode & 0o777 == 0o644  # public halves stay readable
