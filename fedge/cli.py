@@ -300,15 +300,31 @@ def deploy_superlink(
         int, typer.Option(help="the one port to open: Fleet+Control+Runtime API")
     ] = 8000,
     database: Annotated[str, typer.Option(help="SuperLink state (sqlite file)")] = "state.db",
+    expose_control_api: Annotated[
+        bool,
+        typer.Option(
+            help="let any machine that reaches the port use the Control API (register keys, "
+            "submit runs); default: only this machine (loopback) may"
+        ),
+    ] = False,
 ) -> None:
-    """Start the SuperLink in the foreground (server machine)."""
+    """Start the SuperLink in the foreground (server machine). SuperNodes reach its Fleet API
+    from anywhere; key registration and run submission only from this machine unless
+    --expose-control-api."""
     from fedge.deploy import run_foreground, superlink_args
     from fedge.engines import _exe
 
     if certs is not None and not (certs / "server.pem").is_file():
         _fail(f"{certs}/server.pem not found; make it with `fedge deploy certs --out {certs}`")
+    if expose_control_api:
+        console.print(
+            "[yellow]warning:[/] --expose-control-api: anyone who reaches this port can register "
+            "SuperNode keys and submit runs (Flower's Control API has no credentials here)"
+        )
     try:
-        args = superlink_args(_exe("flower-superlink"), certs, auth, host, port, database)
+        args = superlink_args(
+            _exe("flower-superlink"), certs, auth, host, port, database, expose_control_api
+        )
     except ValueError as err:
         _fail(str(err))
     raise typer.Exit(run_foreground(args))

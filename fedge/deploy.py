@@ -5,8 +5,8 @@
     fedge deploy certs --out certs --host 10.0.0.5         # test CA + server cert (SANs: 127.0.0.1, localhost, hosts)
     fedge deploy keys --out keys --count 3                 # EC P-384 keys (OpenSSH) for SuperNode auth
     fedge deploy superlink --certs certs --auth            # server machine: flower-superlink with TLS (+ auth)
-    fedge deploy connect 10.0.0.5:8000 --root-cert certs/ca.crt   # user machine: a `fedge` connection
-    fedge deploy register keys/sn0.pub                     # user machine: flwr supernode register
+    fedge deploy connect 127.0.0.1:8000 --root-cert certs/ca.crt  # operator, on the SuperLink machine
+    fedge deploy register keys/sn0.pub                     # operator: flwr supernode register
     fedge deploy supernode --superlink 10.0.0.5:8000 --root-cert certs/ca.crt --key keys/sn0 \\
         --partition-id 0 --num-partitions 3 --device-profile jetson   # each edge machine
     fedge deploy submit scenarios/quickstart.toml          # user machine: flwr run with the scenario
@@ -166,12 +166,19 @@ def superlink_args(
     host: str = "0.0.0.0",
     port: int = DEFAULT_PORT,
     database: str = "state.db",
+    expose_control_api: bool = False,
 ) -> list[str]:
     """``flower-superlink`` with TLS from ``certs`` (``--insecure`` when None) and, with ``auth``,
-    SuperNode authentication (Flower refuses auth without TLS)."""
+    SuperNode authentication (Flower refuses auth without TLS).
+
+    By default it runs under :mod:`fedge.superlink_guard`: the Control API (key registration,
+    run submission) and the Runtime API answer loopback clients only, so holding ``ca.crt`` and
+    reaching the port is not enough to register a node. ``expose_control_api=True`` runs the
+    plain ``exe`` with every API open to whoever reaches ``host:port``."""
     if auth and certs is None:
         raise ValueError("SuperNode authentication needs TLS: pass the certificates folder")
-    args = [exe, "--host", host, "--port", str(port), "--database", database]
+    launcher = [exe] if expose_control_api else [sys.executable, "-m", "fedge.superlink_guard"]
+    args = [*launcher, "--host", host, "--port", str(port), "--database", database]
     args += ["--disable-runtime-dependency-installation"]  # SuperNodes/SuperLink are pre-installed
     if certs is None:
         args.append("--insecure")
