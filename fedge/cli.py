@@ -41,6 +41,7 @@ def _run_one(
     run_dir: Path | None = None,
     quiet: bool = False,
     resume: bool = False,
+    fail_on_failed_run: bool = True,
 ) -> Path:
     from clients.data import DataError
     from fedge.engines import EngineError, run_engine
@@ -61,6 +62,12 @@ def _run_one(
         FileExistsError,
     ) as err:
         _fail(str(err))
+    if summary.get("status") == "failed":
+        # a run that (mostly) aggregated nothing is not "done": say why, exit non-zero
+        console.print(f"[bold red]run failed:[/] {summary.get('failure')} — results: {run_dir}")
+        if fail_on_failed_run:
+            raise typer.Exit(1)
+        return run_dir
     if not quiet:
         console.print(
             f"[green]done[/] final accuracy {100 * summary.get('final_accuracy', float('nan')):.2f}% "
@@ -170,6 +177,7 @@ def sweep(
                 [*(set_ or []), *combo, f"seed={seed}", f"name={label}"],
                 out / f"{label}-s{seed}",
                 quiet=False,
+                fail_on_failed_run=False,  # one failed run is a result of the sweep, not its end
             )
         )
     png, md = compare_runs(run_dirs, out)

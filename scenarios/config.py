@@ -207,6 +207,13 @@ class RobustnessConfig(_Strict):
     checkpoint: bool = Field(
         True, description="write checkpoint.pt after every round (enables `fedge run --resume`)"
     )
+    max_skipped_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="the run fails (exit 1, status 'failed' in summary.json) when more than this "
+        "share of its rounds aggregated nothing; a run that aggregated no round always fails",
+    )
 
 
 class Scenario(_Strict):

@@ -158,12 +158,13 @@ class RunWriter:
         """Write ``obj`` as an indented JSON file in the run dir, atomically; return its path."""
         return atomic_write(self.run_dir / name, _dumps(obj, indent=2) + "\n")
 
-    def finalize(self) -> dict:
-        """Write ``metrics.csv``, ``accuracy.png`` and ``summary.json``; return the summary."""
+    def finalize(self, extra: dict | None = None) -> dict:
+        """Write ``metrics.csv``, ``accuracy.png`` and ``summary.json`` (plus ``extra`` keys, e.g.
+        the run's status); return the summary."""
         rounds = sorted(read_jsonl(self.run_dir / METRICS_FILE), key=lambda r: r["round"])
         write_csv(rounds, self.run_dir / CSV_FILE)
         plot_run_overview(rounds, self.run_dir / PLOT_FILE, title=self.run_dir.name)
-        summary = summarize(rounds)
+        summary = {**summarize(rounds), **(extra or {})}
         self.write_json(SUMMARY_FILE, summary)
         return summary
 

@@ -18,7 +18,7 @@ from clients.models import build_model
 from clients.seeding import seed_everything
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
-from scenarios.results import RunWriter
+from scenarios.results import METRICS_FILE, RunWriter, read_jsonl
 from server.checkpoint import (
     CHECKPOINT_FILE,
     capture_run_state,
@@ -30,6 +30,7 @@ from server.checkpoint import (
     wall_time_until,
 )
 from server.loop import run_rounds
+from server.outcome import STATUS_FAILED, judge_run
 from server.personalization import evaluate_config_fn, finalize_personalization
 from server.plugins import build_plugins
 from server.strategies import ServerSetup, build_strategy
@@ -131,10 +132,14 @@ def run_server(
     )
     writer.save_model(final.to_torch_state_dict())
     export_edge_models(scenario, info, final, run_dir)
-    summary = finalize_personalization(run_dir, writer.finalize())
+    # judged before summary.json first appears: engines take its appearance as the run's end
+    outcome = judge_run(read_jsonl(run_dir / METRICS_FILE), scenario.robustness.max_skipped_share)
+    summary = finalize_personalization(run_dir, writer.finalize(extra=outcome))
     if scenario.devices is not None:
         from server.deadline import finalize_virtual_clock
 
         summary = finalize_virtual_clock(writer, summary)
+    if summary["status"] == STATUS_FAILED:
+        print(f"fedge: run FAILED: {summary['failure']}", flush=True)
     print(f"fedge: results in {run_dir}", flush=True)
     return summary

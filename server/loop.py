@@ -164,7 +164,8 @@ def run_rounds(
             new_arrays, train_metrics = (
                 strategy.aggregate_train(server_round, replies) if replies else (None, None)
             )
-            if new_arrays is not None and arrays_finite(new_arrays):
+            record["aggregated"] = int(new_arrays is not None and arrays_finite(new_arrays))
+            if record["aggregated"]:
                 arrays = new_arrays
             elif new_arrays is not None:
                 log(WARNING, "round %d: aggregate is not finite; keeping the model", server_round)
