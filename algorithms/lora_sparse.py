@@ -39,8 +39,10 @@ SPARSE_INDEX_SUFFIX = ".indices"
 
 
 def is_sparse_encoded(keys: Iterable[str]) -> bool:
-    """A reply in the sparse (values + indices) encoding rather than one dense tensor per key."""
-    return any(key.endswith(SPARSE_INDEX_SUFFIX) for key in keys)
+    """A reply in the packed sparse encoding: exactly ``adapters.values`` + ``adapters.indices``
+    (:func:`pack_sparse`). Any other key set is dense, so one stray ``*.indices`` key cannot make
+    a dense reply skip the checks and decoding a dense reply gets."""
+    return set(keys) == {PACKED_VALUES, PACKED_INDICES}
 
 
 def topk_sparsify(update: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:

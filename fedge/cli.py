@@ -41,6 +41,7 @@ def _run_one(
     run_dir: Path | None = None,
     quiet: bool = False,
     resume: bool = False,
+    fail_on_failed_run: bool = True,
 ) -> Path:
     from clients.data import DataError
     from fedge.engines import EngineError, run_engine
@@ -52,8 +53,21 @@ def _run_one(
         if scenario.engine.name != "inprocess":  # fail before Flower processes start
             _preflight(scenario)
         summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
-    except (ScenarioError, DataError, EngineError, ValueError, FileNotFoundError) as err:
+    except (
+        ScenarioError,
+        DataError,
+        EngineError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:
         _fail(str(err))
+    if summary.get("status") == "failed":
+        # a run that (mostly) aggregated nothing is not "done": say why, exit non-zero
+        console.print(f"[bold red]run failed:[/] {summary.get('failure')} — results: {run_dir}")
+        if fail_on_failed_run:
+            raise typer.Exit(1)
+        return run_dir
     if not quiet:
         console.print(
             f"[green]done[/] final accuracy {100 * summary.get('final_accuracy', float('nan')):.2f}% "
@@ -153,6 +167,7 @@ def sweep(
                 [*(set_ or []), *combo, f"seed={seed}", f"name={label}"],
                 out / f"{label}-s{seed}",
                 quiet=False,
+                fail_on_failed_run=False,  # one failed run is a result of the sweep, not its end
             )
         )
     png, md = compare_runs(run_dirs, out)
@@ -164,7 +179,9 @@ def _label(override: str) -> str:
     """``algorithm.name=fedprox`` -> ``fedprox``; ``data.alpha=0.1`` -> ``alpha-0.1``."""
     key, value = override.split("=", 1)
     last = key.split(".")[-1]
-    return value if last == "name" else f"{last}-{value}"
+    label = value if last == "name" else f"{last}-{value}"
+    # the label names a folder (and the run): path parts in a value must not become folders
+    return label.replace("/", "_").replace("\\", "_").strip(".") or "run"
 
 
 @app.command()
@@ -232,11 +249,17 @@ def deploy_certs(
         typer.Option(help="SuperLink IP or DNS name the SuperNodes dial (repeatable)"),
     ] = None,
     days: int = 365,
+    force: Annotated[
+        bool, typer.Option(help="replace an existing CA (every node must get the new ca.crt)")
+    ] = False,
 ) -> None:
     """Make a test CA and a SuperLink server certificate (SANs: 127.0.0.1, localhost, --host)."""
     from fedge.deploy import make_certs
 
-    paths = make_certs(out, host or [], days)
+    try:
+        paths = make_certs(out, host or [], days, force=force)
+    except FileExistsError as err:
+        _fail(str(err))
     console.print(
         f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}\n"
         f"SuperLink needs ca.crt, server.pem, server.key; every SuperNode and user needs ca.crt only."
@@ -247,11 +270,18 @@ def deploy_certs(
 def deploy_keys(
     out: Annotated[Path, typer.Option(help="folder for sn<i> / sn<i>.pub")] = Path("keys"),
     count: Annotated[int, typer.Option(min=1, help="how many SuperNodes")] = 1,
+    force: Annotated[
+        bool, typer.Option(help="replace existing keys (those nodes must be registered again)")
+    ] = False,
 ) -> None:
     """Make EC P-384 key pairs (OpenSSH format) for SuperNode authentication."""
     from fedge.deploy import make_keys
 
-    for private, public in make_keys(out, count):
+    try:
+        pairs = make_keys(out, count, force=force)
+    except FileExistsError as err:
+        _fail(str(err))
+    for private, public in pairs:
         console.print(
             f"[green]wrote[/] {private} (copy to its SuperNode) and {public} (register it)"
         )
@@ -268,15 +298,31 @@ def deploy_superlink(
         int, typer.Option(help="the one port to open: Fleet+Control+Runtime API")
     ] = 8000,
     database: Annotated[str, typer.Option(help="SuperLink state (sqlite file)")] = "state.db",
+    expose_control_api: Annotated[
+        bool,
+        typer.Option(
+            help="let any machine that reaches the port use the Control API (register keys, "
+            "submit runs); default: only this machine (loopback) may"
+        ),
+    ] = False,
 ) -> None:
-    """Start the SuperLink in the foreground (server machine)."""
+    """Start the SuperLink in the foreground (server machine). SuperNodes reach its Fleet API
+    from anywhere; key registration and run submission only from this machine unless
+    --expose-control-api."""
     from fedge.deploy import run_foreground, superlink_args
     from fedge.engines import _exe
 
     if certs is not None and not (certs / "server.pem").is_file():
         _fail(f"{certs}/server.pem not found; make it with `fedge deploy certs --out {certs}`")
+    if expose_control_api:
+        console.print(
+            "[yellow]warning:[/] --expose-control-api: anyone who reaches this port can register "
+            "SuperNode keys and submit runs (Flower's Control API has no credentials here)"
+        )
     try:
-        args = superlink_args(_exe("flower-superlink"), certs, auth, host, port, database)
+        args = superlink_args(
+            _exe("flower-superlink"), certs, auth, host, port, database, expose_control_api
+        )
     except ValueError as err:
         _fail(str(err))
     raise typer.Exit(run_foreground(args))

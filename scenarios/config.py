@@ -207,6 +207,13 @@ class RobustnessConfig(_Strict):
     checkpoint: bool = Field(
         True, description="write checkpoint.pt after every round (enables `fedge run --resume`)"
     )
+    max_skipped_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="the run fails (exit 1, status 'failed' in summary.json) when more than this "
+        "share of its rounds aggregated nothing; a run that aggregated no round always fails",
+    )
 
 
 class Scenario(_Strict):
@@ -232,6 +239,19 @@ class Scenario(_Strict):
 
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # The name becomes a folder under output_dir: a path part would write outside it.
+        bad = [c for c in ("/", "\\", "\x00") if c in value]
+        if bad or value.strip(".").strip() == "":
+            raise ValueError(
+                f"run name {value!r} must be one plain folder name (no '/', '\\', NUL, and not "
+                "'', '.' or '..'), because runs are written to <output_dir>/<name>-...; "
+                "to write elsewhere set output_dir (or pass --run-dir)"
+            )
+        return value
 
     @field_validator("algorithm", mode="before")
     @classmethod
