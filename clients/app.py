@@ -15,10 +15,11 @@ from flwr.clientapp import ClientApp
 
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
+from clients.identity import DEVICE_PROFILE, IDENTITY_RECORD, PARTITION_ID, TRAINER
 from clients.models import build_model
 from clients.personalization import finetune_metrics
 from clients.seeding import derive_seed
-from clients.trainers import trainer_for
+from clients.trainers import trainer_for, trainer_name_for
 from clients.training import TrainJob, evaluate
 from scenarios.config import RUN_CONFIG_KEY, Scenario
 
@@ -90,7 +91,6 @@ def train(msg: Message, context: Context) -> Message:
             "train_loss": result.train_loss,
             "num-examples": result.num_examples,
             "num-steps": result.num_steps,
-            "partition-id": data.partition_id,
             **result.metrics,
         }
     )
@@ -99,7 +99,19 @@ def train(msg: Message, context: Context) -> Message:
         if result.reply_arrays is not None
         else ArrayRecord(model.to("cpu").state_dict())
     )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    identity = _identity(context, data.partition_id)
+    identity[TRAINER] = trainer_name_for(scenario, data.partition_id)
+    content = RecordDict({"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity})
+    return Message(content, reply_to=msg)
+
+
+def _identity(context: Context, pid: int) -> ConfigRecord:
+    """Who this client is, kept out of the metrics that strategies average (clients/identity.py)."""
+    identity = ConfigRecord({PARTITION_ID: pid})
+    profile = context.node_config.get(DEVICE_PROFILE)  # `fedge deploy supernode --device-profile`
+    if profile:
+        identity[DEVICE_PROFILE] = str(profile)
+    return identity
 
 
 @app.evaluate()
@@ -116,8 +128,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             "local_loss": loss,
             "local_accuracy": acc,
             "num-examples": len(data.x_test),
-            "partition-id": data.partition_id,
             **tuned,
         }
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    content = RecordDict({"metrics": metrics, IDENTITY_RECORD: _identity(context, data.partition_id)})
+    return Message(content, reply_to=msg)

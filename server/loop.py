@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from clients.identity import reply_identity, reply_partition_id
 from scenarios.results import RunWriter
 from server.plugins import RoundPlugin
 
@@ -59,8 +60,8 @@ def sort_replies(replies: Iterable[Message]) -> list[Message]:
     def key(msg: Message) -> tuple[int, int]:
         if msg.has_error():
             return (1, msg.metadata.src_node_id)
-        pid = _client_metrics(msg).get("partition_id")
-        return (0, int(pid)) if pid is not None else (0, msg.metadata.src_node_id)
+        pid = reply_partition_id(msg)
+        return (0, pid) if pid is not None else (0, msg.metadata.src_node_id)
 
     return sorted(replies, key=key)
 
@@ -184,7 +185,8 @@ def run_rounds(
                 record.update(_flat(strategy.aggregate_evaluate(server_round, eval_replies)))
                 for r in eval_replies:
                     if not r.has_error():
-                        rows.setdefault(r.metadata.src_node_id, {}).update(_client_metrics(r))
+                        row = rows.setdefault(r.metadata.src_node_id, _identity_row(r))
+                        row.update(_client_metrics(r))
 
             record.update(_central(central_eval, server_round, arrays))
             record["wall_time_s"] = time.perf_counter() - t0
@@ -213,8 +215,13 @@ def _flat(metrics: MetricRecord | None) -> dict[str, float | int | None]:
     return {k.replace("-", "_"): v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def _client_row(reply: Message) -> dict[str, float]:
-    row = _client_metrics(reply)
+def _identity_row(reply: Message) -> dict[str, float | int | str | bool]:
+    """The reply's identifiers (partition id, trainer, device profile ...) for clients.jsonl."""
+    return {k.replace("-", "_"): v for k, v in reply_identity(reply).items()}
+
+
+def _client_row(reply: Message) -> dict[str, float | int | str | bool]:
+    row = {**_identity_row(reply), **_client_metrics(reply)}
     row["bytes_up"] = message_bytes(reply)
     return row
 

@@ -17,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import clients.clock as clock
 from clients.app import app as client_app
+from clients.identity import reply_partition_id
 from clients.clock import (
     WorkEstimate,
     client_time,
@@ -207,7 +208,7 @@ def test_partial_work_caps_only_the_slow_client() -> None:
     )
     # one ConfigRecord shared by both messages, as Flower's strategies send it
     replies = train_on_grid(scenario, {"deadline-s": 1.0, "partial-work": True})
-    slow_reply, fast_reply = sorted(replies, key=lambda r: r.content["metrics"]["partition-id"])
+    slow_reply, fast_reply = sorted(replies, key=reply_partition_id)
     assert slow_reply.content["metrics"]["work-fraction"] < 1.0
     fast = fast_reply.content["metrics"]
     assert fast["num-steps"] == fast["planned-steps"] and fast["work-fraction"] == 1.0
