@@ -67,8 +67,46 @@ def _load(
     info = dataset_info(scenario.data)
     device = resolve_device(scenario.engine.device)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    load_server_arrays(model, msg, context, scenario)
     return scenario, data, model.to(device), device
+
+
+def load_server_arrays(
+    model: torch.nn.Module, msg: Message, context: Context, scenario: Scenario
+) -> None:
+    """Load the model the server sent into ``model`` (built from the run's scenario).
+
+    A server that is not fedge's (e.g. a stock Flower ``FedAvg`` ServerApp) may send a model
+    other than the scenario's, typically because ``run_config["scenario"]`` is missing and this
+    client fell back to the default scenario: say so, naming the key, instead of a shape error.
+    """
+    records = msg.content.array_records
+    arrays = records.get("arrays") or next(iter(records.values()), None)
+    if arrays is None:
+        raise ValueError(
+            "the server sent no ArrayRecord (fedge's ClientApp trains a model it sends)"
+        )
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict())
+    except RuntimeError as err:
+        raw = context.run_config.get(RUN_CONFIG_KEY)
+        why = (
+            f"run_config has no {RUN_CONFIG_KEY!r} key, so this client built the default "
+            "scenario's model"
+            if raw is None
+            else f"run_config[{RUN_CONFIG_KEY!r}] is empty, so this client built the default "
+            "scenario's model"
+            if not raw
+            else f"this client built the model of run_config[{RUN_CONFIG_KEY!r}]"
+        )
+        detail = str(err).strip().splitlines()
+        raise ValueError(
+            f"the server's model does not fit this client's ({scenario.model.name} for "
+            f"{scenario.data.dataset}): {why}. fedge's ClientApp builds its model from "
+            f"run_config[{RUN_CONFIG_KEY!r}] (the scenario as JSON, Scenario.to_run_config()); "
+            f"give the run that key (flwr run --run-config \"{RUN_CONFIG_KEY}='<json>'\") and send "
+            f"a model built from the same scenario. PyTorch said: {' '.join(detail[1:3]) or detail[0]}"
+        ) from None
 
 
 @app.train()
@@ -131,5 +169,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             **tuned,
         }
     )
-    content = RecordDict({"metrics": metrics, IDENTITY_RECORD: _identity(context, data.partition_id)})
+    content = RecordDict(
+        {"metrics": metrics, IDENTITY_RECORD: _identity(context, data.partition_id)}
+    )
     return Message(content, reply_to=msg)

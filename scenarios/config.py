@@ -122,6 +122,11 @@ class FederationConfig(_Strict):
     )
     min_train_clients: int = Field(1, ge=1)
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    wait_for_nodes_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="stop with an error if fewer than data.num_clients nodes connect in this time",
+    )
 
 
 class EngineConfig(_Strict):

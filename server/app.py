@@ -26,7 +26,7 @@ from server.checkpoint import (
     save_checkpoint,
     truncate_logs,
 )
-from server.loop import run_rounds
+from server.loop import run_rounds, wait_for_nodes
 from server.personalization import evaluate_config_fn, finalize_personalization
 from server.plugins import build_plugins
 from server.strategies import ServerSetup, build_strategy
@@ -93,6 +93,7 @@ def run_server(
         return MetricRecord({"central_loss": loss, "central_accuracy": acc})
 
     plugins = build_plugins(setup)
+    wait_for_nodes(grid, scenario.data.num_clients, scenario.federation.wait_for_nodes_s)
     start_round = 1
     if resume:
         state = load_checkpoint(run_dir)

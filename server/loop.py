@@ -28,6 +28,34 @@ from server.plugins import RoundPlugin
 CentralEval = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
+class NotEnoughNodesError(RuntimeError):
+    """Fewer nodes connected than the scenario needs, within ``federation.wait_for_nodes_s``."""
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 0.5) -> int:
+    """Wait until ``needed`` nodes are connected; return how many are.
+
+    Flower's strategies sample only once ``min_available_nodes`` (= ``data.num_clients``) nodes are
+    connected and otherwise poll forever; this stops the run with a message saying what to change.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= needed:
+            return connected
+        if time.monotonic() >= deadline:
+            raise NotEnoughNodesError(
+                f"only {connected} of the {needed} nodes the scenario needs (data.num_clients="
+                f"{needed}) connected within federation.wait_for_nodes_s={timeout_s:g}s. Start "
+                f"{needed} SuperNodes (`fedge deploy supernode ... --num-partitions {needed}`); "
+                f"for `flwr run .` give the federation {needed} SuperNodes (`flwr run . "
+                f"--federation-config num-supernodes={needed}`, or num-supernodes in the "
+                "connection of $FLWR_HOME/config.toml); or lower data.num_clients"
+            )
+        log(INFO, "fedge: %d of %d nodes connected; waiting", connected, needed)
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
 def arrays_finite(arrays: ArrayRecord) -> bool:
     """True when every floating-point value in ``arrays`` is finite."""
     for arr in arrays.values():

@@ -17,7 +17,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import clients.clock as clock
 from clients.app import app as client_app
-from clients.identity import reply_partition_id
 from clients.clock import (
     WorkEstimate,
     client_time,
@@ -28,6 +27,7 @@ from clients.clock import (
     training_memory_bytes,
     virtual_clock_mod,
 )
+from clients.identity import reply_partition_id
 from fedge.engines import InProcessGrid
 from scenarios.config import validate_scenario
 from scenarios.devices import DeviceProfile, load_catalog
