@@ -10,7 +10,9 @@ ALGORITHM_CONFIGS: dict[str, type[AlgorithmConfig]] = {}
 class AlgorithmConfig(BaseModel):
     """Base of an algorithm's hyperparameters; subclasses fix ``name`` and add their own fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False
+    )  # see scenarios/config.py
     name: str
 
     def needs_server_proxy(self) -> bool:

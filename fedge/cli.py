@@ -20,6 +20,7 @@ from scenarios.config import ScenarioError, load_scenario, parse_override
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    suggest_commands=False,  # click already says "Did you mean"; typer would say it a second time
     help="fedge: federated and edge learning simulator on Flower.",
 )
 console = Console()
@@ -78,6 +79,24 @@ def _preflight(scenario) -> None:
     except RuntimeError as err:
         raise ValueError(str(err)) from None
     build_strategy(ServerSetup(scenario, info, model, device))
+    check_trainer_names(scenario)
+
+
+def check_trainer_names(scenario) -> None:
+    """Every trainer named in ``[edge] trainers`` exists in the client side's trainer registry;
+    otherwise every reply of those clients would fail and the run would look merely bad."""
+    from clients.trainers import TRAINERS, get_trainer  # the registry: re-point here if it moves
+    from scenarios.config import did_you_mean
+
+    for selector, name in scenario.edge.trainers.items():
+        try:
+            get_trainer(name)
+        except ValueError:
+            known = sorted(TRAINERS)
+            raise ValueError(
+                f"edge.trainers[{selector!r}]: unknown trainer {name!r}"
+                f"{did_you_mean(name, known)}; known: {', '.join(known)}"
+            ) from None
 
 
 @app.command()
@@ -198,7 +217,11 @@ def report(
     console.print(f"wrote {md} and {png}")
 
 
-edge_app = typer.Typer(help="On-device inference with exported ONNX models.", no_args_is_help=True)
+edge_app = typer.Typer(
+    help="On-device inference with exported ONNX models.",
+    no_args_is_help=True,
+    suggest_commands=False,
+)
 app.add_typer(edge_app, name="edge")
 
 
@@ -206,7 +229,7 @@ app.add_typer(edge_app, name="edge")
 def edge_infer(
     model: Annotated[Path, typer.Argument(help="an exported .onnx model (e.g. <run>/model.onnx)")],
     inputs: Annotated[Path, typer.Argument(help=".npy array of inputs, batch first")],
-    repeats: Annotated[int, typer.Option(help="timed repetitions (median reported)")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="timed repetitions (median reported)")] = 5,
 ) -> None:
     """Classify INPUTS with onnxruntime; print the predictions and the latency."""
     from edge.runner import infer, load_inputs
@@ -227,6 +250,7 @@ def edge_infer(
 # --------------------------------------------------------------------------------------------
 deploy_app = typer.Typer(
     no_args_is_help=True,
+    suggest_commands=False,
     help="Run on real machines: TLS certs, SuperNode keys, SuperLink/SuperNodes, submit a scenario.",
 )
 app.add_typer(deploy_app, name="deploy")

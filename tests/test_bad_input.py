@@ -47,6 +47,30 @@ CASES = {
     ),
     "too many clients": ({"data": {"num_clients": 500}}, "data.num_clients"),
     "fedprox bad mu": ({"algorithm": {"name": "fedprox", "mu": -1.0}}, "algorithm.mu"),
+    # issue 18: what `validate` used to pass and `run` could not run
+    "unknown trainer": (
+        {"edge": {"trainers": {"*": "nonexistent"}}},
+        "edge.trainers['*']: unknown trainer 'nonexistent'",
+    ),
+    "misspelt trainer": ({"edge": {"trainers": {"0": "tpsdg"}}}, "(did you mean 'tpsgd'?)"),
+    "trainer range past the clients": (
+        {"edge": {"trainers": {"9-12": "tpsgd"}}},
+        "selector '9-12' names client 12, but data.num_clients=2 has ids 0..1",
+    ),
+    "trainer id past the clients": (
+        {"edge": {"trainers": {"2": "tpsgd"}}},
+        "selector '2' names client 2",
+    ),
+    "reversed trainer range": ({"edge": {"trainers": {"1-0": "tpsgd"}}}, "reversed range"),
+    "infinite lr": ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
+    "nan mu": (
+        {"algorithm": {"name": "fedprox", "mu": float("nan")}},
+        "algorithm.mu: Input should be a finite number",
+    ),
+    "infinite deadline": (
+        {"devices": {"classes": ["t4"], "policy": "deadline", "deadline_s": float("inf")}},
+        "devices.deadline_s: Input should be a finite number",
+    ),
 }
 
 
