@@ -63,8 +63,8 @@ CASES = {
     ),
     "reversed trainer range": ({"edge": {"trainers": {"1-0": "tpsgd"}}}, "reversed range"),
     "infinite lr": ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
-    "nan mu": (
-        {"algorithm": {"name": "fedprox", "mu": float("nan")}},
+    "infinite mu": (
+        {"algorithm": {"name": "fedprox", "mu": float("inf")}},
         "algorithm.mu: Input should be a finite number",
     ),
     "infinite deadline": (
