@@ -14,12 +14,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from scenarios.config import ScenarioError, load_scenario, parse_override
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    suggest_commands=False,  # click already says "Did you mean"; typer would say it a second time
     help="fedge: federated and edge learning simulator on Flower.",
 )
 console = Console()
@@ -31,7 +33,8 @@ SetOpt = Annotated[
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    # escaped: messages quote TOML tables ("[tool.flwr.app]") that rich would take for markup
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
 
 
@@ -205,7 +208,11 @@ def report(
     console.print(f"wrote {md} and {png}")
 
 
-edge_app = typer.Typer(help="On-device inference with exported ONNX models.", no_args_is_help=True)
+edge_app = typer.Typer(
+    help="On-device inference with exported ONNX models.",
+    no_args_is_help=True,
+    suggest_commands=False,
+)
 app.add_typer(edge_app, name="edge")
 
 
@@ -213,7 +220,7 @@ app.add_typer(edge_app, name="edge")
 def edge_infer(
     model: Annotated[Path, typer.Argument(help="an exported .onnx model (e.g. <run>/model.onnx)")],
     inputs: Annotated[Path, typer.Argument(help=".npy array of inputs, batch first")],
-    repeats: Annotated[int, typer.Option(help="timed repetitions (median reported)")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="timed repetitions (median reported)")] = 5,
 ) -> None:
     """Classify INPUTS with onnxruntime; print the predictions and the latency."""
     from edge.runner import infer, load_inputs
@@ -234,6 +241,7 @@ def edge_infer(
 # --------------------------------------------------------------------------------------------
 deploy_app = typer.Typer(
     no_args_is_help=True,
+    suggest_commands=False,
     help="Run on real machines: TLS certs, SuperNode keys, SuperLink/SuperNodes, submit a scenario.",
 )
 app.add_typer(deploy_app, name="deploy")
@@ -391,30 +399,84 @@ def deploy_register(
 
 @deploy_app.command("submit")
 def deploy_submit(
-    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")],
+    scenario: Annotated[
+        Path | None, typer.Argument(help="scenario TOML file (fedge's app, or an app reading one)")
+    ] = None,
     set_: SetOpt = None,
     run_dir: Annotated[
         str | None,
         typer.Option(help="absolute results folder *on the SuperLink machine* (default: auto)"),
     ] = None,
+    app_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--app",
+            help="a Flower app folder (pyproject.toml with [tool.flwr.app]) to submit instead "
+            "of fedge's own",
+        ),
+    ] = None,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--run-config", help="key=value for the app's [tool.flwr.app.config] (repeatable)"
+        ),
+    ] = None,
 ) -> None:
-    """Submit a scenario to the `fedge` connection with `flwr run --stream` (user machine)."""
+    """Submit a scenario (fedge's app) or any Flower app to the `fedge` connection with
+    `flwr run --stream` (user machine)."""
     import tempfile
 
     import tomli_w
 
     from clients.data import DataError
-    from fedge.deploy import run_foreground, submit_args
-    from fedge.engines import APP_DIR, _exe
+    from fedge import deploy
+    from fedge.apps import APP_DIR, app_config_keys, stage_app
+    from fedge.engines import _exe
+    from scenarios.config import RUN_CONFIG_KEY
 
+    staging = Path(tempfile.mkdtemp(prefix="fedge-submit-"))
+    values: dict = {}
     try:
-        sc = load_scenario(scenario, set_ or [])
-        _preflight(sc)
+        if app_dir is None:  # fedge's own app: the scenario is its whole configuration
+            if scenario is None:
+                _fail("give a scenario file to run fedge's app, or --app DIR for your Flower app")
+            if run_config:
+                _fail("fedge's app reads everything from the scenario: use --set, not --run-config")
+            submit_dir = stage_app(staging / "app", APP_DIR)  # never rewrite the repository
+            declared = {RUN_CONFIG_KEY, "run-dir"}
+        else:
+            submit_dir = app_dir.resolve()
+            declared = app_config_keys(submit_dir)
+            if scenario is not None and RUN_CONFIG_KEY not in declared:
+                _fail(
+                    f"{app_dir} does not read a fedge scenario (no {RUN_CONFIG_KEY!r} key in its "
+                    "[tool.flwr.app.config]); drop the scenario and pass --run-config key=value"
+                )
+        if scenario is not None:
+            sc = load_scenario(scenario, set_ or [])
+            _preflight(sc)
+            values.update(sc.to_run_config())
+            if "run-dir" in declared:
+                values["run-dir"] = run_dir or ""
+        for item in run_config or []:
+            path, value = parse_override(item)
+            key = ".".join(path)
+            if key not in declared:
+                _fail(
+                    f"unknown run-config key {key!r} for {submit_dir}; it declares: "
+                    f"{', '.join(sorted(declared)) or 'none'}"
+                )
+            node = values
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
     except (ScenarioError, DataError, ValueError) as err:
         _fail(str(err))
-    config = Path(tempfile.mkdtemp(prefix="fedge-submit-")) / "run_config.toml"
-    config.write_text(tomli_w.dumps({**sc.to_run_config(), "run-dir": run_dir or ""}))
-    raise typer.Exit(run_foreground(submit_args(_exe("flwr"), APP_DIR, config)))
+    config = None
+    if values:
+        config = staging / "run_config.toml"
+        config.write_text(tomli_w.dumps(values))
+    raise typer.Exit(deploy.run_foreground(deploy.submit_args(_exe("flwr"), submit_dir, config)))
 
 
 def main() -> None:

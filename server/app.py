@@ -28,7 +28,7 @@ from server.checkpoint import (
     wall_time_until,
 )
 from server.deadline import finalize_virtual_clock
-from server.loop import run_rounds
+from server.loop import run_rounds, wait_for_nodes
 from server.outcome import STATUS_FAILED, judge_run
 from server.personalization import evaluate_config_fn, finalize_personalization
 from server.setup import build_run
@@ -91,6 +91,7 @@ def run_server(
         loss, acc = evaluate(eval_model, x_test, y_test, device)
         return MetricRecord({"central_loss": loss, "central_accuracy": acc})
 
+    wait_for_nodes(grid, scenario.data.num_clients, scenario.federation.wait_for_nodes_s)
     start_round, wall_before = 1, 0.0
     if resume and not (run_dir / CHECKPOINT_FILE).exists() and not logged_rounds(run_dir):
         # killed before its first round ended: nothing to lose, so the folder is simply reused
