@@ -13,7 +13,14 @@ from flwr.clientapp import ClientApp
 
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
-from clients.identity import DEVICE_PROFILE, IDENTITY_RECORD, PARTITION_ID, TRAINER
+from clients.identity import (
+    DEVICE_PROFILE,
+    IDENTITY_RECORD,
+    PARTITION_ID,
+    RAY_NODE_ID,
+    TRAINER,
+    ray_node_id,
+)
 from clients.models import build_model
 from clients.node import node_scenario, partition_id, resolve_device
 from clients.personalization import finetune_metrics
@@ -119,6 +126,9 @@ def _identity(context: Context, pid: int) -> ConfigRecord:
     profile = context.node_config.get(DEVICE_PROFILE)  # `fedge deploy supernode --device-profile`
     if profile:
         identity[DEVICE_PROFILE] = str(profile)
+    node = ray_node_id()  # which machine of a Ray cluster ran this client (clients.jsonl)
+    if node is not None:
+        identity[RAY_NODE_ID] = node
     return identity
 
 

@@ -9,6 +9,8 @@ back with :func:`reply_identity` for sorting, clustering and ``clients.jsonl``.
 
 from __future__ import annotations
 
+import sys
+
 from flwr.app import ConfigRecord, Message, RecordDict
 
 IDENTITY_RECORD = "client"
@@ -16,6 +18,19 @@ PARTITION_ID = "partition-id"
 DEVICE_INDEX = "device-index"  # into the sorted device class names of the scenario's [devices]
 DEVICE_PROFILE = "device-profile"  # the device class name (or a SuperNode's --device-profile)
 TRAINER = "trainer"  # the local trainer's name ([edge] trainers, else the algorithm's)
+RAY_NODE_ID = "ray-node-id"  # the Ray node (machine) a simulated client ran on; ray engine only
+
+
+def ray_node_id() -> str | None:
+    """The id of the Ray node this process runs on, None outside Ray.
+
+    Only asks Ray when the process already imported it (Flower's Ray actors have): the in-process
+    engine and SuperNodes never pay for importing Ray.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def identity_record(content: RecordDict) -> ConfigRecord:

@@ -146,6 +146,38 @@ class EngineConfig(_Strict):
     port: int = Field(
         0, ge=0, le=65535, description="ray/deployment: SuperLink port (0 = pick a free one)"
     )
+    ray_address: str = Field(
+        "",
+        description=(
+            "ray: the Ray cluster to join ('auto' = the one `ray start` made on this machine, or "
+            "'HOST:PORT' of its head); empty = start a private single-machine Ray runtime"
+        ),
+    )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("", "auto", "local") or v.startswith("ray://"):
+            return "" if v == "local" else v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"engine.ray_address={v!r} is not a Ray address: use 'auto' (the cluster `ray "
+                "start` made on this machine), 'HOST:PORT' of the head node (e.g. "
+                "'10.0.0.5:6379', the port `ray start --head --port` printed), or '' for a "
+                "private local runtime"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> EngineConfig:
+        if self.ray_address and self.name != "ray":
+            raise ValueError(
+                f"engine.ray_address={self.ray_address!r} joins a Ray cluster, which only the ray "
+                f"engine uses (engine.name={self.name!r}): set engine.name='ray' or drop ray_address"
+            )
+        return self
 
 
 class PersonalizationConfig(_Strict):
