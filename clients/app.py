@@ -25,6 +25,7 @@ from clients.models import build_model
 from clients.node import node_scenario, partition_id, resolve_device
 from clients.personalization import finetune_metrics
 from clients.seeding import derive_seed
+from clients.state import STATE_ACTION, attach_state, restore_state
 from clients.trainers import trainer_for, trainer_name_for
 from clients.training import TrainJob, evaluate
 from scenarios.config import RUN_CONFIG_KEY, Scenario
@@ -117,7 +118,16 @@ def train(msg: Message, context: Context) -> Message:
     identity = _identity(context, data.partition_id)
     identity[TRAINER] = trainer_name_for(scenario, data.partition_id)
     content = RecordDict({"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity})
+    attach_state(content, context, config)  # for the server's checkpoint (clients/state.py)
     return Message(content, reply_to=msg)
+
+
+@app.query(STATE_ACTION)
+def node_state(msg: Message, context: Context) -> Message:
+    """After a resume: say who this node is; then take back the state it had at the checkpoint."""
+    restore_state(msg, context)
+    pid = partition_id(context)
+    return Message(RecordDict({IDENTITY_RECORD: _identity(context, pid)}), reply_to=msg)
 
 
 def _identity(context: Context, pid: int) -> ConfigRecord:

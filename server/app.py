@@ -27,6 +27,7 @@ from server.checkpoint import (
     truncate_logs,
     wall_time_until,
 )
+from server.client_state import ClientStateKeeper
 from server.deadline import finalize_virtual_clock
 from server.loop import run_rounds, wait_for_nodes
 from server.outcome import STATUS_FAILED, judge_run
@@ -101,6 +102,9 @@ def run_server(
         state = load_checkpoint(run_dir)
         initial, start_round = state.arrays, state.server_round + 1
         restore_run_state(state, strategy, plugins, grid)
+        for plugin in plugins:  # clients' Context.state, on every engine (clients/state.py)
+            if isinstance(plugin, ClientStateKeeper):
+                plugin.send_back(grid, timeout=scenario.federation.round_timeout_s)
         truncate_logs(run_dir, state.server_round)
         wall_before = wall_time_until(run_dir, state.server_round)
         print(f"fedge: resuming {run_dir} after round {state.server_round}", flush=True)

@@ -2,8 +2,9 @@
 
 ``checkpoint.pt`` in the run directory holds the round number, the global arrays, the strategy's
 state (``strategy.state_dict()`` when the strategy has one: FedLAW weights, cluster models and
-assignments, ...), every round plugin's ``state()``, the Python/NumPy/torch RNG states, and (in-process
-engine) every node's ``Context.state`` (e.g. error-feedback residuals). Metrics already live in
+assignments, ...), every round plugin's ``state()`` (among them every client's ``Context.state``, e.g.
+error-feedback residuals, which clients send back with their replies on every engine: see
+``server/client_state.py``), and the Python/NumPy/torch RNG states. Metrics already live in
 ``metrics.jsonl``/``clients.jsonl``; on resume they are cut back to the checkpointed round.
 
 The file is written to a temporary name and moved into place with ``os.replace``, so a process
@@ -271,7 +272,9 @@ def capture_run_state(
         strategy_state=strategy.state_dict() if hasattr(strategy, "state_dict") else None,
         plugin_states=[p.state() for p in plugins],
         rng_states=capture_rng(),
-        node_states=grid.node_states() if hasattr(grid, "node_states") else None,
+        # clients' Context.state travels in the plugin states (server/client_state.py) on every
+        # engine; node_states is only read back from checkpoints that carry it
+        node_states=None,
     )
 
 

@@ -17,6 +17,7 @@ from clients.node import resolve_device
 from clients.seeding import seed_everything
 from clients.trainers import get_trainer, trainer_name_for, trainer_names
 from scenarios.config import Scenario, did_you_mean
+from server.client_state import ClientStateKeeper
 from server.deadline import DeviceClockPlugin
 from server.plugins import RoundPlugin
 from server.strategies import ServerSetup, build_strategy
@@ -35,6 +36,9 @@ class BuiltRun:
 def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
     """The round plugins a scenario asks for, in the order they filter replies."""
     plugins: list[RoundPlugin] = []
+    if setup.scenario.robustness.checkpoint:
+        # first: it strips the client-state record before any other plugin sees a reply
+        plugins.append(ClientStateKeeper())
     if setup.scenario.devices is not None:
         plugins.append(DeviceClockPlugin(setup.scenario))
     if setup.scenario.robustness.validate_replies:
