@@ -41,6 +41,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedge.apps import APP_DIR, stage_app
 from fedge.deploy import superlink_args, supernode_args, write_connection
 from scenarios.config import Scenario
+from server.ray_guard import STOP_PREFIX
 
 SERVER_NODE_ID = 1
 OFFLINE_ENV = {
@@ -316,6 +317,7 @@ def _submit(
         if proc.poll() is not None and not summary_file.exists():
             time.sleep(2)  # the file may land just after the stream closes
             if not summary_file.exists():
+                _raise_stop_reason(group.log_dir / "flwr-run.log")
                 raise EngineError(
                     f"flwr run ended without results (code {proc.returncode}):\n{group.log_tail('flwr-run')}"
                 )
@@ -363,6 +365,16 @@ def resolve_ray_address(address: str) -> str:
                 f"{address}` on the other machines), or fix the address"
             )
     return address
+
+
+def _raise_stop_reason(log: Path) -> None:
+    """A run the ServerApp stopped on purpose (a lost Ray node, server/ray_guard.py) ends with
+    its own message, not a log tail to dig through."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    for line in text.splitlines():
+        at = line.find(STOP_PREFIX)
+        if at >= 0:
+            raise EngineError(line[at:].strip().rstrip("'\"").strip())
 
 
 def run_ray(scenario: Scenario, run_dir: Path, resume: bool = False) -> dict:

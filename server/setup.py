@@ -20,6 +20,7 @@ from scenarios.config import Scenario, did_you_mean
 from server.client_state import ClientStateKeeper
 from server.deadline import DeviceClockPlugin
 from server.plugins import RoundPlugin
+from server.ray_guard import RayNodeGuard
 from server.strategies import ServerSetup, build_strategy
 from server.validation import ReplyValidator
 
@@ -39,6 +40,8 @@ def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
     if setup.scenario.robustness.checkpoint:
         # first: it strips the client-state record before any other plugin sees a reply
         plugins.append(ClientStateKeeper())
+    if setup.scenario.engine.name == "ray":
+        plugins.append(RayNodeGuard(setup.run_dir))  # a dead Ray node stops the run (resumable)
     if setup.scenario.devices is not None:
         plugins.append(DeviceClockPlugin(setup.scenario))
     if setup.scenario.robustness.validate_replies:
