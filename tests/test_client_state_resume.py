@@ -124,3 +124,31 @@ def test_state_record_never_reaches_the_strategy(tmp_path: Path) -> None:
         {k: r.get(k) for k in keys} for r in without.rounds
     ]
     assert all("fedge_node_state" not in c and "state" not in c for c in with_state.clients)
+
+
+@pytest.mark.slow
+def test_deployment_resume_restores_client_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed in-process after round 2, resumed on the deployment engine (a SuperLink and one
+    SuperNode process per client, all new): the SuperNodes get their residuals back through the
+    SuperLink and the run ends where the uninterrupted one does."""
+    scenario = lora_scenario(tmp_path)
+    reference = tmp_path / "reference"
+    run_engine(scenario, reference, show_progress=False)
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        kill_after_checkpoint(patch, KILL_AFTER)
+        with pytest.raises(Killed):
+            run_engine(scenario, run_dir, show_progress=False)
+    on_supernodes = scenario.model_copy(
+        update={"engine": scenario.engine.model_copy(update={"name": "deployment"})}
+    )
+    run_engine(on_supernodes, run_dir, resume=True)
+    log = (run_dir / "logs" / "flwr-run.log").read_text()
+    assert "restored the client state of 4 partitions" in log
+    got, want = learning(run_dir), learning(reference)
+    assert [r[:2] for r in got] == [r[:2] for r in want]
+    assert [r[2] for r in got] == pytest.approx([r[2] for r in want], abs=1e-6)
+    assert [r[3] for r in got[1:]] == pytest.approx([r[3] for r in want[1:]], abs=1e-6)
