@@ -237,8 +237,14 @@ class ProcessGroup:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
+        # under fedge/reaper.py: the process and its descendants stop when fedge dies, even by
+        # SIGKILL, so nothing keeps writing a run folder that --resume reuses
         proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            [sys.executable, "-m", "fedge.reaper", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**self.env, "FEDGE_REAPER_PARENT": str(os.getpid())},
+            start_new_session=True,
         )
         self.procs.append((name, proc))
         return proc

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -20,12 +22,13 @@ import pytest
 import torch
 
 from fedge.engines import EngineError, run_engine
-from scenarios.config import Scenario, validate_scenario
+from scenarios.config import Scenario, scenario_to_toml, validate_scenario
 from scenarios.results import load_run
 from server.checkpoint import load_checkpoint
 from tests.test_client_state_resume import lora_scenario
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _processes_using(path: str) -> list[psutil.Process]:
@@ -138,19 +141,109 @@ def test_clients_run_on_both_nodes_with_inprocess_accuracies(cluster, tmp_path: 
     assert [r[2] for r in got] == pytest.approx([r[2] for r in want], abs=1e-6)
 
 
+def spawned_by(fedge_pid: int) -> list[psutil.Process]:
+    """Live processes a fedge process started through fedge/reaper.py (and their children)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("FEDGE_REAPER_PARENT") == str(fedge_pid):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def lora_on_ray(tmp_path: Path, address: str) -> Scenario:
+    """20 rounds (so a kill lands mid-run), bounded round timeout, LoRA error feedback."""
+    scenario = lora_scenario(tmp_path).model_copy(update={"num_rounds": 20})
+    federation = scenario.federation.model_copy(update={"round_timeout_s": 120})
+    return on_ray(scenario.model_copy(update={"federation": federation}), address)
+
+
+def wait_for_round(run_dir: Path, server_round: int, proc=None, timeout: float = 150) -> int:
+    """Block until ``server_round`` is logged and checkpointed; return the last logged round."""
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if len(lines) > server_round and (run_dir / "checkpoint.pt").exists():
+            return len(lines) - 1
+        time.sleep(0.05)
+    raise AssertionError(f"round {server_round} was not reached in time")
+
+
+def test_sigkill_then_resume_restores_client_state(cluster, tmp_path: Path) -> None:
+    """SIGKILL `fedge run` (ray engine, two nodes) after round 2: its Flower processes go with it
+    (nothing keeps writing the folder), and `fedge run --resume` restores the clients'
+    error-feedback residuals, ending exactly where an uninterrupted run ends."""
+    ray_cluster, _ = cluster
+    scenario = lora_on_ray(tmp_path, ray_cluster.address)
+    reference = tmp_path / "reference"
+    inprocess = scenario.model_copy(
+        update={
+            "engine": scenario.engine.model_copy(update={"name": "inprocess", "ray_address": ""})
+        }
+    )
+    run_engine(inprocess, reference, show_progress=False)
+
+    scenario_file = tmp_path / "lora.toml"
+    scenario_file.write_text(scenario_to_toml(scenario))
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    fedge = [sys.executable, "-m", "fedge.cli"]
+    proc = subprocess.Popen(
+        [*fedge, "run", str(scenario_file), "--run-dir", str(run_dir), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_round(run_dir, 2, proc)
+        proc.kill()  # at once: a round takes a fraction of a second
+        proc.wait(timeout=30)
+        # every Flower process fedge started carries its pid (fedge/reaper.py); none may survive
+        deadline = time.time() + 30
+        while (left := spawned_by(proc.pid)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not left, f"processes outlived the killed fedge: {[p.pid for p in left]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for child in spawned_by(proc.pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    assert not (run_dir / "summary.json").exists()
+    checkpointed = load_checkpoint(run_dir).server_round
+    assert 2 <= checkpointed < scenario.num_rounds
+
+    resumed = subprocess.run(
+        [*fedge, "run", "--resume", str(run_dir), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    got, want = learning(run_dir), learning(reference)
+    assert [r[0] for r in got] == list(range(scenario.num_rounds + 1))
+    assert [r[1] for r in got] == [r[1] for r in want]
+    assert [r[2] for r in got] == pytest.approx([r[2] for r in want], abs=1e-6)
+    assert [r[3] for r in got[1:]] == pytest.approx([r[3] for r in want[1:]], abs=1e-6)
+
+
 def test_lost_worker_stops_run_and_resume_matches_uninterrupted(cluster, tmp_path: Path) -> None:
     """Kill the worker raylet mid-run: the run stops with a clear message; ``--resume`` carries on
     on the head node alone, restoring every client's error-feedback residuals from the checkpoint,
     and ends exactly where an uninterrupted (in-process) run ends."""
     ray_cluster, worker = cluster
-    scenario = lora_scenario(tmp_path).model_copy(update={"num_rounds": 12})
-    scenario = scenario.model_copy(
+    scenario = lora_on_ray(tmp_path, ray_cluster.address)
+    inprocess = scenario.model_copy(
         update={
-            "federation": scenario.federation.model_copy(update={"round_timeout_s": 120}),
+            "engine": scenario.engine.model_copy(update={"name": "inprocess", "ray_address": ""})
         }
     )
     reference = tmp_path / "reference"
-    run_engine(scenario, reference, show_progress=False)
+    run_engine(inprocess, reference, show_progress=False)
 
     run_dir = tmp_path / "ray"
     killed_at: list[int] = []
@@ -169,7 +262,7 @@ def test_lost_worker_stops_run_and_resume_matches_uninterrupted(cluster, tmp_pat
     killer = threading.Thread(target=kill_worker_after_round_2, daemon=True)
     killer.start()
     with pytest.raises(EngineError, match="Ray node lost") as stopped:
-        run_engine(on_ray(scenario, ray_cluster.address), run_dir)
+        run_engine(scenario, run_dir)
     killer.join(timeout=5)
     assert killed_at, "the worker was never killed"
     assert "fedge run --resume" in str(stopped.value)
@@ -181,7 +274,7 @@ def test_lost_worker_stops_run_and_resume_matches_uninterrupted(cluster, tmp_pat
     # the cluster notices the lost node before the resumed run sizes its actor pool
     ray_cluster.remove_node(worker, allow_graceful=False)
     ray_cluster.wait_for_nodes(timeout=60)
-    run_engine(on_ray(scenario, ray_cluster.address), run_dir, resume=True)
+    run_engine(scenario, run_dir, resume=True)
     assert_no_flower_processes(run_dir)
 
     got, want = learning(run_dir), learning(reference)
