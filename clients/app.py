@@ -10,14 +10,15 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.arrays import received_state_dict, record_from_state_dict
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
 from clients.models import build_model
 from clients.personalization import finetune_metrics
-from clients.seeding import derive_seed
+from clients.seeding import derive_seed, seed_global_torch
 from clients.trainers import trainer_for
 from clients.training import TrainJob, evaluate
 from scenarios.config import RUN_CONFIG_KEY, Scenario
@@ -66,8 +67,10 @@ def _load(
     info = dataset_info(scenario.data)
     device = resolve_device(scenario.engine.device)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return scenario, data, model.to(device), device
+    # Decoded once per round and process, not per client (load_state_dict copies the tensors).
+    model.load_state_dict(received_state_dict(msg.content["arrays"]))
+    # Module.to walks every submodule even when nothing moves: skip it for the CPU (built there).
+    return scenario, data, (model if device.type == "cpu" else model.to(device)), device
 
 
 @app.train()
@@ -78,7 +81,9 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(
         derive_seed(scenario.seed, server_round, data.partition_id)
     )
-    torch.manual_seed(derive_seed(scenario.seed, server_round, data.partition_id, 1))
+    # Trainers get `generator`; the global CPU generator is reseeded too, as before, for any
+    # library code that draws from it (results stay bit-identical across engines).
+    seed_global_torch(derive_seed(scenario.seed, server_round, data.partition_id, 1))
     trainer = trainer_for(scenario, data.partition_id)
     result = trainer(
         TrainJob(
@@ -97,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = (
         result.reply_arrays
         if result.reply_arrays is not None
-        else ArrayRecord(model.to("cpu").state_dict())
+        else record_from_state_dict(model.state_dict())  # tensors are moved to the CPU there
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from clients.arrays import view
 from scenarios.results import RunWriter
 from server.plugins import RoundPlugin
 
@@ -30,7 +31,7 @@ CentralEval = Callable[[int, ArrayRecord], MetricRecord | None]
 def arrays_finite(arrays: ArrayRecord) -> bool:
     """True when every floating-point value in ``arrays`` is finite."""
     for arr in arrays.values():
-        values = arr.numpy()
+        values = view(arr)
         if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
             return False
     return True

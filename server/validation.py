@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from algorithms.lora_sparse import is_sparse_encoded
+from clients.arrays import as_numpy  # replies built in-process are read without parsing
 from server.plugins import Metrics, RoundPlugin
 from server.strategies import ServerSetup
 
@@ -51,11 +52,6 @@ def update_norm(reply: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> fl
 
 def all_finite(arrays: dict[str, np.ndarray]) -> bool:
     return all(np.isfinite(v).all() for v in arrays.values() if np.issubdtype(v.dtype, np.inexact))
-
-
-def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Deserialize once (``Array.numpy()`` decodes bytes on every call)."""
-    return {key: arr.numpy() for key, arr in record.items()}
 
 
 def _reference_pairs(
@@ -110,6 +106,7 @@ class ReplyValidator(RoundPlugin):
         self.min_valid = min_valid
         self._sent: dict[int, RecordDict] = {}
         self._sent_numpy: dict[int, dict[str, np.ndarray]] = {}
+        self._sent_bytes: dict[int, int] = {}
         self._warned_extras = False
         self.total_invalid: Counter[str] = Counter()
 
@@ -123,9 +120,9 @@ class ReplyValidator(RoundPlugin):
     # RoundPlugin -----------------------------------------------------------------------------
     def observe_train_instructions(self, server_round: int, instructions: list[Message]) -> None:
         self._sent = {m.metadata.dst_node_id: m.content for m in instructions}
-        self._sent_numpy: dict[
-            int, dict[str, np.ndarray]
-        ] = {}  # by id(): shared models decode once
+        # By id(): strategies send one shared RecordDict to many nodes; decode and size it once.
+        self._sent_numpy: dict[int, dict[str, np.ndarray]] = {}
+        self._sent_bytes: dict[int, int] = {}
 
     def _numpy_of_sent(self, record: ArrayRecord) -> dict[str, np.ndarray]:
         if id(record) not in self._sent_numpy:
@@ -218,7 +215,9 @@ class ReplyValidator(RoundPlugin):
                         f"{key}: got {arr.dtype}{list(arr.shape)}, sent {ref.dtype}{list(ref.shape)}"
                     )
         if sent_content is not None:
-            size, sent_size = _content_bytes(content), _content_bytes(sent_content)
+            if id(sent_content) not in self._sent_bytes:
+                self._sent_bytes[id(sent_content)] = _content_bytes(sent_content)
+            size, sent_size = _content_bytes(content), self._sent_bytes[id(sent_content)]
             if size > self.max_reply_factor * sent_size:
                 return "oversized", (
                     f"{size} bytes > robustness.max_reply_factor={self.max_reply_factor:g} "
