@@ -28,11 +28,11 @@ from collections import Counter
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from algorithms.lora_sparse import is_sparse_encoded
-from clients.arrays import as_numpy  # replies built in-process are read without parsing
+from clients.arrays import as_numpy, records_of  # in-process replies are read without parsing
 from server.plugins import Metrics, RoundPlugin
 from server.strategies import ServerSetup
 
@@ -59,8 +59,8 @@ def _reference_pairs(
 ) -> list[tuple[str, ArrayRecord, ArrayRecord | None]]:
     """Each ArrayRecord of a reply with the one it answers: the sent record of the same name, or
     the only one sent when both sides carry a single record (its name may differ)."""
-    sent_records = dict(sent.array_records) if sent is not None else {}
-    replies = dict(content.array_records)
+    sent_records = records_of(sent, ArrayRecord) if sent is not None else {}
+    replies = records_of(content, ArrayRecord)
     if len(replies) == 1 and len(sent_records) == 1:
         (name, arrays), (ref,) = next(iter(replies.items())), sent_records.values()
         return [(name, arrays, ref)]
@@ -92,9 +92,11 @@ def _sparse_update_sq(tensors: dict[str, np.ndarray]) -> float:
 
 
 def _content_bytes(content: RecordDict) -> int:
-    arrays = sum(r.count_bytes() for r in content.array_records.values())
-    others = sum(r.count_bytes() for r in content.metric_records.values())
-    return arrays + others + sum(r.count_bytes() for r in content.config_records.values())
+    return sum(
+        rec.count_bytes()
+        for rec in content.values()
+        if isinstance(rec, ArrayRecord | MetricRecord | ConfigRecord)
+    )
 
 
 class ReplyValidator(RoundPlugin):
@@ -179,9 +181,9 @@ class ReplyValidator(RoundPlugin):
         if reply.has_error():
             return "error", reply.error.reason
         content = reply.content
-        if not content.array_records:
+        if not records_of(content, ArrayRecord):
             return "malformed", "the reply carries no ArrayRecord"
-        metric_records = list(content.metric_records.values())
+        metric_records = list(records_of(content, MetricRecord).values())
         if len(metric_records) != 1 or WEIGHT_KEY not in metric_records[0]:
             return "malformed", f"expected one MetricRecord holding {WEIGHT_KEY!r}"
         weight = metric_records[0][WEIGHT_KEY]
@@ -242,7 +244,9 @@ class ReplyValidator(RoundPlugin):
 
     def _common_metric_keys(self, replies: list[Message]) -> list[Message]:
         """Flower's strategies need identical metric keys in all replies: keep the common ones."""
-        key_sets = [set(next(iter(r.content.metric_records.values())).keys()) for r in replies]
+        key_sets = [
+            set(next(iter(records_of(r.content, MetricRecord).values())).keys()) for r in replies
+        ]
         common = set.intersection(*key_sets) if key_sets else set()
         if all(keys == common for keys in key_sets):
             return replies
@@ -257,7 +261,7 @@ class ReplyValidator(RoundPlugin):
             self._warned_extras = True
         out = []
         for r in replies:
-            name, rec = next(iter(r.content.metric_records.items()))
+            name, rec = next(iter(records_of(r.content, MetricRecord).items()))
             if set(rec.keys()) == common:
                 out.append(r)
                 continue
