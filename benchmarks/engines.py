@@ -4,6 +4,7 @@
     python benchmarks/engines.py --clients 10 200 1000            # mnist1d MLP, 1 local epoch
     python benchmarks/engines.py --clients 500 --model cnn1d
     python benchmarks/engines.py --clients 10 --ray
+    python benchmarks/engines.py --quickstart [--ray]                 # the quickstart as shipped
     python benchmarks/engines.py --pool 10000 --per-round 100     # peak RSS of a large pool
 
 Each client holds ``--samples-per-client`` mnist1d samples (80% train); 1 local epoch, batch 32,
@@ -61,6 +62,8 @@ QUICKSTART = ROOT / "scenarios" / "quickstart.toml"
 
 
 def scenario_for(args: argparse.Namespace, clients: int, engine: str, extra: list[str] = ()):
+    if args.quickstart:  # the quickstart as shipped (cnn1d, 10 clients, 10 rounds, 2 epochs)
+        return load_scenario(QUICKSTART, [f"engine.name={engine}", *args.overrides, *extra])
     return load_scenario(
         QUICKSTART,
         [
@@ -111,7 +114,7 @@ def compare(args: argparse.Namespace) -> None:
                 show_progress=False,
             )
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-        for clients in args.clients:
+        for clients in [10] if args.quickstart else args.clients:
             base = scenario_for(args, clients, "inprocess")
             t0 = time.perf_counter()
             for i in range(clients):
@@ -121,8 +124,9 @@ def compare(args: argparse.Namespace) -> None:
             bare_acc = bare_fedavg(base)
             bare_s, bare_cpu = time.perf_counter() - t0, time.process_time() - c0
             print(
-                f"\n== {clients} clients x {args.rounds} rounds, mnist1d {args.model}, "
-                f"{args.samples_per_client} samples/client, 1 epoch "
+                f"\n== {base.name}: {clients} clients x {base.num_rounds} rounds, "
+                f"{base.data.dataset} {base.model.name}, {base.data.num_samples} samples, "
+                f"{base.train.epochs} epoch(s), batch {base.train.batch_size} "
                 f"(data split once: {data_s:.1f} s, excluded)",
                 flush=True,
             )
@@ -207,6 +211,7 @@ def main() -> None:
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn1d"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples-per-client", type=int, default=200)
+    parser.add_argument("--quickstart", action="store_true", help="scenarios/quickstart.toml as is")
     parser.add_argument("--ray", action="store_true", help="also the Ray engine (slow)")
     parser.add_argument("--ray-max-clients", type=int, default=10)
     parser.add_argument("--pool", type=int, default=0, help="peak RSS of a pool this large")
