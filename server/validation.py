@@ -241,9 +241,9 @@ class ReplyValidator(RoundPlugin):
                 unscanned.append(values)
         # A finite sum of squared differences to a (finite) sent model means every compared value
         # is finite: scan for NaN/Inf only when it is not, and where nothing was compared.
-        if not math.isfinite(squared) or not all(all_finite(v) for v in unscanned):
-            if not all(all_finite(values) for values, _ in decoded):
-                return "nonfinite", "arrays hold NaN or Inf"
+        suspect = not math.isfinite(squared) or not all(all_finite(v) for v in unscanned)
+        if suspect and not all(all_finite(values) for values, _ in decoded):
+            return "nonfinite", "arrays hold NaN or Inf"
         if math.sqrt(squared) > self.max_update_norm:
             return "norm", (
                 f"||update||={math.sqrt(squared):.3g} > "
