@@ -126,7 +126,8 @@ def compare(args: argparse.Namespace) -> None:
             print(
                 f"\n== {base.name}: {clients} clients x {base.num_rounds} rounds, "
                 f"{base.data.dataset} {base.model.name}, {base.data.num_samples} samples, "
-                f"{base.train.epochs} epoch(s), batch {base.train.batch_size} "
+                f"{base.train.epochs} epoch(s), batch {base.train.batch_size}, "
+                f"{base.engine.client_threads} torch thread(s) "
                 f"(data split once: {data_s:.1f} s, excluded)",
                 flush=True,
             )
@@ -225,7 +226,7 @@ def main() -> None:
         return
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
-        f"threads available, torch {torch.__version__}; engines use engine.client_threads=1"
+        f"threads available, torch {torch.__version__}"
     )
     if args.pool:
         pool(args)
