@@ -95,10 +95,10 @@ def timed_run(scenario, tmp: Path) -> tuple[float, float, float | None, float]:
 
 
 def compare(args: argparse.Namespace) -> None:
-    engines = ["inprocess", "packed"] + (["ray"] if args.ray else [])
+    engines = args.engines + (["ray"] if args.ray else [])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for engine in engines[:2]:  # one-time imports (torch.func, peft, matplotlib, ...)
+        for engine in args.engines:  # one-time imports (torch.func, peft, matplotlib, ...)
             run_engine(
                 load_scenario(
                     QUICKSTART,
@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn1d"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples-per-client", type=int, default=200)
+    parser.add_argument("--engines", nargs="+", default=["inprocess", "packed"])
     parser.add_argument("--quickstart", action="store_true", help="scenarios/quickstart.toml as is")
     parser.add_argument("--ray", action="store_true", help="also the Ray engine (slow)")
     parser.add_argument("--ray-max-clients", type=int, default=10)
