@@ -44,6 +44,7 @@ def _run_one(
     run_dir: Path | None = None,
     quiet: bool = False,
     resume: bool = False,
+    fail_on_failed_run: bool = True,
 ) -> Path:
     from clients.data import DataError
     from fedge.engines import EngineError, run_engine
@@ -52,11 +53,24 @@ def _run_one(
     try:
         scenario = load_scenario(path, overrides)
         run_dir = run_dir or default_run_dir(scenario)
-        # Fail on bad data / model choices before any engine starts.
-        _preflight(scenario)
+        if scenario.engine.name != "inprocess":  # fail before Flower processes start
+            _preflight(scenario)
         summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
-    except (ScenarioError, DataError, EngineError, ValueError, FileNotFoundError) as err:
+    except (
+        ScenarioError,
+        DataError,
+        EngineError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:
         _fail(str(err))
+    if summary.get("status") == "failed":
+        # a run that (mostly) aggregated nothing is not "done": say why, exit non-zero
+        console.print(f"[bold red]run failed:[/] {summary.get('failure')} — results: {run_dir}")
+        if fail_on_failed_run:
+            raise typer.Exit(1)
+        return run_dir
     if not quiet:
         console.print(
             f"[green]done[/] final accuracy {100 * summary.get('final_accuracy', float('nan')):.2f}% "
@@ -66,39 +80,11 @@ def _run_one(
 
 
 def _preflight(scenario) -> None:
-    """Everything that can fail on bad input, before any run folder or process exists: data,
-    model, device, and the algorithm's server strategy (which may need e.g. a proxy set)."""
-    from clients.app import resolve_device
-    from clients.data import dataset_info, load_client_data
-    from clients.models import build_model
-    from server.strategies import ServerSetup, build_strategy
+    """Build the run's objects once to fail on bad input before any run folder or process exists.
+    The in-process engine skips this: it builds them once, inside the ServerApp, before writing."""
+    from server.setup import build_run
 
-    info = dataset_info(scenario.data)
-    model = build_model(scenario.model, info.input_shape, info.num_classes)
-    load_client_data(scenario.data, scenario.seed, 0)
-    try:
-        device = resolve_device(scenario.engine.device)
-    except RuntimeError as err:
-        raise ValueError(str(err)) from None
-    build_strategy(ServerSetup(scenario, info, model, device))
-    check_trainer_names(scenario)
-
-
-def check_trainer_names(scenario) -> None:
-    """Every trainer named in ``[edge] trainers`` exists in the client side's trainer registry;
-    otherwise every reply of those clients would fail and the run would look merely bad."""
-    from clients.trainers import TRAINERS, get_trainer  # the registry: re-point here if it moves
-    from scenarios.config import did_you_mean
-
-    for selector, name in scenario.edge.trainers.items():
-        try:
-            get_trainer(name)
-        except ValueError:
-            known = sorted(TRAINERS)
-            raise ValueError(
-                f"edge.trainers[{selector!r}]: unknown trainer {name!r}"
-                f"{did_you_mean(name, known)}; known: {', '.join(known)}"
-            ) from None
+    build_run(scenario)
 
 
 @app.command()
@@ -184,6 +170,7 @@ def sweep(
                 [*(set_ or []), *combo, f"seed={seed}", f"name={label}"],
                 out / f"{label}-s{seed}",
                 quiet=False,
+                fail_on_failed_run=False,  # one failed run is a result of the sweep, not its end
             )
         )
     png, md = compare_runs(run_dirs, out)
@@ -195,7 +182,9 @@ def _label(override: str) -> str:
     """``algorithm.name=fedprox`` -> ``fedprox``; ``data.alpha=0.1`` -> ``alpha-0.1``."""
     key, value = override.split("=", 1)
     last = key.split(".")[-1]
-    return value if last == "name" else f"{last}-{value}"
+    label = value if last == "name" else f"{last}-{value}"
+    # the label names a folder (and the run): path parts in a value must not become folders
+    return label.replace("/", "_").replace("\\", "_").strip(".") or "run"
 
 
 @app.command()
@@ -268,11 +257,17 @@ def deploy_certs(
         typer.Option(help="SuperLink IP or DNS name the SuperNodes dial (repeatable)"),
     ] = None,
     days: int = 365,
+    force: Annotated[
+        bool, typer.Option(help="replace an existing CA (every node must get the new ca.crt)")
+    ] = False,
 ) -> None:
     """Make a test CA and a SuperLink server certificate (SANs: 127.0.0.1, localhost, --host)."""
     from fedge.deploy import make_certs
 
-    paths = make_certs(out, host or [], days)
+    try:
+        paths = make_certs(out, host or [], days, force=force)
+    except FileExistsError as err:
+        _fail(str(err))
     console.print(
         f"[green]wrote[/] {', '.join(str(p) for p in paths.values())}\n"
         f"SuperLink needs ca.crt, server.pem, server.key; every SuperNode and user needs ca.crt only."
@@ -283,11 +278,18 @@ def deploy_certs(
 def deploy_keys(
     out: Annotated[Path, typer.Option(help="folder for sn<i> / sn<i>.pub")] = Path("keys"),
     count: Annotated[int, typer.Option(min=1, help="how many SuperNodes")] = 1,
+    force: Annotated[
+        bool, typer.Option(help="replace existing keys (those nodes must be registered again)")
+    ] = False,
 ) -> None:
     """Make EC P-384 key pairs (OpenSSH format) for SuperNode authentication."""
     from fedge.deploy import make_keys
 
-    for private, public in make_keys(out, count):
+    try:
+        pairs = make_keys(out, count, force=force)
+    except FileExistsError as err:
+        _fail(str(err))
+    for private, public in pairs:
         console.print(
             f"[green]wrote[/] {private} (copy to its SuperNode) and {public} (register it)"
         )
@@ -304,15 +306,31 @@ def deploy_superlink(
         int, typer.Option(help="the one port to open: Fleet+Control+Runtime API")
     ] = 8000,
     database: Annotated[str, typer.Option(help="SuperLink state (sqlite file)")] = "state.db",
+    expose_control_api: Annotated[
+        bool,
+        typer.Option(
+            help="let any machine that reaches the port use the Control API (register keys, "
+            "submit runs); default: only this machine (loopback) may"
+        ),
+    ] = False,
 ) -> None:
-    """Start the SuperLink in the foreground (server machine)."""
+    """Start the SuperLink in the foreground (server machine). SuperNodes reach its Fleet API
+    from anywhere; key registration and run submission only from this machine unless
+    --expose-control-api."""
     from fedge.deploy import run_foreground, superlink_args
     from fedge.engines import _exe
 
     if certs is not None and not (certs / "server.pem").is_file():
         _fail(f"{certs}/server.pem not found; make it with `fedge deploy certs --out {certs}`")
+    if expose_control_api:
+        console.print(
+            "[yellow]warning:[/] --expose-control-api: anyone who reaches this port can register "
+            "SuperNode keys and submit runs (Flower's Control API has no credentials here)"
+        )
     try:
-        args = superlink_args(_exe("flower-superlink"), certs, auth, host, port, database)
+        args = superlink_args(
+            _exe("flower-superlink"), certs, auth, host, port, database, expose_control_api
+        )
     except ValueError as err:
         _fail(str(err))
     raise typer.Exit(run_foreground(args))

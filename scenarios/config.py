@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from algorithms import ALGORITHM_CONFIGS, AlgorithmConfig
 from scenarios.devices import DevicesConfig
+from scenarios.registry import UnknownAlgorithm, algorithm_config, algorithm_names
 
 RUN_CONFIG_KEY = "scenario"
 
@@ -228,6 +228,13 @@ class RobustnessConfig(_Strict):
     checkpoint: bool = Field(
         True, description="write checkpoint.pt after every round (enables `fedge run --resume`)"
     )
+    max_skipped_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="the run fails (exit 1, status 'failed' in summary.json) when more than this "
+        "share of its rounds aggregated nothing; a run that aggregated no round always fails",
+    )
 
 
 class Scenario(_Strict):
@@ -239,8 +246,9 @@ class Scenario(_Strict):
     output_dir: str = "results"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    algorithm: SerializeAsAny[AlgorithmConfig] = Field(
-        default_factory=lambda: ALGORITHM_CONFIGS["fedavg"]()
+    # The algorithm's own declaration (algorithms/<name>.py or a plug-in), found by name.
+    algorithm: SerializeAsAny[BaseModel] = Field(
+        default_factory=lambda: algorithm_config("fedavg")()
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -253,22 +261,35 @@ class Scenario(_Strict):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # The name becomes a folder under output_dir: a path part would write outside it.
+        bad = [c for c in ("/", "\\", "\x00") if c in value]
+        if bad or value.strip(".").strip() == "":
+            raise ValueError(
+                f"run name {value!r} must be one plain folder name (no '/', '\\', NUL, and not "
+                "'', '.' or '..'), because runs are written to <output_dir>/<name>-...; "
+                "to write elsewhere set output_dir (or pass --run-dir)"
+            )
+        return value
+
     @field_validator("algorithm", mode="before")
     @classmethod
-    def _resolve_algorithm(cls, value: Any) -> AlgorithmConfig:
-        if isinstance(value, AlgorithmConfig):
+    def _resolve_algorithm(cls, value: Any) -> BaseModel:
+        if isinstance(value, BaseModel):
             return value
-        if not isinstance(value, dict) or "name" not in value:
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise ValueError(f"needs a table with `name`, one of: {', '.join(algorithm_names())}")
+        try:
+            declared = algorithm_config(value["name"])
+        except UnknownAlgorithm:
+            names = algorithm_names()
             raise ValueError(
-                f"needs a table with `name`, one of: {', '.join(sorted(ALGORITHM_CONFIGS))}"
-            )
-        name = value["name"]
-        if name not in ALGORITHM_CONFIGS:
-            raise ValueError(
-                f"unknown algorithm {name!r}{did_you_mean(str(name), set(ALGORITHM_CONFIGS))}; "
-                f"allowed: {', '.join(sorted(ALGORITHM_CONFIGS))}"
-            )
-        return ALGORITHM_CONFIGS[name].model_validate(value)
+                f"unknown algorithm {value['name']!r}{did_you_mean(value['name'], set(names))}; "
+                f"allowed: {', '.join(names)}"
+            ) from None
+        return declared.model_validate(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -277,7 +298,10 @@ class Scenario(_Strict):
                 f"federation.min_train_clients={self.federation.min_train_clients} exceeds "
                 f"data.num_clients={self.data.num_clients}"
             )
-        if self.algorithm.needs_server_proxy() and self.data.proxy_fraction == 0:
+        if (
+            getattr(self.algorithm, "needs_server_proxy", lambda: False)()
+            and self.data.proxy_fraction == 0
+        ):
             raise ValueError(
                 f"algorithm {self.algorithm.name!r} needs a server proxy set, but "
                 "data.proxy_fraction = 0; set it (e.g. 0.02)"
@@ -356,7 +380,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
             break
         ann = field.annotation
         if part == "algorithm":
-            return sorted({k for c in ALGORITHM_CONFIGS.values() for k in c.model_fields})
+            return sorted({k for n in algorithm_names() for k in algorithm_config(n).model_fields})
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
     return sorted(model.model_fields)

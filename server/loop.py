@@ -159,6 +159,7 @@ def run_rounds(
     evaluate_config: Callable[[int], ConfigRecord | None] | None = None,
     start_round: int = 1,
     on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+    wall_time_before: float = 0.0,
 ) -> ArrayRecord:
     """Run rounds ``start_round..num_rounds`` of ``strategy``; write one record per round; return
     the final arrays. ``on_round_end(round, arrays)`` runs after each round is logged (checkpoints).
@@ -166,10 +167,12 @@ def run_rounds(
 
     ``evaluate_config(round)`` gives the config sent with that round's evaluate instructions (e.g.
     personalization's fine-tuning settings); None from it skips client evaluation that round.
+    ``wall_time_before``: seconds a resumed run already spent (``cumulative_wall_time_s`` goes on
+    from there rather than restarting at 0).
     """
     log(INFO, "fedge: starting %s for %d rounds", type(strategy).__name__, num_rounds)
     progress = RoundProgress(num_rounds) if show_progress else None
-    start = time.perf_counter()
+    start = time.perf_counter() - wall_time_before
     if start_round == 1:
         record = _central(central_eval, 0, arrays)
         record.update(round=0, wall_time_s=0.0, cumulative_wall_time_s=0.0)
@@ -193,7 +196,8 @@ def run_rounds(
             new_arrays, train_metrics = (
                 strategy.aggregate_train(server_round, replies) if replies else (None, None)
             )
-            if new_arrays is not None and arrays_finite(new_arrays):
+            record["aggregated"] = int(new_arrays is not None and arrays_finite(new_arrays))
+            if record["aggregated"]:
                 arrays = new_arrays
             elif new_arrays is not None:
                 log(WARNING, "round %d: aggregate is not finite; keeping the model", server_round)
