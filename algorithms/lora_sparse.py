@@ -11,17 +11,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from algorithms.base import AlgorithmConfig, register_algorithm
+from algorithms.base import AlgorithmConfig
 
 
-@register_algorithm
 class LoraSparseConfig(AlgorithmConfig):
     name: Literal["lora_sparse"] = "lora_sparse"
+    server_factory: ClassVar[str] = "server.lora_sparse:make_lora_sparse"
+    client_trainer: ClassVar[str] = "edge.lora:train_lora"
     rank: int = Field(4, ge=1, le=256, description="LoRA rank r")
     alpha: float = Field(8.0, gt=0.0, description="LoRA alpha (scaling alpha / r)")
     density: float = Field(0.05, gt=0.0, le=1.0, description="share rho of adapter entries sent")
@@ -38,8 +39,10 @@ SPARSE_INDEX_SUFFIX = ".indices"
 
 
 def is_sparse_encoded(keys: Iterable[str]) -> bool:
-    """A reply in the sparse (values + indices) encoding rather than one dense tensor per key."""
-    return any(key.endswith(SPARSE_INDEX_SUFFIX) for key in keys)
+    """A reply in the packed sparse encoding: exactly ``adapters.values`` + ``adapters.indices``
+    (:func:`pack_sparse`). Any other key set is dense, so one stray ``*.indices`` key cannot make
+    a dense reply skip the checks and decoding a dense reply gets."""
+    return set(keys) == {PACKED_VALUES, PACKED_INDICES}
 
 
 def topk_sparsify(update: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,10 +38,10 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedge.apps import APP_DIR, stage_app
 from fedge.deploy import superlink_args, supernode_args, write_connection
 from scenarios.config import Scenario
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml's [tool.flwr.app]
 SERVER_NODE_ID = 1
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -201,8 +201,9 @@ def run_inprocess(
 ) -> dict:
     """Run the scenario with :class:`InProcessGrid`; return the run summary. With
     ``engine.name = "packed"`` the grid hands training messages to :mod:`fedge.packed`."""
-    from clients.app import MODS, resolve_device
+    from clients.app import MODS
     from clients.app import app as client_app
+    from clients.node import resolve_device
     from server.app import run_server
 
     # Per-round news goes to the progress line and the results folder; keep Flower's INFO chatter out.
@@ -334,7 +335,9 @@ def _submit(
     overrides.write_text(
         tomli_w.dumps({**scenario.to_run_config(), "run-dir": str(run_dir), "resume": resume})
     )
-    args = [_exe("flwr"), "run", str(APP_DIR), "fedge", "--stream", "--run-config", str(overrides)]
+    # A staged copy: `flwr run` would rewrite the repository's pyproject.toml (fedge/apps.py).
+    app = stage_app(group.flwr_home / "fedge-app", APP_DIR)
+    args = [_exe("flwr"), "run", str(app), "fedge", "--stream", "--run-config", str(overrides)]
     if federation_config:
         args += ["--federation-config", federation_config]
     proc = group.start("flwr-run", args)

@@ -25,12 +25,15 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
+from clients.app import _identity as client_identity
 from clients.arrays import received_state_dict, record_from_state_dict
 from clients.clock import MAX_STEPS_KEY, virtual_clock_mod
 from clients.data import dataset_info, load_client_data
 from clients.fedavg import train_fedavg
 from clients.fedprox import train_fedprox
+from clients.identity import IDENTITY_RECORD, TRAINER
 from clients.models import build_model
+from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
 from clients.seeding import derive_seed
 from clients.trainers import get_trainer, trainer_name_for
@@ -76,7 +79,7 @@ class PackedTrainer:
         """The pack's view of one message, or None (with the reason noted) if it cannot join."""
         if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
             return None  # evaluation and custom actions always go through the ClientApp
-        pid = int(context.node_config["partition-id"])
+        pid = partition_id(context)
         trainer_name = trainer_name_for(self.scenario, pid)
         trainer = get_trainer(trainer_name)
         if trainer not in PACKABLE:
@@ -140,17 +143,25 @@ class PackedTrainer:
                 + sum(c.data.x_train.nbytes + c.data.y_train.nbytes for _, _, c in chunk),
             )
             for (pos, msg, client), result in zip(chunk, results, strict=True):
+                # The same records, in the same order, as clients/app.py::train replies with.
                 metrics = MetricRecord(
-                    {  # the same record, in the same order, as clients/app.py::train
+                    {
                         "train_loss": result.train_loss,
                         "num-examples": result.num_examples,
                         "num-steps": result.num_steps,
-                        "partition-id": client.data.partition_id,
                     }
                 )
-                arrays = record_from_state_dict(result.state)
-                reply = Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-                out[pos] = (reply, seconds)
+                pid = client.data.partition_id
+                identity = client_identity(contexts[msg.metadata.dst_node_id], pid)
+                identity[TRAINER] = trainer_name_for(self.scenario, pid)
+                content = RecordDict(
+                    {
+                        "arrays": record_from_state_dict(result.state),
+                        "metrics": metrics,
+                        IDENTITY_RECORD: identity,
+                    }
+                )
+                out[pos] = (Message(content, reply_to=msg), seconds)
         return out
 
     def report(self) -> str:
