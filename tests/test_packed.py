@@ -141,3 +141,18 @@ def test_devices_clock_falls_back_to_sequential_bit_identically(tmp_path: Path, 
     assert [r.get("central_loss") for r in packed_rounds] == [
         r.get("central_loss") for r in seq_rounds
     ]
+
+
+def test_a_failing_pack_falls_back_to_the_client_app(tmp_path: Path, caplog, monkeypatch) -> None:
+    import fedge.packed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(fedge.packed, "train_packed", broken)
+    seq_rounds, seq_model = _run(BASE, "inprocess", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fedge.packed"):
+        packed_rounds, packed_model = _run(BASE, "packed", tmp_path, pack_size=4)
+    assert "the pack raised RuntimeError: out of memory (simulated)" in caplog.text
+    for key in seq_model:  # every client went through the ClientApp: the very same model
+        assert torch.equal(packed_model[key], seq_model[key])
