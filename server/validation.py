@@ -325,9 +325,13 @@ class ReplyValidator(RoundPlugin):
         content = reply.content
         pairs = _reference_pairs(content, self._sent[reply.metadata.src_node_id])
         sent_names = {id(ref): n for n, ref in self._sent[reply.metadata.src_node_id].items()}
-        out = RecordDict({sent_names[id(ref)]: arrays for _, arrays, ref in pairs})
-        out["metrics"] = next(iter(content.metric_records.values()))
-        for name, record in content.config_records.items():
+        names = [sent_names[id(ref)] for _, _, ref in pairs]
+        configs = [n for n in records_of(content, ConfigRecord) if n not in names]
+        if [n for n, _, _ in pairs] == names and list(content) == [*names, "metrics", *configs]:
+            return reply  # already as the server expects (fedge's own clients): nothing to rebuild
+        out = RecordDict({name: arrays for name, (_, arrays, _) in zip(names, pairs, strict=True)})
+        out["metrics"] = next(iter(records_of(content, MetricRecord).values()))
+        for name, record in records_of(content, ConfigRecord).items():
             if name not in out:
                 out[name] = record
         reply.content = out  # same reply and metadata; only record names change
