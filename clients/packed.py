@@ -72,7 +72,8 @@ def _batch_plan(
         padded[:n] = torch.randperm(n, generator=generator)
         rows.append(padded.view(per_epoch, batch_size))
     plan = torch.cat(rows)
-    return plan if max_steps is None else plan[:max_steps]
+    # local_sgd checks its cap after a step: a cap of 0 still trains one step
+    return plan if max_steps is None else plan[: max(max_steps, 1)]
 
 
 def pack_bytes(model: nn.Module, num_clients: int, cfg: TrainConfig, prox: bool) -> int:

@@ -2,6 +2,8 @@
 
 1. ``inprocess`` (default): :class:`InProcessGrid`, a ``flwr.serverapp.Grid`` that calls the ClientApp
    directly — no Ray, no sockets. Exceptions become Flower error replies, as on a real SuperNode.
+   ``packed`` is the same grid handing a round's FedAvg/FedProx training messages to one batched
+   trainer (:mod:`fedge.packed`); everything else still goes through the ClientApp.
 2. ``ray``: Flower's simulation runtime, the way ``flwr run`` does it: a ``flower-superlink --simulation``
    on loopback, the app submitted with ``flwr run``, client resources from the scenario.
 3. ``deployment``: a SuperLink and one ``flower-supernode`` per client on loopback (insecure: for real
