@@ -12,6 +12,7 @@ import difflib
 import json
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,7 +137,7 @@ class FederationConfig(_Strict):
 class EngineConfig(_Strict):
     """Where the same ServerApp/ClientApp run."""
 
-    name: Literal["inprocess", "ray", "deployment"] = "inprocess"
+    name: Literal["inprocess", "packed", "ray", "deployment"] = "inprocess"
     num_cpus: int = Field(1, ge=1, description="ray: CPUs per client actor")
     num_gpus: float = Field(0.0, ge=0.0, description="ray: (fractional) GPUs per client actor")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -145,6 +146,9 @@ class EngineConfig(_Strict):
     )
     port: int = Field(
         0, ge=0, le=65535, description="ray/deployment: SuperLink port (0 = pick a free one)"
+    )
+    pack_size: int = Field(
+        256, ge=1, description="packed: clients trained together at most (bounds memory)"
     )
     ray_address: str = Field(
         "",
@@ -406,16 +410,37 @@ def did_you_mean(word: str, choices: list[str] | set[str]) -> str:
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Scenario
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
+    parts = list(loc[:-1])
+    while parts:
+        part = str(parts.pop(0))
+        field = model.model_fields.get(part)
         if field is None:
             break
-        ann = field.annotation
         if part == "algorithm":
             return sorted({k for n in algorithm_names() for k in algorithm_config(n).model_fields})
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
+        inner = _table_model(field.annotation)
+        if inner is None:
+            break
+        model, keyed = inner
+        if keyed and parts:  # dict[str, Model]: the next part is the user's own name
+            parts.pop(0)
     return sorted(model.model_fields)
+
+
+def _table_model(ann: Any) -> tuple[type[BaseModel], bool] | None:
+    """The model a field's table validates against (through ``X | None`` and ``dict[str, X]``),
+    and whether it is keyed by the user's own names; None for a plain value."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, False
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is dict and len(args) == 2:
+        inner = _table_model(args[1])
+        return (inner[0], True) if inner is not None else None
+    for arg in args:  # Optional / Union
+        inner = _table_model(arg)
+        if inner is not None:
+            return inner
+    return None
 
 
 def validate_scenario(raw: dict[str, Any]) -> Scenario:
