@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.attacks import attack_mod
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
 from clients.models import build_model
@@ -23,7 +24,7 @@ from clients.training import TrainJob, evaluate
 from scenarios.config import RUN_CONFIG_KEY, Scenario
 
 # Client mods (Flower middleware) wrap every trainer: e.g. the virtual clock, size accounting.
-MODS: list = [virtual_clock_mod]  # must be filled before the @app.train decorators run
+MODS: list = [virtual_clock_mod, attack_mod]  # must be filled before the @app.train decorators run
 
 app = ClientApp(mods=MODS)
 

@@ -18,7 +18,7 @@ from clients.models import build_model
 from clients.seeding import seed_everything
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
-from scenarios.results import METRICS_FILE, RunWriter, read_jsonl
+from scenarios.results import METRICS_FILE, read_jsonl
 from server.checkpoint import (
     CHECKPOINT_FILE,
     capture_run_state,
@@ -33,6 +33,7 @@ from server.loop import run_rounds
 from server.outcome import STATUS_FAILED, judge_run
 from server.personalization import evaluate_config_fn, finalize_personalization
 from server.plugins import build_plugins
+from server.robust import run_writer
 from server.strategies import ServerSetup, build_strategy
 
 RUN_DIR_KEY = "run-dir"
@@ -98,7 +99,13 @@ def run_server(
 
     plugins = build_plugins(setup)
     start_round, wall_before = 1, 0.0
-    if resume and not (run_dir / CHECKPOINT_FILE).exists() and not logged_rounds(run_dir):
+    started = (run_dir / METRICS_FILE).exists()  # RunWriter makes it first thing in a run
+    if (
+        resume
+        and started
+        and not (run_dir / CHECKPOINT_FILE).exists()
+        and not logged_rounds(run_dir)
+    ):
         # killed before its first round ended: nothing to lose, so the folder is simply reused
         truncate_logs(run_dir, -1)
         print(f"fedge: {run_dir} has no checkpoint yet; starting it again from round 1", flush=True)
@@ -109,7 +116,7 @@ def run_server(
         truncate_logs(run_dir, state.server_round)
         wall_before = wall_time_until(run_dir, state.server_round)
         print(f"fedge: resuming {run_dir} after round {state.server_round}", flush=True)
-    writer = RunWriter(run_dir, resume=resume)
+    writer = run_writer(run_dir, scenario, resume)
     writer.write_scenario(scenario_to_toml(scenario))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:

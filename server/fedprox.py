@@ -2,9 +2,13 @@
 
 from flwr.serverapp.strategy import FedProx, Strategy
 
+from server.robust import robust_strategy
 from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
 
 
 @register_strategy("fedprox")
 def make_fedprox(setup: ServerSetup) -> Strategy:
-    return FedProx(proximal_mu=setup.scenario.algorithm.mu, **fedavg_kwargs(setup.scenario))
+    mu = setup.scenario.algorithm.mu
+    return robust_strategy(setup, proximal_mu=mu) or FedProx(
+        proximal_mu=mu, **fedavg_kwargs(setup.scenario)
+    )

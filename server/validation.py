@@ -10,7 +10,8 @@ A reply is excluded, with a logged reason, when it
 - has array keys other than the ones it was sent                                  -> ``keys``
 - has an array whose shape or dtype differs from the one it was sent              -> ``shape``
 - holds NaN or ±Inf anywhere (arrays or metrics)                                   -> ``nonfinite``
-- moved the model further than ``robustness.max_update_norm``: ``||w_client - w_sent||_2``  -> ``norm``
+- moved the model further than ``robustness.max_update_norm``: ``||w_client - w_sent||_2``, or
+  (``robustness.relative_norm_bound`` = c > 0) further than c × the round's median update norm  -> ``norm``
 - is more than ``robustness.max_reply_factor`` times the size of what it was sent   -> ``oversized``
 
 Each round records ``num_invalid`` and ``num_invalid_<reason>``. If fewer than
@@ -150,6 +151,7 @@ class ReplyValidator(RoundPlugin):
         min_valid: int,
         sparse_size: int | None = None,
         array_records_per_reply: int | None = 1,
+        relative_norm_bound: float = 0.0,
     ) -> None:
         """``sparse_size``: total adapter entries when the strategy aggregates packed sparse
         replies (``lora_sparse``); None refuses the sparse encoding. ``array_records_per_reply``:
@@ -157,6 +159,9 @@ class ReplyValidator(RoundPlugin):
         as Flower's FedAvg demands); None allows one per record sent, matched by name."""
         self.sparse_size = sparse_size
         self.array_records_per_reply = array_records_per_reply
+        # > 0: also exclude updates longer than this multiple of the round's median update norm
+        self.relative_norm_bound = relative_norm_bound
+        self._norms: dict[int, float] = {}
         self.max_update_norm = max_update_norm
         self.max_reply_factor = max_reply_factor
         self.min_valid = min_valid
@@ -179,11 +184,13 @@ class ReplyValidator(RoundPlugin):
             rob.max_reply_factor,
             setup.scenario.federation.min_train_clients,
             sparse_size,
+            relative_norm_bound=rob.relative_norm_bound,
         )
 
     # RoundPlugin -----------------------------------------------------------------------------
     def observe_train_instructions(self, server_round: int, instructions: list[Message]) -> None:
         self._sent = {m.metadata.dst_node_id: m.content for m in instructions}
+        self._norms = {}
         self._sent_numpy: dict[
             int, dict[str, np.ndarray]
         ] = {}  # by id(): shared models decode once
@@ -213,6 +220,8 @@ class ReplyValidator(RoundPlugin):
                 kind,
                 detail,
             )
+        kept, outliers = self._relative_norm_outliers(server_round, kept)
+        invalid["norm"] += outliers
         self.total_invalid.update(invalid)
         metrics: Metrics = {"num_invalid": sum(invalid.values())}
         metrics.update({f"num_invalid_{k}": invalid[k] for k in REASONS})
@@ -230,6 +239,32 @@ class ReplyValidator(RoundPlugin):
             return [], metrics
         metrics["round_skipped"] = 0
         return self._common_metric_keys([self._canonical(r) for r in kept]), metrics
+
+    def _relative_norm_outliers(
+        self, server_round: int, kept: list[Message]
+    ) -> tuple[list[Message], int]:
+        r"""Drop updates with :math:`\|\Delta_k\| > c \cdot \mathrm{median}_j \|\Delta_j\|`
+        (``c = robustness.relative_norm_bound``): a bound that follows the round, unlike an
+        absolute one that either misses small attacks or rejects every honest update of a model
+        already thrown off course. The median needs honest majority: with 3+ replies only."""
+        if self.relative_norm_bound <= 0 or len(kept) < 3:
+            return kept, 0
+        norms = [self._norms[r.metadata.src_node_id] for r in kept]
+        limit = self.relative_norm_bound * float(np.median(norms))
+        out = [r for r, n in zip(kept, norms, strict=True) if n <= limit]
+        for r, n in zip(kept, norms, strict=True):
+            if n > limit:
+                log(
+                    WARNING,
+                    "round %d: excluded reply from node %d (norm): ||update||=%.3g > "
+                    "robustness.relative_norm_bound=%g × the round's median %.3g",
+                    server_round,
+                    r.metadata.src_node_id,
+                    n,
+                    self.relative_norm_bound,
+                    limit / self.relative_norm_bound,
+                )
+        return out, len(kept) - len(out)
 
     def state(self) -> dict:
         return {"total_invalid": dict(self.total_invalid)}
@@ -305,6 +340,7 @@ class ReplyValidator(RoundPlugin):
                 f"||update||={math.sqrt(squared):.3g} > "
                 f"robustness.max_update_norm={self.max_update_norm:g}"
             )
+        self._norms[reply.metadata.src_node_id] = math.sqrt(squared)
         return None
 
     def _canonical(self, reply: Message) -> Message:
