@@ -141,9 +141,7 @@ def table() -> str:
                 continue
             lines.append(f"| {kind} | {n} | " + " | ".join(mean_std(r) for r in row) + " |")
             if kind in ("sign_flip", "scale") and n <= 2 and all(row):
-                best = max(
-                    (statistics.mean(r), d) for r, d in zip(row, DEFENCES, strict=True)
-                )
+                best = max((statistics.mean(r), d) for r, d in zip(row, DEFENCES, strict=True))
                 verdicts.append((kind, n, best[1], 100 * (clean_mean - best[0])))
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -183,7 +181,7 @@ def table() -> str:
     out += [
         "",
         "Notes:",
-        "- Bulyan (`robustness.aggregation = \"bulyan\"`) is available but not in the table: "
+        '- Bulyan (`robustness.aggregation = "bulyan"`) is available but not in the table: '
         "Flower 1.42's implementation took 5-9 s per round on this model here (its per-coordinate "
         "selection is pure Python), 50x the other rules; it also needs n >= 4f + 3 replies.",
         "- Krum (one selected client's model) is available; MultiKrum is shown instead, since a "

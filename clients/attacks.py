@@ -22,17 +22,18 @@ For label_flip the attacker trains with plain SGD whatever the algorithm's own t
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from clients.data import dataset_info, load_client_data
+from clients.identity import IDENTITY_RECORD, PARTITION_ID, TRAINER
 from clients.models import build_model
+from clients.node import node_scenario, resolve_device
 from clients.seeding import derive_seed
 from clients.training import TrainJob, local_sgd
-from scenarios.config import RUN_CONFIG_KEY, Scenario
+from scenarios.config import Scenario
 
 DEFAULT_STRENGTH = {
     "sign_flip": 1.0,
@@ -42,11 +43,6 @@ DEFAULT_STRENGTH = {
     "label_flip": 0.0,
 }
 ATTACK_SEED_TAG = 0xA77AC
-
-
-@lru_cache(maxsize=8)
-def _scenario(raw: str) -> Scenario:
-    return Scenario.from_run_config({RUN_CONFIG_KEY: raw})
 
 
 def strength_of(scenario: Scenario) -> float:
@@ -88,9 +84,7 @@ def _label_flip_train(msg: Message, context: Context, scenario: Scenario, pid: i
     flipped = dataclasses.replace(data, y_train=(info.num_classes - 1 - data.y_train))
     config = msg.content.get("config", ConfigRecord())
     server_round = int(config.get("server-round", 0))
-    device = torch.device(
-        "cuda" if scenario.engine.device != "cpu" and torch.cuda.is_available() else "cpu"
-    )
+    device = resolve_device(scenario.engine.device)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     generator = torch.Generator().manual_seed(derive_seed(scenario.seed, server_round, pid))
@@ -102,18 +96,19 @@ def _label_flip_train(msg: Message, context: Context, scenario: Scenario, pid: i
             "train_loss": result.train_loss,
             "num-examples": result.num_examples,
             "num-steps": result.num_steps,
-            "partition-id": pid,
         }
     )
     arrays = ArrayRecord(model.to("cpu").state_dict())
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    identity = ConfigRecord({PARTITION_ID: pid, TRAINER: "local_sgd (label_flip attacker)"})
+    content = RecordDict({"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity})
+    return Message(content, reply_to=msg)
 
 
 def attack_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower client mod: attackers (``attack.clients``) poison their training replies."""
     if msg.metadata.message_type.split(".")[0] != "train":
         return call_next(msg, context)
-    scenario = _scenario(str(context.run_config.get(RUN_CONFIG_KEY, "")))
+    scenario = node_scenario(context)
     attack = scenario.attack
     pid = int(context.node_config.get("partition-id", -1))
     if attack.kind == "none" or pid not in attack.clients:

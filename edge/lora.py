@@ -33,7 +33,6 @@ from torch import nn
 
 from algorithms.lora_sparse import LoraSparseConfig, pack_sparse, sparsify_with_feedback
 from clients.seeding import derive_seed
-from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, local_sgd
 
 LORA_SEED_TAG = 0x10A4
@@ -82,8 +81,6 @@ def lora_config_of(job: TrainJob) -> LoraSparseConfig:
     return algo
 
 
-@register_trainer("lora")
-@register_trainer("lora_sparse")
 def train_lora(job: TrainJob) -> TrainResult:
     """Train LoRA adapters on the frozen received model; reply with the sparse adapter update."""
     cfg = lora_config_of(job)

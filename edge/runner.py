@@ -20,19 +20,60 @@ class InferenceReport:
 
 
 def load_inputs(path: str | Path) -> np.ndarray:
-    """A ``.npy`` array of inputs, batch first, float32."""
+    """A ``.npy`` array of inputs, batch first, float32 (see :func:`check_inputs`)."""
     path = Path(path)
     if not path.is_file() or path.suffix != ".npy":
         raise ValueError(f"inputs must be an existing .npy file (np.save(path, x)); got {path}")
-    return np.load(path).astype(np.float32)
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(
+            f"{path} is not a readable .npy array ({err}); write it with np.save"
+        ) from None
+    return check_inputs(x, str(path)).astype(np.float32)
+
+
+def check_inputs(x: np.ndarray, where: str = "inputs") -> np.ndarray:
+    """Refuse what a float32 model cannot classify meaningfully: non-numbers, NaN/Inf, and values
+    beyond float32's range (1e300 becomes Inf in float32); the argmax of NaN scores is class 0, a
+    confident-looking answer to garbage."""
+    x = np.asarray(x)
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise ValueError(f"{where}: expected a numeric array, got dtype {x.dtype}")
+    values = x.astype(np.float64, copy=False)
+    bad = ~np.isfinite(values) | (np.abs(values) > np.finfo(np.float32).max)
+    if bad.any():
+        rows = np.nonzero((bad.reshape(len(x), -1) if x.ndim else bad.reshape(1, 1)).any(1))[0]
+        shown = ", ".join(str(int(r)) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise ValueError(
+            f"{where}: {int(bad.sum())} values are NaN, infinite or beyond float32's range "
+            f"(rows {shown}); the model cannot classify them: clean or drop those rows"
+        )
+    return x
+
+
+def _onnx_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n))
 
 
 def infer(model_path: str | Path, x: np.ndarray, repeats: int = 5) -> InferenceReport:
     """Run the model on ``x`` ``repeats`` times; predictions are the argmax of the scores."""
     model_path = Path(model_path)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1 (got {repeats}): latency is their median")
     if not model_path.is_file():
         raise ValueError(f"no ONNX model at {model_path} (runs with edge clients write model.onnx)")
-    sess = session(model_path)
+    x = check_inputs(x)
+    try:
+        sess = session(model_path)
+    except _onnx_errors() as err:
+        raise ValueError(
+            f"{model_path} is not a readable ONNX model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); pass the model.onnx or model.int8.onnx of a run"
+        ) from None
     expected = sess.get_inputs()[0].shape[1:]
     if list(x.shape[1:]) != [d for d in expected]:
         raise ValueError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import signal
 import subprocess
 import sys
 import tomllib
@@ -278,16 +279,36 @@ def exec_env() -> dict[str, str]:
     return {**os.environ, "PATH": path, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def run_foreground(args: list[str]) -> int:
-    """Run a Flower process in the foreground (Ctrl-C stops it); return its exit code."""
+    """Run a Flower process in the foreground until it exits; return its exit status (128 + N
+    when signal N ended it, as a shell reports it).
+
+    SIGTERM, SIGINT (Ctrl-C) and SIGHUP sent to fedge are passed on to the Flower process, which
+    shuts down its own children; fedge waits for it, so a service manager that stops fedge stops
+    Flower too. The child runs in its own session so that a Ctrl-C reaches it once (from fedge),
+    not twice (from the terminal and from fedge).
+    """
     print("$ " + " ".join(args), flush=True)
+    proc = subprocess.Popen(args, env=exec_env(), start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        return subprocess.call(args, env=exec_env())
-    except KeyboardInterrupt:
-        return 130
+        code = proc.wait()  # resumed after each handler (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code
 
 
-def submit_args(exe: str, app_dir: Path, run_config: Path, stream: bool = True) -> list[str]:
-    """``flwr run <app> fedge --run-config <file> [--stream]``."""
-    args = [exe, "run", str(app_dir), CONNECTION, "--run-config", str(run_config)]
+def submit_args(exe: str, app_dir: Path, run_config: Path | None, stream: bool = True) -> list[str]:
+    """``flwr run <app> fedge [--run-config <file>] [--stream]``."""
+    args = [exe, "run", str(app_dir), CONNECTION]
+    args += ["--run-config", str(run_config)] if run_config is not None else []
     return [*args, "--stream"] if stream else args

@@ -8,9 +8,12 @@ in-process, Ray and deployment engines all see exactly the same values.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from algorithms import ALGORITHM_CONFIGS, AlgorithmConfig
 from scenarios.devices import DevicesConfig
+from scenarios.registry import UnknownAlgorithm, algorithm_config, algorithm_names
 
 RUN_CONFIG_KEY = "scenario"
 
@@ -35,7 +38,9 @@ class ScenarioError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/NaN anywhere: no knob means anything at infinity here, and JSON (how the scenario
+    # travels in run_config) would turn them into null, so a run could not even restart from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -123,6 +128,11 @@ class FederationConfig(_Strict):
     )
     min_train_clients: int = Field(1, ge=1)
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    wait_for_nodes_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="stop with an error if fewer than data.num_clients nodes connect in this time",
+    )
 
 
 class EngineConfig(_Strict):
@@ -190,7 +200,19 @@ class EdgeConfig(_Strict):
                 raise ValueError(
                     f"client selector {key!r} must be a partition id ('3'), a range ('0-4') or '*'"
                 )
+            if len(parts) == 2 and int(parts[0]) > int(parts[1]):
+                raise ValueError(
+                    f"client selector {key!r} is a reversed range; write it low-high "
+                    f"('{parts[1]}-{parts[0]}')"
+                )
         return v
+
+    def selector_ids(self, selector: str) -> range | None:
+        """The partition ids a selector names (None for '*')."""
+        if selector == "*":
+            return None
+        lo, _, hi = selector.partition("-")
+        return range(int(lo), int(hi or lo) + 1)
 
 
 class RobustnessConfig(_Strict):
@@ -265,8 +287,9 @@ class Scenario(_Strict):
     output_dir: str = "results"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    algorithm: SerializeAsAny[AlgorithmConfig] = Field(
-        default_factory=lambda: ALGORITHM_CONFIGS["fedavg"]()
+    # The algorithm's own declaration (algorithms/<name>.py or a plug-in), found by name.
+    algorithm: SerializeAsAny[BaseModel] = Field(
+        default_factory=lambda: algorithm_config("fedavg")()
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -295,19 +318,20 @@ class Scenario(_Strict):
 
     @field_validator("algorithm", mode="before")
     @classmethod
-    def _resolve_algorithm(cls, value: Any) -> AlgorithmConfig:
-        if isinstance(value, AlgorithmConfig):
+    def _resolve_algorithm(cls, value: Any) -> BaseModel:
+        if isinstance(value, BaseModel):
             return value
-        if not isinstance(value, dict) or "name" not in value:
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise ValueError(f"needs a table with `name`, one of: {', '.join(algorithm_names())}")
+        try:
+            declared = algorithm_config(value["name"])
+        except UnknownAlgorithm:
+            names = algorithm_names()
             raise ValueError(
-                f"needs a table with `name`, one of: {', '.join(sorted(ALGORITHM_CONFIGS))}"
-            )
-        name = value["name"]
-        if name not in ALGORITHM_CONFIGS:
-            raise ValueError(
-                f"unknown algorithm {name!r}; allowed: {', '.join(sorted(ALGORITHM_CONFIGS))}"
-            )
-        return ALGORITHM_CONFIGS[name].model_validate(value)
+                f"unknown algorithm {value['name']!r}{did_you_mean(value['name'], set(names))}; "
+                f"allowed: {', '.join(names)}"
+            ) from None
+        return declared.model_validate(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -316,7 +340,10 @@ class Scenario(_Strict):
                 f"federation.min_train_clients={self.federation.min_train_clients} exceeds "
                 f"data.num_clients={self.data.num_clients}"
             )
-        if self.algorithm.needs_server_proxy() and self.data.proxy_fraction == 0:
+        if (
+            getattr(self.algorithm, "needs_server_proxy", lambda: False)()
+            and self.data.proxy_fraction == 0
+        ):
             raise ValueError(
                 f"algorithm {self.algorithm.name!r} needs a server proxy set, but "
                 "data.proxy_fraction = 0; set it (e.g. 0.02)"
@@ -327,6 +354,14 @@ class Scenario(_Strict):
                 )
             )
         self._check_attack_and_defense()
+        for selector in self.edge.trainers:
+            ids = self.edge.selector_ids(selector)
+            if ids is not None and ids.stop > self.data.num_clients:
+                raise ValueError(
+                    f"edge.trainers selector {selector!r} names client {ids.stop - 1}, but "
+                    f"data.num_clients={self.data.num_clients} has ids 0..{self.data.num_clients - 1}"
+                    "; fix the selector or raise data.num_clients"
+                )
         if self.personalization.enabled and self.federation.fraction_evaluate == 0:
             raise ValueError(
                 "personalization fine-tunes during client evaluation, but "
@@ -389,7 +424,14 @@ def _format_errors(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed keys here: {', '.join(_allowed_keys(e['loc']))}"
+            allowed = _allowed_keys(e["loc"])
+            msg = (
+                f"unknown key{did_you_mean(str(e['loc'][-1]), allowed)}; allowed keys here: "
+                f"{', '.join(allowed)}"
+            )
+        elif e["type"] == "literal_error":
+            expected = re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))
+            msg += did_you_mean(str(e.get("input")), expected)
         got = e.get("input")
         shown = (
             ""
@@ -400,18 +442,45 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid scenario:\n" + "\n".join(lines)
 
 
+def did_you_mean(word: str, choices: list[str] | set[str]) -> str:
+    """``" (did you mean 'alpha'?)"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Scenario
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
+    parts = list(loc[:-1])
+    while parts:
+        part = str(parts.pop(0))
+        field = model.model_fields.get(part)
         if field is None:
             break
-        ann = field.annotation
         if part == "algorithm":
-            return sorted({k for c in ALGORITHM_CONFIGS.values() for k in c.model_fields})
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
+            return sorted({k for n in algorithm_names() for k in algorithm_config(n).model_fields})
+        inner = _table_model(field.annotation)
+        if inner is None:
+            break
+        model, keyed = inner
+        if keyed and parts:  # dict[str, Model]: the next part is the user's own name
+            parts.pop(0)
     return sorted(model.model_fields)
+
+
+def _table_model(ann: Any) -> tuple[type[BaseModel], bool] | None:
+    """The model a field's table validates against (through ``X | None`` and ``dict[str, X]``),
+    and whether it is keyed by the user's own names; None for a plain value."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, False
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is dict and len(args) == 2:
+        inner = _table_model(args[1])
+        return (inner[0], True) if inner is not None else None
+    for arg in args:  # Optional / Union
+        inner = _table_model(arg)
+        if inner is not None:
+            return inner
+    return None
 
 
 def validate_scenario(raw: dict[str, Any]) -> Scenario:

@@ -12,10 +12,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clients.app import resolve_device
-from clients.data import dataset_info, load_central_test
+from clients.data import load_central_test
 from clients.models import build_model
-from clients.seeding import seed_everything
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
 from scenarios.results import METRICS_FILE, read_jsonl
@@ -29,12 +27,12 @@ from server.checkpoint import (
     truncate_logs,
     wall_time_until,
 )
-from server.loop import run_rounds
+from server.deadline import finalize_virtual_clock
+from server.loop import run_rounds, wait_for_nodes
 from server.outcome import STATUS_FAILED, judge_run
 from server.personalization import evaluate_config_fn, finalize_personalization
-from server.plugins import build_plugins
 from server.robust import run_writer
-from server.strategies import ServerSetup, build_strategy
+from server.setup import build_run
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
@@ -81,12 +79,9 @@ def run_server(
 ) -> dict:
     """Train ``scenario`` over ``grid``; write everything to ``run_dir``; return the run summary.
     ``resume=True`` continues from ``run_dir``'s last checkpoint (see :mod:`server.checkpoint`)."""
-    seed_everything(scenario.seed)
-    device = resolve_device(scenario.engine.device)
-    info = dataset_info(scenario.data)
-    model = build_model(scenario.model, info.input_shape, info.num_classes)
-    setup = ServerSetup(scenario, info, model, device, run_dir)
-    strategy = build_strategy(setup)
+    run = build_run(scenario, run_dir)
+    setup, strategy, plugins = run.setup, run.strategy, run.plugins
+    device, info, model = setup.device, setup.info, setup.model
     # taken after the strategy exists: a strategy may initialise the model (LoRA's pre-trained base)
     initial = ArrayRecord(model.state_dict())
     x_test, y_test = load_central_test(scenario.data, scenario.seed)
@@ -97,15 +92,9 @@ def run_server(
         loss, acc = evaluate(eval_model, x_test, y_test, device)
         return MetricRecord({"central_loss": loss, "central_accuracy": acc})
 
-    plugins = build_plugins(setup)
+    wait_for_nodes(grid, scenario.data.num_clients, scenario.federation.wait_for_nodes_s)
     start_round, wall_before = 1, 0.0
-    started = (run_dir / METRICS_FILE).exists()  # RunWriter makes it first thing in a run
-    if (
-        resume
-        and started
-        and not (run_dir / CHECKPOINT_FILE).exists()
-        and not logged_rounds(run_dir)
-    ):
+    if resume and not (run_dir / CHECKPOINT_FILE).exists() and not logged_rounds(run_dir):
         # killed before its first round ended: nothing to lose, so the folder is simply reused
         truncate_logs(run_dir, -1)
         print(f"fedge: {run_dir} has no checkpoint yet; starting it again from round 1", flush=True)
@@ -143,8 +132,6 @@ def run_server(
     outcome = judge_run(read_jsonl(run_dir / METRICS_FILE), scenario.robustness.max_skipped_share)
     summary = finalize_personalization(run_dir, writer.finalize(extra=outcome))
     if scenario.devices is not None:
-        from server.deadline import finalize_virtual_clock
-
         summary = finalize_virtual_clock(writer, summary)
     if summary["status"] == STATUS_FAILED:
         print(f"fedge: run FAILED: {summary['failure']}", flush=True)

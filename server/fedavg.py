@@ -3,9 +3,8 @@
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from server.robust import robust_strategy
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
-@register_strategy("fedavg")
 def make_fedavg(setup: ServerSetup) -> Strategy:
     return robust_strategy(setup) or FedAvg(**fedavg_kwargs(setup.scenario))

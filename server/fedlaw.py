@@ -25,10 +25,11 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from algorithms.fedlaw import FedLAWConfig, lambda_entropy, learn_aggregation
 from clients.data import DatasetInfo, load_proxy
+from clients.identity import reply_partition_id
 from clients.seeding import derive_seed
 from scenarios.config import Scenario
 from server.fedld import reply_arrays
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 WEIGHTS_FILE = "fedlaw_weights.jsonl"
 
@@ -108,10 +109,8 @@ class FedLAW(FedAvg):
     ) -> None:
         ids = []
         for m in valid:
-            rec = next(iter(m.content.metric_records.values()))
-            ids.append(
-                int(rec["partition-id"]) if "partition-id" in rec else m.metadata.src_node_id
-            )
+            pid = reply_partition_id(m)
+            ids.append(pid if pid is not None else m.metadata.src_node_id)
         line = {
             "round": server_round,
             "gamma": gamma,
@@ -153,7 +152,6 @@ def load_fedlaw_proxy(scenario: Scenario, info: DatasetInfo) -> tuple[np.ndarray
     return load_proxy(scenario.data, scenario.seed)
 
 
-@register_strategy("fedlaw")
 def make_fedlaw(setup: ServerSetup) -> Strategy:
     x, y = load_fedlaw_proxy(setup.scenario, setup.info)
     model = copy.deepcopy(setup.model).to(setup.device)

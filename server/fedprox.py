@@ -3,10 +3,9 @@
 from flwr.serverapp.strategy import FedProx, Strategy
 
 from server.robust import robust_strategy
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
-@register_strategy("fedprox")
 def make_fedprox(setup: ServerSetup) -> Strategy:
     mu = setup.scenario.algorithm.mu
     return robust_strategy(setup, proximal_mu=mu) or FedProx(

@@ -29,7 +29,7 @@ from clients.data import load_proxy
 from clients.seeding import derive_seed
 from clients.training import batches
 from edge.lora import initial_factors, linear_names
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
 def is_sparse_reply(arrays: ArrayRecord) -> bool:
@@ -115,7 +115,6 @@ def pretrain_base(setup: ServerSetup, cfg: LoraSparseConfig) -> None:
     model.to("cpu")
 
 
-@register_strategy("lora_sparse")
 def make_lora_sparse(setup: ServerSetup) -> Strategy:
     cfg = setup.scenario.algorithm
     assert isinstance(cfg, LoraSparseConfig)

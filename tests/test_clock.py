@@ -27,6 +27,7 @@ from clients.clock import (
     training_memory_bytes,
     virtual_clock_mod,
 )
+from clients.identity import reply_partition_id
 from fedge.engines import InProcessGrid
 from scenarios.config import validate_scenario
 from scenarios.devices import DeviceProfile, load_catalog
@@ -144,7 +145,7 @@ def test_memory_check_names_device_and_sizes(monkeypatch: pytest.MonkeyPatch) ->
     assert "device out of memory: device tiny has 4.0 KiB, training needs" in reason
     assert "params+grads+optimizer" in reason and "16-sample batch" in reason
     # edge trainers are held to their own measured memory, not skipped
-    monkeypatch.setattr(clock, "_trainer_name", lambda scenario, pid: "tpsgd")
+    monkeypatch.setattr(clock, "trainer_name_for", lambda scenario, pid: "tpsgd")
     reason = train_on_grid(scenario)[0].error.reason
     assert "training needs" in reason and "tpsgd: params" in reason
 
@@ -176,7 +177,7 @@ def test_edge_trainer_memory_is_measured_and_can_fit_where_backprop_does_not(
     between = (need["lora"] + need["fedavg"]) // 2
     raw, _ = needs(between)
     assert all("device out of memory" in r.error.reason for r in train_on_grid(raw))
-    monkeypatch.setattr(clock, "_trainer_name", lambda scenario, pid: "lora")
+    monkeypatch.setattr(clock, "trainer_name_for", lambda scenario, pid: "lora")
     assert not any(r.has_error() for r in train_on_grid(raw))
 
 
@@ -207,7 +208,7 @@ def test_partial_work_caps_only_the_slow_client() -> None:
     )
     # one ConfigRecord shared by both messages, as Flower's strategies send it
     replies = train_on_grid(scenario, {"deadline-s": 1.0, "partial-work": True})
-    slow_reply, fast_reply = sorted(replies, key=lambda r: r.content["metrics"]["partition-id"])
+    slow_reply, fast_reply = sorted(replies, key=reply_partition_id)
     assert slow_reply.content["metrics"]["work-fraction"] < 1.0
     fast = fast_reply.content["metrics"]
     assert fast["num-steps"] == fast["planned-steps"] and fast["work-fraction"] == 1.0

@@ -24,12 +24,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from algorithms import ALGORITHM_CONFIGS
 from algorithms.lora_sparse import PACKED_INDICES, PACKED_VALUES
 from clients.app import app as fedge_client_app
 from clients.data import dataset_info
 from clients.models import build_model
 from fedge.engines import SERVER_NODE_ID, InProcessGrid
+from scenarios.registry import algorithm_names
 from server.loop import arrays_finite
 from server.strategies import ServerSetup, build_strategy
 from server.validation import REASONS, ReplyValidator
@@ -84,7 +84,7 @@ def _instruction_of(rnd: Round, reply: Message) -> Message:
 _ROUNDS: dict[str, Round] = {}
 
 
-@pytest.fixture(params=sorted(ALGORITHM_CONFIGS))
+@pytest.fixture(params=list(algorithm_names()))
 def honest_round(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Round:
     name = request.param
     if name not in _ROUNDS:
