@@ -255,6 +255,15 @@ class RobustnessConfig(_Strict):
         description="exclude replies whose update norm exceeds this multiple of the round's "
         "median update norm (0: off; e.g. 3). Works with every algorithm",
     )
+    dp_clipping_norm: float = Field(
+        0.0,
+        ge=0.0,
+        description="fedavg/fedprox: > 0 wraps the strategy in Flower's "
+        "DifferentialPrivacyServerSideFixedClipping with this clipping norm (0: off)",
+    )
+    dp_noise_multiplier: float = Field(
+        0.0, ge=0.0, description="with dp_clipping_norm: Gaussian noise multiplier (0: clip only)"
+    )
 
 
 # Algorithms whose server aggregates with FedAvg's rule, which a robust rule can replace.
@@ -390,6 +399,11 @@ class Scenario(_Strict):
                 f"robustness.aggregation={defense.aggregation!r} replaces FedAvg's mean and works "
                 f"with {' and '.join(ROBUST_AGGREGATION_ALGORITHMS)} only; {algo!r} aggregates "
                 "its own way. Use robustness.relative_norm_bound (every algorithm) instead"
+            )
+        if defense.dp_clipping_norm > 0 and algo not in ROBUST_AGGREGATION_ALGORITHMS:
+            raise ValueError(
+                f"robustness.dp_clipping_norm wraps FedAvg-style strategies and works with "
+                f"{' and '.join(ROBUST_AGGREGATION_ALGORITHMS)} only, not {algo!r}"
             )
         sampled = max(1, math.ceil(self.federation.fraction_train * self.data.num_clients))
         f = defense.num_malicious

@@ -2,12 +2,9 @@
 
 from flwr.serverapp.strategy import FedProx, Strategy
 
-from server.robust import robust_strategy
-from server.strategies import ServerSetup, fedavg_kwargs
+from server.robust import defended_strategy
+from server.strategies import ServerSetup
 
 
 def make_fedprox(setup: ServerSetup) -> Strategy:
-    mu = setup.scenario.algorithm.mu
-    return robust_strategy(setup, proximal_mu=mu) or FedProx(
-        proximal_mu=mu, **fedavg_kwargs(setup.scenario)
-    )
+    return defended_strategy(setup, FedProx, proximal_mu=setup.scenario.algorithm.mu)

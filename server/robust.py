@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     FedMedian,
     FedTrimmedAvg,
@@ -63,6 +64,28 @@ def with_proximal_term(cls: type[FedAvg], mu: float) -> type[FedAvg]:
 
     Proximal.__name__ = Proximal.__qualname__ = f"FedProx{cls.__name__}"
     return Proximal
+
+
+def defended_strategy(
+    setup: ServerSetup, plain: type[FedAvg], proximal_mu: float | None = None
+) -> Strategy:
+    """FedAvg/FedProx as the scenario's ``[robustness]`` asks: ``plain`` (FedAvg or FedProx) or
+    the robust rule, wrapped in Flower's server-side DP clipping when ``dp_clipping_norm > 0``."""
+    scenario = setup.scenario
+    rob = scenario.robustness
+    kwargs = fedavg_kwargs(scenario)
+    if proximal_mu is not None and rob.aggregation == "mean":
+        kwargs["proximal_mu"] = proximal_mu
+    strategy = robust_strategy(setup, proximal_mu) or plain(**kwargs)
+    if rob.dp_clipping_norm <= 0:
+        return strategy
+    sampled = max(1, math.ceil(scenario.federation.fraction_train * scenario.data.num_clients))
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy,
+        noise_multiplier=rob.dp_noise_multiplier,
+        clipping_norm=rob.dp_clipping_norm,
+        num_sampled_clients=sampled,
+    )
 
 
 def robust_strategy(setup: ServerSetup, proximal_mu: float | None = None) -> Strategy | None:

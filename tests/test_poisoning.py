@@ -151,3 +151,28 @@ def test_every_attack_kind_runs_and_changes_the_attackers_reply(tmp_path: Path, 
     assert attacked_loss != load_run(tmp_path / "clean").rounds[1]["central_loss"]
     if kind == "label_flip":
         assert rows[2]["train_loss"] != honest[2]["train_loss"]
+
+
+def test_server_side_dp_clipping_wraps_flowers_strategy(tmp_path: Path) -> None:
+    """robustness.dp_clipping_norm wraps fedavg/fedprox in Flower's server-side fixed clipping;
+    a boosted update is then clipped, so it cannot throw the model off on its own."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    dp = {"dp_clipping_norm": 0.5, "aggregation": "median"}
+    sc = scenario(tmp_path, algorithm={"name": "fedprox"}, robustness=dp)
+    info = dataset_info(sc.data)
+    strategy = build_strategy(
+        ServerSetup(sc, info, build_model(sc.model, info.input_shape, info.num_classes), "cpu")
+    )
+    assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
+    assert isinstance(strategy.strategy, FedMedian)
+    with pytest.raises(ScenarioError, match="dp_clipping_norm"):
+        scenario(tmp_path, algorithm={"name": "fedld"}, robustness={"dp_clipping_norm": 1.0})
+    boosted = {"kind": "scale", "clients": [0], "strength": 50.0}
+    plain = run_engine(scenario(tmp_path, attack=boosted), tmp_path / "plain", show_progress=False)
+    clipped = run_engine(
+        scenario(tmp_path, attack=boosted, robustness={"dp_clipping_norm": 0.5}),
+        tmp_path / "clipped",
+        show_progress=False,
+    )
+    assert clipped["final_accuracy"] > plain["final_accuracy"] + 0.05
