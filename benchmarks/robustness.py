@@ -2,7 +2,7 @@
 
 mnist1d, Dirichlet alpha = 0.5, 10 clients, 3 seeds; 0/1/2/3 attackers (partition ids 0..n-1) of
 each kind in clients/attacks.py, at their default strengths; defences from server/robust.py and
-the reply validator. Small on purpose (one CPU core, ~4 minutes per attack kind): the settings
+the reply validator. Small on purpose (one CPU core, ~3-5 minutes per attack kind): the settings
 are printed in the table. Cells are cached in a JSON file, so the table can be built in several
 invocations (one per attack kind) and rerun cheaply:
 
@@ -163,7 +163,8 @@ def table() -> str:
         "on one CPU core in minutes; absolute accuracies are those of a short run.",
         "",
         f"Machine: 2-core CPU box shared with other jobs; commit {commit}; "
-        f"{len(cache)} runs, median {statistics.median(seconds):.1f} s each.",
+        f"{len(cache)} runs, median {statistics.median(seconds):.1f} s each "
+        f"({sum(seconds) / 60:.0f} min of runs in all).",
         "Reproduce: `PYTHONPATH=. python benchmarks/robustness.py --kinds none,sign_flip` (and "
         "the other kinds), then `--table`.",
         "",
@@ -177,8 +178,20 @@ def table() -> str:
     ]
     for kind, n, best, cost in verdicts:
         status = "met" if cost <= 5 else "NOT met"
-        out.append(f"- {kind}, {n} attacker(s): best is {best}, {cost:+.1f} points -> {status}")
+        out.append(
+            f"- {kind}, {n} attacker(s): best defence {best} "
+            f"({'costs' if cost >= 0 else 'gains'} {abs(cost):.1f} points) -> {status}"
+        )
     out += [
+        "",
+        "Reading it: at this short budget under label skew, the coordinate-wise rules (median, "
+        "trimmed mean) and MultiKrum cost 5-8 points on clean data, because they discard or "
+        "down-weight honest but dissimilar clients. The relative norm bound costs nothing on "
+        "clean data and neutralises boosted (scale) and noise (gaussian) attackers, but cannot "
+        "see a x1 sign flip or label flip, whose updates have honest norms; against 3 sign "
+        "flippers the robust rules (MultiKrum best) beat FedAvg. The target is not met for 2 "
+        "sign-flip attackers: no defence here does better than FedAvg itself (22.4 % vs 29.4 % "
+        "clean). A ±1-3 point difference is within the seed spread (see the ± columns).",
         "",
         "Notes:",
         '- Bulyan (`robustness.aggregation = "bulyan"`) is available but not in the table: '
