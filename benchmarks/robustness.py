@@ -76,10 +76,17 @@ def run_cell(kind: str, attackers: int, defence: str, seed: int, out: Path) -> d
     with contextlib.redirect_stdout(io.StringIO()):
         summary = run_engine(scenario, Path(tempfile.mkdtemp(dir=out)), show_progress=False)
     return {
+        "commit": _commit(),
         "final_accuracy": summary["final_accuracy"],
         "rounds_aggregated": summary.get("num_rounds_aggregated"),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def load_cache() -> dict:
@@ -143,9 +150,8 @@ def table() -> str:
             if kind in ("sign_flip", "scale") and n <= 2 and all(row):
                 best = max((statistics.mean(r), d) for r, d in zip(row, DEFENCES, strict=True))
                 verdicts.append((kind, n, best[1], 100 * (clean_mean - best[0])))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    measured = sorted({c.get("commit", "?") for c in cache.values()})
+    commit = f"{_commit()} (cells measured at {', '.join(measured)})"
     seconds = [c["seconds"] for c in cache.values()]
     s = SETTINGS
     out = [
