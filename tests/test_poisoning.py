@@ -176,3 +176,16 @@ def test_server_side_dp_clipping_wraps_flowers_strategy(tmp_path: Path) -> None:
         show_progress=False,
     )
     assert clipped["final_accuracy"] > plain["final_accuracy"] + 0.05
+
+
+def test_packed_engine_applies_attacks_too(tmp_path: Path) -> None:
+    """The packed engine trains attackers through the ClientApp (and its attack mod): the run
+    matches the in-process engine's, attackers included."""
+    attack = {"kind": "scale", "clients": [1], "strength": 5.0}
+    runs = {}
+    for engine in ("inprocess", "packed"):
+        sc = scenario(tmp_path, num_rounds=1, attack=attack, engine={"name": engine})
+        run_engine(sc, tmp_path / engine, show_progress=False)
+        runs[engine] = load_run(tmp_path / engine)
+    assert runs["packed"].rounds[1]["central_loss"] == runs["inprocess"].rounds[1]["central_loss"]
+    assert {r["partition_id"] for r in runs["packed"].clients if r["attacker"]} == {1}
