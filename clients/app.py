@@ -20,10 +20,15 @@ from clients.personalization import finetune_metrics
 from clients.seeding import derive_seed
 from clients.trainers import trainer_for
 from clients.training import TrainJob, evaluate
+from edge.lora import lora_downlink_mod
 from scenarios.config import RUN_CONFIG_KEY, Scenario
 
 # Client mods (Flower middleware) wrap every trainer: e.g. the virtual clock, size accounting.
-MODS: list = [virtual_clock_mod]  # must be filled before the @app.train decorators run
+# The LoRA downlink mod sits inside the clock, so the clock counts the compact message.
+MODS: list = [
+    virtual_clock_mod,
+    lora_downlink_mod,
+]  # must be filled before the @app.train decorators run
 
 app = ClientApp(mods=MODS)
 

@@ -31,7 +31,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from algorithms.lora_sparse import is_sparse_encoded
+from algorithms.lora_sparse import PACKET_KEY, decode_packet, is_sparse_encoded
 from server.plugins import Metrics, RoundPlugin
 from server.strategies import ServerSetup
 
@@ -72,27 +72,24 @@ def _reference_pairs(
 
 
 def _sparse_problem(name: str, arrays: ArrayRecord) -> tuple[str, str] | None:
-    """Structure of a sparse reply: every ``k.indices`` has a ``k.values`` of the same 1-D length,
-    indices are integers, values are floats."""
-    tensors = as_numpy(arrays)
-    stems = {k.removesuffix(".indices") for k in tensors if k.endswith(".indices")}
-    stems |= {k.removesuffix(".values") for k in tensors if k.endswith(".values")}
-    for stem in sorted(stems):
-        values, indices = tensors.get(f"{stem}.values"), tensors.get(f"{stem}.indices")
-        if values is None or indices is None:
-            return "keys", f"{name}: sparse tensor {stem!r} lacks its values or indices"
-        if values.ndim != 1 or indices.shape != values.shape:
-            return "shape", f"{stem}: values {list(values.shape)} vs indices {list(indices.shape)}"
-        if not np.issubdtype(indices.dtype, np.integer) or values.dtype != np.float32:
-            return "shape", f"{stem}: indices {indices.dtype}, values {values.dtype}"
+    """Structure of a LoRA packet reply: exactly one packet that decodes (header, sizes, indices)."""
+    if set(arrays.keys()) != {PACKET_KEY}:
+        return (
+            "keys",
+            f"{name}: a LoRA reply carries only {PACKET_KEY!r}, got {sorted(arrays.keys())}",
+        )
+    try:
+        values = decode_packet(as_numpy(arrays)[PACKET_KEY])
+    except ValueError as err:
+        return "shape", f"{name}: {err}"
+    if not bool(values.isfinite().all()):  # bytes are always finite; the values they encode not
+        return "nonfinite", f"{name}: the LoRA packet's values hold NaN or Inf"
     return None
 
 
 def _sparse_update_sq(tensors: dict[str, np.ndarray]) -> float:
-    """Squared norm of a sparse update: its values *are* the (adapter) update entries."""
-    return float(
-        sum(np.sum(v.astype(np.float64) ** 2) for k, v in tensors.items() if k.endswith(".values"))
-    )
+    """Squared norm of a LoRA packet: its decoded values *are* the (adapter) update entries."""
+    return float(decode_packet(tensors[PACKET_KEY]).double().pow(2).sum())
 
 
 def _content_bytes(content: RecordDict) -> int:
