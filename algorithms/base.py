@@ -1,27 +1,33 @@
-"""Home of every algorithm's hyperparameters: one pydantic model per algorithm, found by name."""
+"""What every algorithm declares: its hyperparameters (a pydantic model) and where its two sides live.
+
+An algorithm ``foo`` is one class in ``algorithms/foo.py`` (or in a third-party package, registered
+under the ``fedge.algorithms`` entry-point group)::
+
+    class FooConfig(AlgorithmConfig):
+        name: Literal["foo"] = "foo"
+        server_factory: ClassVar[str] = "server.foo:make_foo"    # ServerSetup -> flwr Strategy
+        client_trainer: ClassVar[str] = "clients.foo:train_foo"  # TrainJob -> TrainResult
+        step: float = Field(0.1, gt=0)                            # hyperparameters, with defaults
+
+The two sides are named as ``"module:attribute"`` strings, imported only when a run uses the
+algorithm, so a FedAvg run never imports LoRA's peft, and this package imports no Flower.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import ClassVar
 
-ALGORITHM_CONFIGS: dict[str, type[AlgorithmConfig]] = {}
+from pydantic import BaseModel, ConfigDict
 
 
 class AlgorithmConfig(BaseModel):
-    """Base of an algorithm's hyperparameters; subclasses fix ``name`` and add their own fields."""
+    """Base of an algorithm's declaration; subclasses fix ``name`` and add their hyperparameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
+    server_factory: ClassVar[str] = ""
+    client_trainer: ClassVar[str] = ""
 
     def needs_server_proxy(self) -> bool:
         """Whether the server step needs a proxy set carved from train (``data.proxy_fraction``)."""
         return False
-
-
-def register_algorithm(cls: type[AlgorithmConfig]) -> type[AlgorithmConfig]:
-    """Class decorator: make ``cls`` selectable as ``[algorithm] name = "<its name>"``."""
-    name = cls.model_fields["name"].default
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} must give `name` a string default")
-    ALGORITHM_CONFIGS[name] = cls
-    return cls

@@ -2,16 +2,17 @@
 cosine similarity of its clients' updates once it is near a stationary point of the joint objective
 (‖mean Δ‖ < ε1) while some client is not (max ‖Δ_i‖ > ε2)."""
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from algorithms.base import AlgorithmConfig, register_algorithm
+from algorithms.base import AlgorithmConfig
 
 
-@register_algorithm
 class CFLConfig(AlgorithmConfig):
     name: Literal["cfl"] = "cfl"
+    server_factory: ClassVar[str] = "server.cfl:make_cfl"
+    client_trainer: ClassVar[str] = "clients.cfl:train_cfl"
     eps1: float = Field(
         0.4, gt=0.0, description="split only when the cluster's mean update norm is below ε1"
     )

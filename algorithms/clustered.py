@@ -2,17 +2,17 @@
 hierarchical clustering of the clients' updates, one semi-global model per cluster trained with a
 meta-learning objective (Reptile by default) inside the cluster."""
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from algorithms.base import register_algorithm
 from algorithms.meta import PerFedAvgParams, ReptileParams
 
 
-@register_algorithm
 class ClusteredConfig(ReptileParams, PerFedAvgParams):
     name: Literal["clustered"] = "clustered"
+    server_factory: ClassVar[str] = "server.clustered:make_clustered"
+    client_trainer: ClassVar[str] = "clients.clustered:train_clustered"
     warmup_rounds: int = Field(
         5, ge=1, description="FedAvg rounds before clustering (updates of the last one cluster)"
     )

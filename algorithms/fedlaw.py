@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -21,10 +21,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from algorithms.base import AlgorithmConfig, register_algorithm
+from algorithms.base import AlgorithmConfig
 
 
-@register_algorithm
 class FedLAWConfig(AlgorithmConfig):
     """FedLAW hyperparameters (defaults: the reference code's non-CIFAR-10 settings).
 
@@ -32,6 +31,8 @@ class FedLAWConfig(AlgorithmConfig):
     (gamma only, lambda = FedAvg's weights)."""
 
     name: Literal["fedlaw"] = "fedlaw"
+    server_factory: ClassVar[str] = "server.fedlaw:make_fedlaw"
+    client_trainer: ClassVar[str] = "clients.fedlaw:train_fedlaw"
     variant: Literal["exp", "quad", "swa"] = Field(
         "exp",
         description="exp: lambda=softmax(a), gamma=exp(b); quad: lambda=a^2/sum a^2, gamma=b^2; "

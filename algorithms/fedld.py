@@ -13,24 +13,25 @@ matrix is decomposed, never the d x d covariance, and the K x k projections are 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch.nn import functional as F
 
-from algorithms.base import AlgorithmConfig, register_algorithm
+from algorithms.base import AlgorithmConfig
 
 # Eigenvalues below EIG_RTOL * largest eigenvalue are numerical noise: their directions are dropped.
 EIG_RTOL = 1e-6
 
 
-@register_algorithm
 class FedLDConfig(AlgorithmConfig):
     """FedLD hyperparameters. Ablations: ``margin_lambda = 0`` (aggregation only) and
     ``aggregation = "mean"`` (margin loss only, FedLD's clients with a plain-mean server)."""
 
     name: Literal["fedld"] = "fedld"
+    server_factory: ClassVar[str] = "server.fedld:make_fedld"
+    client_trainer: ClassVar[str] = "clients.fedld:train_fedld"
     margin_lambda: float = Field(
         0.03, ge=0.0, description="weight of the margin-control term (authors: 0.03; fluke: 0.2)"
     )

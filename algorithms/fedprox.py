@@ -1,17 +1,18 @@
 """FedProx (Li et al. 2020): local objective f_i(w) + mu/2 * ||w - w_global||^2."""
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from algorithms.base import AlgorithmConfig, register_algorithm
+from algorithms.base import AlgorithmConfig
 
 
-@register_algorithm
 class FedProxConfig(AlgorithmConfig):
     name: Literal["fedprox"] = "fedprox"
+    server_factory: ClassVar[str] = "server.fedprox:make_fedprox"
+    client_trainer: ClassVar[str] = "clients.fedprox:train_fedprox"
     mu: float = Field(0.01, ge=0.0, description="proximal coefficient mu")
 
 

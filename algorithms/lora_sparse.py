@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from algorithms.base import AlgorithmConfig, register_algorithm
+from algorithms.base import AlgorithmConfig
 
 ValueType = Literal["float32", "float16", "int8"]
 
 
-@register_algorithm
 class LoraSparseConfig(AlgorithmConfig):
     name: Literal["lora_sparse"] = "lora_sparse"
+    server_factory: ClassVar[str] = "server.lora_sparse:make_lora_sparse"
+    client_trainer: ClassVar[str] = "edge.lora:train_lora"
     rank: int = Field(4, ge=1, le=256, description="LoRA rank r")
     alpha: float = Field(8.0, gt=0.0, description="LoRA alpha (scaling alpha / r)")
     density: float = Field(0.05, gt=0.0, le=1.0, description="share rho of adapter entries sent")

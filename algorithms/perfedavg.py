@@ -1,12 +1,12 @@
 """Per-FedAvg, first-order (Fallah, Mokhtari, Ozdaglar 2020): FedAvg aggregation of a MAML-style
 local objective; the personalized model is the global one after a few local steps."""
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from algorithms.base import register_algorithm
 from algorithms.meta import PerFedAvgParams
 
 
-@register_algorithm
 class PerFedAvgConfig(PerFedAvgParams):
     name: Literal["perfedavg"] = "perfedavg"
+    server_factory: ClassVar[str] = "server.perfedavg:make_perfedavg"
+    client_trainer: ClassVar[str] = "clients.perfedavg:train_perfedavg"

@@ -7,8 +7,6 @@ scenario carried in ``context.run_config``. The local trainer is chosen by ``alg
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,12 +14,13 @@ from flwr.clientapp import ClientApp
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
 from clients.models import build_model
+from clients.node import node_scenario, partition_id, resolve_device
 from clients.personalization import finetune_metrics
 from clients.seeding import derive_seed
 from clients.trainers import trainer_for
 from clients.training import TrainJob, evaluate
 from edge.lora import lora_downlink_mod
-from scenarios.config import RUN_CONFIG_KEY, Scenario
+from scenarios.config import Scenario
 
 # Client mods (Flower middleware) wrap every trainer: e.g. the virtual clock, size accounting.
 # The LoRA downlink mod sits inside the clock, so the clock counts the compact message.
@@ -31,35 +30,6 @@ MODS: list = [
 ]  # must be filled before the @app.train decorators run
 
 app = ClientApp(mods=MODS)
-
-
-@lru_cache(maxsize=8)
-def _scenario(raw: str) -> Scenario:
-    return Scenario.from_run_config({RUN_CONFIG_KEY: raw})
-
-
-def node_scenario(context: Context) -> Scenario:
-    return _scenario(str(context.run_config.get(RUN_CONFIG_KEY, "")))
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "engine.device='cuda' but CUDA is not available here; use 'auto' or 'cpu'"
-            )
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def partition_id(context: Context) -> int:
-    try:
-        return int(context.node_config["partition-id"])
-    except KeyError:
-        raise KeyError(
-            "this SuperNode has no 'partition-id' in its node config; start it with "
-            '--node-config "partition-id=<i> num-partitions=<n>"'
-        ) from None
 
 
 def _load(

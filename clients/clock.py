@@ -28,7 +28,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from clients.devices import DeviceProfile, client_profile, drops_out, is_available
+from clients.data import dataset_info, load_client_data
+from clients.devices import client_profile, drops_out, is_available
+from clients.models import build_model
+from clients.node import node_scenario, partition_id
+from clients.trainers import trainer_name_for
+from scenarios.config import DataConfig, ModelConfig
+from scenarios.devices import DeviceProfile
 
 # Edge trainers whose training memory is measured on one step of their own update rule
 # (edge/memory.py) instead of backprop's params + grads + optimizer + activations: trainer name ->
@@ -170,10 +176,6 @@ def _work_cached(model_json: str, data_json: str, batch_size: int) -> WorkEstima
 
 def _model_from_json(model_json: str, data_json: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """The scenario's model (fresh init) and its input shape, from the configs' JSON (cache keys)."""
-    from clients.data import dataset_info
-    from clients.models import build_model
-    from scenarios.config import DataConfig, ModelConfig
-
     info = dataset_info(DataConfig.model_validate(json.loads(data_json)))
     model = build_model(
         ModelConfig.model_validate(json.loads(model_json)), info.input_shape, info.num_classes
@@ -185,7 +187,7 @@ def _model_from_json(model_json: str, data_json: str) -> tuple[torch.nn.Module, 
 def _edge_memory_cached(
     trainer: str, model_json: str, data_json: str, batch_size: int, lora_rank: int, seed: int
 ):
-    from edge.memory import measure_training_memory
+    from edge.memory import measure_training_memory  # only for edge trainers: it imports peft
 
     with torch.random.fork_rng(devices=[]):  # the probe must not move the client's RNG
         torch.manual_seed(seed)
@@ -234,19 +236,10 @@ def _array_bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.array_records.values())
 
 
-def _trainer_name(scenario, pid: int) -> str:
-    from clients.trainers import TRAINERS, trainer_for
-
-    trainer = trainer_for(scenario, pid)
-    return next((n for n, fn in TRAINERS.items() if fn is trainer), scenario.algorithm.name)
-
-
 def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower client mod: device failures, partial work and virtual time for training messages."""
     if msg.metadata.message_type.split(".")[0] != "train":
         return call_next(msg, context)
-    from clients.app import node_scenario, partition_id  # late: clients.app imports this module
-    from clients.data import load_client_data
 
     scenario = node_scenario(context)
     cfg = scenario.devices
@@ -267,7 +260,7 @@ def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
         scenario.model.model_dump_json(), scenario.data.model_dump_json(), batch_size
     )
     if cfg.memory_check:
-        need, breakdown = training_memory_need(scenario, _trainer_name(scenario, pid), work)
+        need, breakdown = training_memory_need(scenario, trainer_name_for(scenario, pid), work)
         if need > profile.memory_bytes:
             raise DeviceError(
                 OUT_OF_MEMORY,

@@ -11,13 +11,11 @@ from torch.nn import functional as F
 from algorithms.meta import run_perfedavg, run_reptile
 from clients.cluster_pick import CLUSTER_ID_KEY, pick_cluster
 from clients.perfedavg import epoch_batches
-from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, local_sgd
 
 WARMUP_KEY = "warmup"
 
 
-@register_trainer("clustered")
 def train_clustered(job: TrainJob) -> TrainResult:
     chosen = pick_cluster(job)
     algo = job.scenario.algorithm

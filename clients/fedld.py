@@ -9,11 +9,9 @@ import torch
 from torch import nn
 
 from algorithms.fedld import margin_control_loss
-from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, local_sgd
 
 
-@register_trainer("fedld")
 def train_fedld(job: TrainJob) -> TrainResult:
     cfg = job.scenario.algorithm
     lam, per_sample = float(cfg.margin_lambda), bool(cfg.per_sample)

@@ -1,11 +1,9 @@
 """IFCA client: pick the lowest-loss cluster model, train it with local SGD, report the choice."""
 
 from clients.cluster_pick import CLUSTER_ID_KEY, pick_cluster
-from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, local_sgd
 
 
-@register_trainer("ifca")
 def train_ifca(job: TrainJob) -> TrainResult:
     chosen = pick_cluster(job)
     result = local_sgd(job)

@@ -3,7 +3,6 @@
 from torch.nn import functional as F
 
 from algorithms.meta import run_perfedavg
-from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, batches
 
 
@@ -19,7 +18,6 @@ def epoch_batches(job: TrainJob):
         )
 
 
-@register_trainer("perfedavg")
 def train_perfedavg(job: TrainJob) -> TrainResult:
     if len(job.data.x_train) == 0:
         raise ValueError(f"client {job.data.partition_id} has no training data")

@@ -1,4 +1,8 @@
-"""Registry of local trainers, one per algorithm name (the client side of each algorithm)."""
+"""Which local trainer a client runs, found by name and imported only when used.
+
+An algorithm's own trainer is named by its declaration (``client_trainer``, see
+``algorithms/base.py``); the edge trainers below can be picked per client in ``[edge] trainers``.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,34 @@ from collections.abc import Callable
 
 from clients.training import TrainJob, TrainResult
 from scenarios.config import Scenario
+from scenarios.registry import UnknownAlgorithm, algorithm_config, algorithm_names, load_object
 
 Trainer = Callable[[TrainJob], TrainResult]
-TRAINERS: dict[str, Trainer] = {}
+
+# Trainers that are not an algorithm's own: backprop-free and LoRA clients (edge/).
+EDGE_TRAINERS: dict[str, str] = {
+    "tpsgd": "edge.tpsgd:train_tpsgd",
+    "forward_forward": "edge.forward_forward:train_forward_forward",
+    "lora": "edge.lora:train_lora",
+}
 
 
-def register_trainer(name: str) -> Callable[[Trainer], Trainer]:
-    """Decorator: the local trainer used when the scenario's ``algorithm.name`` is ``name``."""
-
-    def deco(fn: Trainer) -> Trainer:
-        TRAINERS[name] = fn
-        return fn
-
-    return deco
+def trainer_names() -> list[str]:
+    """Every name ``[edge] trainers`` accepts: the edge trainers and every algorithm's own."""
+    return sorted(set(EDGE_TRAINERS) | set(algorithm_names()))
 
 
 def get_trainer(name: str) -> Trainer:
-    _load_builtin_trainers()
-    if name not in TRAINERS:
-        raise ValueError(
-            f"no local trainer for algorithm {name!r}; known: {', '.join(sorted(TRAINERS))}"
-        )
-    return TRAINERS[name]
+    """The local trainer called ``name``: an edge trainer, or algorithm ``name``'s own."""
+    if name in EDGE_TRAINERS:
+        return load_object(EDGE_TRAINERS[name])
+    try:
+        dotted = getattr(algorithm_config(name), "client_trainer", "")
+    except UnknownAlgorithm:
+        dotted = ""
+    if not dotted:
+        raise ValueError(f"no local trainer {name!r}; known: {', '.join(trainer_names())}")
+    return load_object(dotted)
 
 
 def trainer_for(scenario: Scenario, partition_id: int) -> Trainer:
@@ -35,8 +45,7 @@ def trainer_for(scenario: Scenario, partition_id: int) -> Trainer:
 
     ``[edge] trainers`` picks per client: an exact id beats a range, a range beats ``"*"``.
     """
-    name = trainer_name_for(scenario, partition_id)
-    return get_trainer(name)
+    return get_trainer(trainer_name_for(scenario, partition_id))
 
 
 def trainer_name_for(scenario: Scenario, partition_id: int) -> str:
@@ -50,18 +59,3 @@ def trainer_name_for(scenario: Scenario, partition_id: int) -> str:
             if lo <= partition_id <= hi:
                 return name
     return chosen.get("*", scenario.algorithm.name)
-
-
-def _load_builtin_trainers() -> None:
-    # Imported lazily: each module registers itself on import.
-    from clients import (  # noqa: F401
-        cfl,
-        clustered,
-        fedavg,
-        fedlaw,
-        fedld,
-        fedprox,
-        ifca,
-        perfedavg,
-    )
-    from edge import forward_forward, lora, tpsgd  # noqa: F401

@@ -36,7 +36,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, batches
 
 EPS = 1e-6
@@ -141,7 +140,6 @@ def require_ff_model(model: nn.Module) -> FFMLP:
     return model
 
 
-@register_trainer("forward_forward")
 def train_forward_forward(job: TrainJob) -> TrainResult:
     """Forward-forward on the client's data (Adam, lr = ``edge.ff_lr``) for ``train.epochs`` epochs."""
     model, data, cfg = job.model, job.data, job.scenario.train

@@ -40,7 +40,6 @@ from algorithms.lora_sparse import (
 from clients.data import dataset_info
 from clients.models import build_model
 from clients.seeding import derive_seed
-from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, local_sgd
 from scenarios.config import RUN_CONFIG_KEY, Scenario
 
@@ -195,8 +194,6 @@ def lora_downlink_mod(msg: Message, context: Context, call_next) -> Message:
 
 
 # -- trainer ---------------------------------------------------------------------------------
-@register_trainer("lora")
-@register_trainer("lora_sparse")
 def train_lora(job: TrainJob) -> TrainResult:
     """Train the LoRA adapters on the frozen base from the node's adapter copy; reply with one
     packet: the update's top-k per tensor (density ρ) with error feedback."""

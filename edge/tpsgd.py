@@ -36,7 +36,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from clients.seeding import derive_seed
-from clients.trainers import register_trainer
 from clients.training import TrainJob, TrainResult, batches
 
 TPSGD_SEED_TAG = 0x7059  # separates the projection matrices' seed stream from everything else
@@ -164,7 +163,6 @@ def block_optimizers(
     ]
 
 
-@register_trainer("tpsgd")
 def train_tpsgd(job: TrainJob) -> TrainResult:
     """tpSGD on the client's data for ``train.epochs`` epochs (SGD, same lr/momentum as backprop)."""
     cfg, data = job.scenario.train, job.data

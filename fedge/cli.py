@@ -49,8 +49,8 @@ def _run_one(
     try:
         scenario = load_scenario(path, overrides)
         run_dir = run_dir or default_run_dir(scenario)
-        # Fail on bad data / model choices before any engine starts.
-        _preflight(scenario)
+        if scenario.engine.name != "inprocess":  # fail before Flower processes start
+            _preflight(scenario)
         summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
     except (ScenarioError, DataError, EngineError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
@@ -63,21 +63,11 @@ def _run_one(
 
 
 def _preflight(scenario) -> None:
-    """Everything that can fail on bad input, before any run folder or process exists: data,
-    model, device, and the algorithm's server strategy (which may need e.g. a proxy set)."""
-    from clients.app import resolve_device
-    from clients.data import dataset_info, load_client_data
-    from clients.models import build_model
-    from server.strategies import ServerSetup, build_strategy
+    """Build the run's objects once to fail on bad input before any run folder or process exists.
+    The in-process engine skips this: it builds them once, inside the ServerApp, before writing."""
+    from server.setup import build_run
 
-    info = dataset_info(scenario.data)
-    model = build_model(scenario.model, info.input_shape, info.num_classes)
-    load_client_data(scenario.data, scenario.seed, 0)
-    try:
-        device = resolve_device(scenario.engine.device)
-    except RuntimeError as err:
-        raise ValueError(str(err)) from None
-    build_strategy(ServerSetup(scenario, info, model, device))
+    build_run(scenario)
 
 
 @app.command()

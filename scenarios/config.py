@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from algorithms import ALGORITHM_CONFIGS, AlgorithmConfig
 from scenarios.devices import DevicesConfig
+from scenarios.registry import UnknownAlgorithm, algorithm_config, algorithm_names
 
 RUN_CONFIG_KEY = "scenario"
 
@@ -218,8 +218,9 @@ class Scenario(_Strict):
     output_dir: str = "results"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    algorithm: SerializeAsAny[AlgorithmConfig] = Field(
-        default_factory=lambda: ALGORITHM_CONFIGS["fedavg"]()
+    # The algorithm's own declaration (algorithms/<name>.py or a plug-in), found by name.
+    algorithm: SerializeAsAny[BaseModel] = Field(
+        default_factory=lambda: algorithm_config("fedavg")()
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -234,19 +235,16 @@ class Scenario(_Strict):
 
     @field_validator("algorithm", mode="before")
     @classmethod
-    def _resolve_algorithm(cls, value: Any) -> AlgorithmConfig:
-        if isinstance(value, AlgorithmConfig):
+    def _resolve_algorithm(cls, value: Any) -> BaseModel:
+        if isinstance(value, BaseModel):
             return value
-        if not isinstance(value, dict) or "name" not in value:
-            raise ValueError(
-                f"needs a table with `name`, one of: {', '.join(sorted(ALGORITHM_CONFIGS))}"
-            )
-        name = value["name"]
-        if name not in ALGORITHM_CONFIGS:
-            raise ValueError(
-                f"unknown algorithm {name!r}; allowed: {', '.join(sorted(ALGORITHM_CONFIGS))}"
-            )
-        return ALGORITHM_CONFIGS[name].model_validate(value)
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise ValueError(f"needs a table with `name`, one of: {', '.join(algorithm_names())}")
+        try:
+            declared = algorithm_config(value["name"])
+        except UnknownAlgorithm as err:
+            raise ValueError(str(err)) from None
+        return declared.model_validate(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -255,7 +253,10 @@ class Scenario(_Strict):
                 f"federation.min_train_clients={self.federation.min_train_clients} exceeds "
                 f"data.num_clients={self.data.num_clients}"
             )
-        if self.algorithm.needs_server_proxy() and self.data.proxy_fraction == 0:
+        if (
+            getattr(self.algorithm, "needs_server_proxy", lambda: False)()
+            and self.data.proxy_fraction == 0
+        ):
             raise ValueError(
                 f"algorithm {self.algorithm.name!r} needs a server proxy set, but "
                 "data.proxy_fraction = 0; set it (e.g. 0.02)"
@@ -313,7 +314,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
             break
         ann = field.annotation
         if part == "algorithm":
-            return sorted({k for c in ALGORITHM_CONFIGS.values() for k in c.model_fields})
+            return sorted({k for n in algorithm_names() for k in algorithm_config(n).model_fields})
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
     return sorted(model.model_fields)

@@ -12,10 +12,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clients.app import resolve_device
-from clients.data import dataset_info, load_central_test
+from clients.data import load_central_test
 from clients.models import build_model
-from clients.seeding import seed_everything
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
 from scenarios.results import RunWriter
@@ -26,10 +24,10 @@ from server.checkpoint import (
     save_checkpoint,
     truncate_logs,
 )
+from server.deadline import finalize_virtual_clock
 from server.loop import run_rounds
 from server.personalization import evaluate_config_fn, finalize_personalization
-from server.plugins import build_plugins
-from server.strategies import ServerSetup, build_strategy
+from server.setup import build_run
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
@@ -76,12 +74,9 @@ def run_server(
 ) -> dict:
     """Train ``scenario`` over ``grid``; write everything to ``run_dir``; return the run summary.
     ``resume=True`` continues from ``run_dir``'s last checkpoint (see :mod:`server.checkpoint`)."""
-    seed_everything(scenario.seed)
-    device = resolve_device(scenario.engine.device)
-    info = dataset_info(scenario.data)
-    model = build_model(scenario.model, info.input_shape, info.num_classes)
-    setup = ServerSetup(scenario, info, model, device, run_dir)
-    strategy = build_strategy(setup)
+    run = build_run(scenario, run_dir)
+    setup, strategy, plugins = run.setup, run.strategy, run.plugins
+    device, info, model = setup.device, setup.info, setup.model
     # taken after the strategy exists: a strategy may initialise the model (LoRA's pre-trained base)
     initial = ArrayRecord(model.state_dict())
     x_test, y_test = load_central_test(scenario.data, scenario.seed)
@@ -92,7 +87,6 @@ def run_server(
         loss, acc = evaluate(eval_model, x_test, y_test, device)
         return MetricRecord({"central_loss": loss, "central_accuracy": acc})
 
-    plugins = build_plugins(setup)
     start_round = 1
     if resume:
         state = load_checkpoint(run_dir)
@@ -124,8 +118,6 @@ def run_server(
     export_edge_models(scenario, info, final, run_dir)
     summary = finalize_personalization(run_dir, writer.finalize())
     if scenario.devices is not None:
-        from server.deadline import finalize_virtual_clock
-
         summary = finalize_virtual_clock(writer, summary)
     print(f"fedge: results in {run_dir}", flush=True)
     return summary

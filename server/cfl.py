@@ -19,7 +19,7 @@ from algorithms.clustering import (
     max_cross_similarity,
 )
 from server.cluster_base import ClusterStrategy, to_numpy
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
 class CFL(ClusterStrategy):
@@ -80,6 +80,5 @@ class CFL(ClusterStrategy):
         self.log_event({"update_norms": norms})
 
 
-@register_strategy("cfl")
 def make_cfl(setup: ServerSetup) -> Strategy:
     return CFL(setup, **fedavg_kwargs(setup.scenario))

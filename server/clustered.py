@@ -15,7 +15,7 @@ from algorithms.clustering import Clustering, agglomerative_clusters, client_sig
 from clients.clustered import WARMUP_KEY
 from scenarios.results import new_figure, save_figure
 from server.cluster_base import ClusterStrategy, to_numpy
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
 def plot_dendrogram(clustering: Clustering, labels: list[str], out: Path, title: str) -> Path:
@@ -107,6 +107,5 @@ class ClusteredPersonalization(ClusterStrategy):
         self.last_clustering_round = state.get("last_clustering_round")
 
 
-@register_strategy("clustered")
 def make_clustered(setup: ServerSetup) -> Strategy:
     return ClusteredPersonalization(setup, **fedavg_kwargs(setup.scenario))

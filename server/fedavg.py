@@ -2,9 +2,8 @@
 
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
-@register_strategy("fedavg")
 def make_fedavg(setup: ServerSetup) -> Strategy:
     return FedAvg(**fedavg_kwargs(setup.scenario))

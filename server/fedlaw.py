@@ -28,7 +28,7 @@ from clients.data import DatasetInfo, load_proxy
 from clients.seeding import derive_seed
 from scenarios.config import Scenario
 from server.fedld import reply_arrays
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 WEIGHTS_FILE = "fedlaw_weights.jsonl"
 
@@ -153,7 +153,6 @@ def load_fedlaw_proxy(scenario: Scenario, info: DatasetInfo) -> tuple[np.ndarray
     return load_proxy(scenario.data, scenario.seed)
 
 
-@register_strategy("fedlaw")
 def make_fedlaw(setup: ServerSetup) -> Strategy:
     x, y = load_fedlaw_proxy(setup.scenario, setup.info)
     model = copy.deepcopy(setup.model).to(setup.device)

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from algorithms.fedld import FedLDConfig, agreement_with_mean, fedld_aggregate_state
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
 def reply_arrays(msg: Message) -> ArrayRecord:
@@ -66,7 +66,6 @@ class FedLD(FedAvg):
         return ArrayRecord(new_state), metrics
 
 
-@register_strategy("fedld")
 def make_fedld(setup: ServerSetup) -> Strategy:
     buffers = [name for name, _ in setup.model.named_buffers()]
     return FedLD(setup.scenario.algorithm, buffers, **fedavg_kwargs(setup.scenario))

@@ -2,9 +2,8 @@
 
 from flwr.serverapp.strategy import FedProx, Strategy
 
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
-@register_strategy("fedprox")
 def make_fedprox(setup: ServerSetup) -> Strategy:
     return FedProx(proximal_mu=setup.scenario.algorithm.mu, **fedavg_kwargs(setup.scenario))

@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import Strategy
 from clients.models import build_model
 from clients.seeding import derive_seed
 from server.cluster_base import ClusterStrategy
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 _INIT_STREAM = 5
 
@@ -33,6 +33,5 @@ class IFCA(ClusterStrategy):
         self.set_clusters(models, {})
 
 
-@register_strategy("ifca")
 def make_ifca(setup: ServerSetup) -> Strategy:
     return IFCA(setup, **fedavg_kwargs(setup.scenario))

@@ -59,7 +59,7 @@ from edge.lora import (
     linear_names,
     merged_state,
 )
-from server.strategies import ServerSetup, fedavg_kwargs, register_strategy
+from server.strategies import ServerSetup, fedavg_kwargs
 
 
 def is_sparse_reply(arrays: ArrayRecord) -> bool:
@@ -263,7 +263,6 @@ def pretrain_base(setup: ServerSetup, cfg: LoraSparseConfig) -> None:
     model.to("cpu")
 
 
-@register_strategy("lora_sparse")
 def make_lora_sparse(setup: ServerSetup) -> Strategy:
     cfg = setup.scenario.algorithm
     assert isinstance(cfg, LoraSparseConfig)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from flwr.app import Message
 
-from server.strategies import ServerSetup
-
 Metrics = dict[str, float | int]
 
 
@@ -36,17 +34,3 @@ class RoundPlugin:
 
     def load_state(self, state: dict) -> None:
         """Restore what :meth:`state` returned."""
-
-
-def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
-    """The plugins a scenario asks for, in the order they filter replies."""
-    from server.validation import ReplyValidator
-
-    plugins: list[RoundPlugin] = []
-    if setup.scenario.devices is not None:
-        from server.deadline import DeviceClockPlugin
-
-        plugins.append(DeviceClockPlugin(setup.scenario))
-    if setup.scenario.robustness.validate_replies:
-        plugins.append(ReplyValidator.from_setup(setup))
-    return plugins

@@ -1,4 +1,5 @@
-"""Registry of server strategies, one factory per algorithm name (the server side of each algorithm)."""
+"""What a strategy factory gets (:class:`ServerSetup`), how the scenario's algorithm becomes its
+Flower strategy, and the constructor arguments every FedAvg-family strategy shares."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from clients.data import DatasetInfo
 from scenarios.config import Scenario
+from scenarios.registry import load_object
 
 # Per-client bookkeeping keys that must not be averaged into the round's metrics.
 CLIENT_ID_KEYS = ("partition-id", "device-index")
@@ -33,38 +35,20 @@ class ServerSetup:
 
 
 StrategyFactory = Callable[[ServerSetup], Strategy]
-STRATEGIES: dict[str, StrategyFactory] = {}
-
-
-def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
-    """Decorator: the strategy built when the scenario's ``algorithm.name`` is ``name``."""
-
-    def deco(fn: StrategyFactory) -> StrategyFactory:
-        STRATEGIES[name] = fn
-        return fn
-
-    return deco
 
 
 def build_strategy(setup: ServerSetup) -> Strategy:
-    from server import (  # noqa: F401  (each module registers itself)
-        cfl,
-        clustered,
-        fedavg,
-        fedlaw,
-        fedld,
-        fedprox,
-        ifca,
-        lora_sparse,
-        perfedavg,
-    )
-
-    name = setup.scenario.algorithm.name
-    if name not in STRATEGIES:
+    """The strategy of the scenario's algorithm, from the factory its declaration names
+    (``server_factory``, see ``algorithms/base.py``); imports that algorithm's server module only."""
+    algorithm = setup.scenario.algorithm
+    dotted = getattr(type(algorithm), "server_factory", "")
+    if not dotted:
         raise ValueError(
-            f"no server strategy for algorithm {name!r}; known: {', '.join(sorted(STRATEGIES))}"
+            f"algorithm {algorithm.name!r} declares no server side; give its config class "
+            "`server_factory: ClassVar[str] = 'package.module:make_strategy'`"
         )
-    return STRATEGIES[name](setup)
+    factory: StrategyFactory = load_object(dotted)
+    return factory(setup)
 
 
 def aggregate_client_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -21,9 +22,25 @@ SMALL = [
 ]  # fmt: skip
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_run_writes_results_and_reports_where(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = runner.invoke(app, ["run", str(QUICK), *SMALL, "--run-dir", str(run_dir)])
+    flwr_log = _Records()
+    logging.getLogger("flwr").addHandler(flwr_log)
+    try:
+        result = runner.invoke(app, ["run", str(QUICK), *SMALL, "--run-dir", str(run_dir)])
+    finally:
+        logging.getLogger("flwr").removeHandler(flwr_log)
+    # the run is built once: Flower's strategy (and its warnings) is constructed once
+    assert sum("fraction_evaluate is set to 0.0" in m for m in flwr_log.messages) == 1
     assert result.exit_code == 0, result.output
     assert str(run_dir) in result.output.replace("\n", "")
     run = load_run(run_dir)

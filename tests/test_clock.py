@@ -144,7 +144,7 @@ def test_memory_check_names_device_and_sizes(monkeypatch: pytest.MonkeyPatch) ->
     assert "device out of memory: device tiny has 4.0 KiB, training needs" in reason
     assert "params+grads+optimizer" in reason and "16-sample batch" in reason
     # edge trainers are held to their own measured memory, not skipped
-    monkeypatch.setattr(clock, "_trainer_name", lambda scenario, pid: "tpsgd")
+    monkeypatch.setattr(clock, "trainer_name_for", lambda scenario, pid: "tpsgd")
     reason = train_on_grid(scenario)[0].error.reason
     assert "training needs" in reason and "tpsgd: params" in reason
 
@@ -176,7 +176,7 @@ def test_edge_trainer_memory_is_measured_and_can_fit_where_backprop_does_not(
     between = (need["lora"] + need["fedavg"]) // 2
     raw, _ = needs(between)
     assert all("device out of memory" in r.error.reason for r in train_on_grid(raw))
-    monkeypatch.setattr(clock, "_trainer_name", lambda scenario, pid: "lora")
+    monkeypatch.setattr(clock, "trainer_name_for", lambda scenario, pid: "lora")
     assert not any(r.has_error() for r in train_on_grid(raw))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from clients import data as D
+from clients import datasets, partitions
 from clients.data import ClientData, DataError
 from scenarios.config import DataConfig
 
@@ -47,7 +48,7 @@ def row_keys(x: np.ndarray, y: np.ndarray) -> list[bytes]:
 
 def train_pool(cfg: DataConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The full train set the clients and the proxy are carved from (module internals)."""
-    src = D._source(D._source_key(cfg, seed))
+    src = datasets.load_source(datasets.source_key(cfg, seed))
     return src.x_train, src.y_train
 
 
@@ -129,7 +130,7 @@ def test_same_config_and_seed_give_identical_arrays() -> None:
     cfg = cfg_of(partitioner="dirichlet", alpha=0.5, num_clients=10, proxy_fraction=0.1)
     first = [D.load_client_data(cfg, 7, i) for i in (0, 4, 9)]
     proxy = D.load_proxy(cfg, 7)
-    D._federation.cache_clear()  # recompute from scratch, not from the in-memory caches
+    partitions.federation.cache_clear()  # recompute from scratch, not from the in-memory caches
     D._client_data.cache_clear()
     again = [D.load_client_data(cfg, 7, i) for i in (0, 4, 9)]
     for a, b in zip(first, again, strict=True):
@@ -195,11 +196,11 @@ def test_local_test_fraction_is_respected() -> None:
 
 def test_loading_one_hundred_clients_is_fast_and_partitions_once() -> None:
     cfg = cfg_of(partitioner="dirichlet", alpha=0.5, num_clients=100, min_partition_size=5)
-    misses = D._federation.cache_info().misses
+    misses = partitions.federation.cache_info().misses
     start = time.perf_counter()
     clients = all_clients(cfg, 11)
     elapsed = time.perf_counter() - start
-    assert D._federation.cache_info().misses == misses + 1
+    assert partitions.federation.cache_info().misses == misses + 1
     assert sum(len(c.y_train) + len(c.y_test) for c in clients) == 4000
     assert elapsed < 10.0, f"loading 100 clients took {elapsed:.1f}s"
 
@@ -241,7 +242,7 @@ def test_central_test_is_disjoint_from_train(dataset: str) -> None:
 
 def test_mnist1d_sizes_and_disk_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDGE_CACHE", str(tmp_path))
-    D._source.cache_clear()  # other tests may already hold this dataset in memory
+    datasets.load_source.cache_clear()  # other tests may already hold this dataset in memory
     cfg = cfg_of(num_samples=600)
     np.random.seed(123)
     expected = np.random.random()
@@ -251,7 +252,7 @@ def test_mnist1d_sizes_and_disk_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(y_test) == 120 and len(train_pool(cfg)[1]) == 480
     cached = list(tmp_path.glob("mnist1d-*.npz"))
     assert len(cached) == 1
-    D._source.cache_clear()
+    datasets.load_source.cache_clear()
     np.testing.assert_array_equal(D.load_central_test(cfg, 0)[0], x_test)  # read back from disk
 
 

@@ -19,13 +19,13 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from algorithms import ALGORITHM_CONFIGS
 from algorithms.lora_sparse import PACKET_KEY, decode_packet, encode_packet
 from clients.app import app as fedge_client_app
 from clients.data import DataError, load_client_data
 from clients.models import build_model
 from fedge.engines import SERVER_NODE_ID, InProcessGrid
 from scenarios.config import ScenarioError, validate_scenario
+from scenarios.registry import algorithm_names
 from scenarios.results import load_run
 from server.app import run_server
 
@@ -172,7 +172,7 @@ def assert_finite_model(run_dir: Path) -> None:
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHM_CONFIGS))
+@pytest.mark.parametrize("algorithm", list(algorithm_names()))
 def test_fault_matrix(algorithm: str, tmp_path: Path) -> None:
     scenario = scenario_for(algorithm, tmp_path, federation={"min_train_clients": 2})
     rounds = run_grid(faulty_app, scenario, tmp_path / "run", latency_fn=straggler_latency)
@@ -187,7 +187,7 @@ def test_fault_matrix(algorithm: str, tmp_path: Path) -> None:
     assert_finite_model(tmp_path / "run")
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHM_CONFIGS))
+@pytest.mark.parametrize("algorithm", list(algorithm_names()))
 def test_too_few_valid_replies_skips_the_round(algorithm: str, tmp_path: Path) -> None:
     scenario = scenario_for(algorithm, tmp_path, num_rounds=1, federation={"min_train_clients": 3})
     rounds = run_grid(faulty_app, scenario, tmp_path / "run", latency_fn=straggler_latency)
@@ -204,7 +204,7 @@ stock_app = ClientApp()
 @stock_app.train()
 def _stock_train(msg: Message, context: Context) -> Message:
     """What a Flower quickstart client does: train, reply arrays + num-examples, nothing else."""
-    from clients.app import node_scenario  # only to find the data; no fedge training code
+    from clients.node import node_scenario  # only to find the data; no fedge training code
 
     scenario = node_scenario(context)
     data = load_client_data(scenario.data, scenario.seed, int(context.node_config["partition-id"]))
@@ -236,7 +236,7 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-@pytest.mark.parametrize("algorithm", sorted(set(ALGORITHM_CONFIGS) - NEEDS_FEDGE_CLIENT))
+@pytest.mark.parametrize("algorithm", sorted(set(algorithm_names()) - NEEDS_FEDGE_CLIENT))
 def test_stock_flower_client_works_with_every_strategy(algorithm: str, tmp_path: Path) -> None:
     scenario = scenario_for(algorithm, tmp_path, num_rounds=1, data={"num_clients": 3})
     rounds = run_grid(stock_app, scenario, tmp_path / "run")
