@@ -164,8 +164,8 @@ def lora_scenario(density: float):
 
 
 # -- ONNX ---------------------------------------------------------------------------------------
-def assert_parity(model: torch.nn.Module, x: torch.Tensor, tmp_path: Path, dynamo: bool = False):
-    result = export_onnx(model, x[:2], tmp_path / "m.onnx", dynamo=dynamo)
+def assert_parity(model: torch.nn.Module, x: torch.Tensor, tmp_path: Path):
+    result = export_onnx(model, x[:2], tmp_path / "m.onnx")
     ort_scores = run_onnx(session(result.fp32_path), x.numpy())
     torch_scores = model.eval()(x).detach().numpy()
     assert np.abs(ort_scores - torch_scores).max() <= 1e-4
@@ -199,7 +199,7 @@ def test_onnx_parity_lora_merged_dynamo(tmp_path: Path) -> None:
                 p.normal_()
     x = torch.randn(9, *info.input_shape)
     expected = peft_model(x).detach()
-    result = export_onnx(peft_model, x[:2], tmp_path / "m.onnx", dynamo=True)
+    result = export_onnx(peft_model, x[:2], tmp_path / "m.onnx")
     got = run_onnx(session(result.fp32_path), x.numpy())
     assert np.abs(got - expected.numpy()).max() <= 1e-4
 
