@@ -237,3 +237,56 @@ def test_unflatten_round_trip() -> None:
     assert parts["b"].tolist() == [6.0, 7.0, 8.0, 9.0]
     with pytest.raises(ValueError, match="11 entries, the layout 10"):
         unflatten(torch.zeros(11), shapes)
+
+
+def test_strategy_state_survives_a_checkpoint_and_resyncs_nodes(tmp_path: Path) -> None:
+    """Resume: base, global and broadcast adapters and versions come back from checkpoint.pt;
+    which node holds what does not, so every node gets the adapters (and base) whole again."""
+    from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedge.engines import SERVER_NODE_ID
+    from server.checkpoint import capture_run_state, load_checkpoint, save_checkpoint
+    from server.lora_sparse import make_lora_sparse
+    from server.strategies import ServerSetup
+
+    sc = validate_scenario(
+        {
+            "data": {"dataset": "digits", "num_clients": 2, "proxy_fraction": 0.1},
+            "model": {"name": "mlp", "hidden": [16]},
+            "algorithm": {"name": "lora_sparse", "rank": 2, "density": 0.2, "pretrain_epochs": 0},
+        }
+    )
+    info = dataset_info(sc.data)
+    model = build_model(sc.model, info.input_shape, info.num_classes)
+    strategy = make_lora_sparse(ServerSetup(sc, info, model, CPU))
+    strategy.downlink(7, ConfigRecord())  # node 7 synced at version 0
+    packet, _ = encode_packet(torch.linspace(-1, 1, strategy.n), None, "float32")
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 1
+    ins = Message(RecordDict({"config": ConfigRecord()}), 7, MessageType.TRAIN)
+    ins.metadata.__dict__["_message_id"] = "m7"
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({PACKET_KEY: Array(packet)}),
+            "metrics": MetricRecord({"num-examples": 5}),
+        }
+    )
+    strategy.aggregate_train(1, [Message(content, reply_to=ins)])
+    assert strategy.version == 1
+    before = strategy.model_state()
+    arrays = ArrayRecord(torch_state_dict=before)
+    save_checkpoint(tmp_path, capture_run_state(1, arrays, strategy, [], grid=object()))
+
+    fresh = make_lora_sparse(
+        ServerSetup(sc, info, build_model(sc.model, info.input_shape, 10), CPU)
+    )
+    fresh.load_state_dict(load_checkpoint(tmp_path).strategy_state)
+    after = fresh.model_state()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value)
+    assert fresh.version == 1
+    resent = fresh.downlink(7, ConfigRecord())
+    assert int(resent["lora-sync"]["from"]) == -1 and "lora-base" in resent
+    torch.testing.assert_close(
+        decode_packet(resent["lora-adapters"][PACKET_KEY].numpy()), fresh.broadcast_flat
+    )
