@@ -23,7 +23,9 @@ from pydantic import BaseModel, ConfigDict
 class AlgorithmConfig(BaseModel):
     """Base of an algorithm's declaration; subclasses fix ``name`` and add their hyperparameters."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False
+    )  # see scenarios/config.py
     name: str
     server_factory: ClassVar[str] = ""
     client_trainer: ClassVar[str] = ""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterable
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -66,15 +67,18 @@ class LoraSparseConfig(AlgorithmConfig):
 
 
 PACKET_KEY = "lora.packet"  # the one array of a LoRA reply / downlink
+SYNC_KEY = "lora-sync"  # downlink record: from (-1 = replace), to, base-version
+BASE_KEY = "lora-base"  # the frozen base's state dict (message and node state)
 _HEADER = struct.Struct("<BBIIf")
 _INDEX_NONE, _INDEX_BITMAP, _INDEX_U16, _INDEX_U32 = range(4)
 _VALUE_TYPES: tuple[ValueType, ...] = ("float32", "float16", "int8")
 _VALUE_SIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
-def is_sparse_encoded(keys) -> bool:
-    """A reply in the LoRA packet encoding rather than one dense tensor per key."""
-    return PACKET_KEY in set(keys)
+def is_sparse_encoded(keys: Iterable[str]) -> bool:
+    """A reply in the LoRA packet encoding: exactly one ``lora.packet`` array. Any other key set is
+    dense, so a stray packet key cannot make a dense reply skip the checks a dense reply gets."""
+    return set(keys) == {PACKET_KEY}
 
 
 # -- the shared adapter layout ---------------------------------------------------------------
@@ -224,3 +228,8 @@ def sparsify_with_feedback(
 def dense_values_bytes(n: int) -> int:
     """Bytes of the float32 values of all n entries: the dense-LoRA baseline's payload."""
     return 4 * n
+
+
+def dense_packet_bytes(n: int) -> int:
+    """Size of a dense float32 packet of n entries (header + values): a LoRA reply's ceiling."""
+    return _HEADER.size + dense_values_bytes(n)

@@ -13,14 +13,15 @@ from flwr.clientapp import ClientApp
 
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
+from clients.identity import DEVICE_PROFILE, IDENTITY_RECORD, PARTITION_ID, TRAINER
 from clients.models import build_model
 from clients.node import node_scenario, partition_id, resolve_device
 from clients.personalization import finetune_metrics
 from clients.seeding import derive_seed
-from clients.trainers import trainer_for
+from clients.trainers import trainer_for, trainer_name_for
 from clients.training import TrainJob, evaluate
-from edge.lora import lora_downlink_mod
-from scenarios.config import Scenario
+from edge.lora_downlink import lora_downlink_mod
+from scenarios.config import RUN_CONFIG_KEY, Scenario
 
 # Client mods (Flower middleware) wrap every trainer: e.g. the virtual clock, size accounting.
 # The LoRA downlink mod sits inside the clock, so the clock counts the compact message.
@@ -41,8 +42,46 @@ def _load(
     info = dataset_info(scenario.data)
     device = resolve_device(scenario.engine.device)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    load_server_arrays(model, msg, context, scenario)
     return scenario, data, model.to(device), device
+
+
+def load_server_arrays(
+    model: torch.nn.Module, msg: Message, context: Context, scenario: Scenario
+) -> None:
+    """Load the model the server sent into ``model`` (built from the run's scenario).
+
+    A server that is not fedge's (e.g. a stock Flower ``FedAvg`` ServerApp) may send a model
+    other than the scenario's, typically because ``run_config["scenario"]`` is missing and this
+    client fell back to the default scenario: say so, naming the key, instead of a shape error.
+    """
+    records = msg.content.array_records
+    arrays = records.get("arrays") or next(iter(records.values()), None)
+    if arrays is None:
+        raise ValueError(
+            "the server sent no ArrayRecord (fedge's ClientApp trains a model it sends)"
+        )
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict())
+    except RuntimeError as err:
+        raw = context.run_config.get(RUN_CONFIG_KEY)
+        why = (
+            f"run_config has no {RUN_CONFIG_KEY!r} key, so this client built the default "
+            "scenario's model"
+            if raw is None
+            else f"run_config[{RUN_CONFIG_KEY!r}] is empty, so this client built the default "
+            "scenario's model"
+            if not raw
+            else f"this client built the model of run_config[{RUN_CONFIG_KEY!r}]"
+        )
+        detail = str(err).strip().splitlines()
+        raise ValueError(
+            f"the server's model does not fit this client's ({scenario.model.name} for "
+            f"{scenario.data.dataset}): {why}. fedge's ClientApp builds its model from "
+            f"run_config[{RUN_CONFIG_KEY!r}] (the scenario as JSON, Scenario.to_run_config()); "
+            f"give the run that key (flwr run --run-config \"{RUN_CONFIG_KEY}='<json>'\") and send "
+            f"a model built from the same scenario. PyTorch said: {' '.join(detail[1:3]) or detail[0]}"
+        ) from None
 
 
 @app.train()
@@ -65,7 +104,6 @@ def train(msg: Message, context: Context) -> Message:
             "train_loss": result.train_loss,
             "num-examples": result.num_examples,
             "num-steps": result.num_steps,
-            "partition-id": data.partition_id,
             **result.metrics,
         }
     )
@@ -74,7 +112,19 @@ def train(msg: Message, context: Context) -> Message:
         if result.reply_arrays is not None
         else ArrayRecord(model.to("cpu").state_dict())
     )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    identity = _identity(context, data.partition_id)
+    identity[TRAINER] = trainer_name_for(scenario, data.partition_id)
+    content = RecordDict({"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity})
+    return Message(content, reply_to=msg)
+
+
+def _identity(context: Context, pid: int) -> ConfigRecord:
+    """Who this client is, kept out of the metrics that strategies average (clients/identity.py)."""
+    identity = ConfigRecord({PARTITION_ID: pid})
+    profile = context.node_config.get(DEVICE_PROFILE)  # `fedge deploy supernode --device-profile`
+    if profile:
+        identity[DEVICE_PROFILE] = str(profile)
+    return identity
 
 
 @app.evaluate()
@@ -91,8 +141,10 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             "local_loss": loss,
             "local_accuracy": acc,
             "num-examples": len(data.x_test),
-            "partition-id": data.partition_id,
             **tuned,
         }
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    content = RecordDict(
+        {"metrics": metrics, IDENTITY_RECORD: _identity(context, data.partition_id)}
+    )
+    return Message(content, reply_to=msg)

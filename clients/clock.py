@@ -10,7 +10,8 @@ or drops out mid-round; (2) with partial work, caps the local steps at what fits
 FLOPs are measured once per (model, batch shape) with ``torch.utils.flop_counter.FlopCounterMode``
 on one forward + backward pass and scaled by the samples actually processed; bytes are the
 ``ArrayRecord.count_bytes()`` of the incoming and outgoing messages, so compressed or sparse updates
-count at their real size. The reply's metrics get the time, FLOPs, bytes, energy and device index.
+count at their real size. The reply's metrics get the time, FLOPs, bytes and energy; its identity
+record (clients/identity.py) the device class name and index.
 A trainer that knows its own FLOP count (e.g. a forward-only edge trainer) may report it as the
 metric ``train-flops``; the clock then uses that number.
 """
@@ -30,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clients.data import dataset_info, load_client_data
 from clients.devices import client_profile, drops_out, is_available
+from clients.identity import DEVICE_INDEX, DEVICE_PROFILE, identity_record
 from clients.models import build_model
 from clients.node import node_scenario, partition_id
 from clients.trainers import trainer_name_for
@@ -314,9 +316,11 @@ def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
             "recv-bytes": bytes_down,
             "sent-bytes": bytes_up,
             "energy-j": flops * joules if joules is not None else float("nan"),
-            "device-index": names.index(name),
             "planned-steps": planned_steps,
             "work-fraction": steps / planned_steps if planned_steps else 1.0,
         }
     )
+    identity = identity_record(reply.content)  # identifiers: never averaged by a strategy
+    identity[DEVICE_INDEX] = names.index(name)
+    identity[DEVICE_PROFILE] = name
     return reply

@@ -4,27 +4,9 @@ The pipeline is one straight line, and every step is a pure function of ``(DataC
 
 1. **Source arrays** (``clients/datasets.py``): a fixed train/test pair of numpy arrays per dataset.
 
-   * ``mnist1d`` -- generated with ``mnist1d.data.make_dataset`` (``args.seed`` fixed at 42, so
-     the dataset never changes; ``args.num_samples`` from ``data.num_samples``, default 5000 ->
-     4000 train / 1000 test). Generation takes seconds, so the arrays are cached on disk as
-     ``mnist1d-<hash of args>.npz`` under ``$FEDGE_CACHE`` (default ``~/.cache/fedge``).
-   * ``digits`` -- scikit-learn's 8x8 digits, ``x / 16`` shaped ``(1, 8, 8)``, a fixed stratified
-     80/20 split (``random_state=0``).
-   * ``synthetic`` -- LEAF / FedProx Synthetic(alpha, beta) (Li et al., 2020): for device ``k``,
-     ``u_k ~ N(0, alpha)``, ``B_k ~ N(0, beta)``, ``W_k ~ N(u_k, 1)`` (60x10), ``b_k ~ N(u_k, 1)``,
-     ``v_k ~ N(B_k, 1)``, ``x ~ N(v_k, diag(j^-1.2))`` and ``y = argmax softmax(W_k^T x + b_k)``
-     (alpha/beta are used as standard deviations, as in the LEAF generator). ``data.num_clients``
-     devices get power-law (log-normal) sizes summing to ``data.num_samples`` (default
-     ``100 * num_clients``); 20% of every device's samples form the central test set. The
-     devices are drawn from the run seed, and **the natural per-device split is the partition**:
-     ``data.partitioner`` (and its knobs) is ignored and ``NaturalIdPartitioner`` on the
-     ``device`` column is used instead.
-   * ``hub`` -- ``datasets.load_dataset(data.hub_path, data_files=data.hub_data_files)``, e.g.
-     ``hub_path="parquet"`` with local files (offline), or a hub name when online. Features
-     come from ``data.hub_feature_key`` (``Image`` features and ``uint8`` arrays -> float32 in
-     [0, 1] shaped ``(C, H, W)``; other numeric lists -> float32 as they are), labels from
-     ``data.hub_label_key``. Clients use the ``train`` split and the ``test`` split is the central
-     test set; without one, a fixed stratified 20% of ``train`` (``random_state=0``) is held out.
+   ``mnist1d`` (generated, cached on disk), ``digits`` (scikit-learn), ``synthetic`` (LEAF
+   Synthetic(alpha, beta), whose natural per-device split is the partition) and ``hub`` (Hugging
+   Face ``datasets``, offline from local files); each is described there.
 
 2. **Proxy carve-out** (``data.proxy_fraction > 0``): before partitioning, a class-balanced,
    seeded sample of ``round(proxy_fraction * n_train)`` (at least one) train examples is removed

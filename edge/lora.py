@@ -10,8 +10,9 @@ Protocol (algorithm ``lora_sparse``; server side in ``server/lora_sparse.py``, w
 * Every target ``nn.Linear`` gets ``peft`` LoRA factors (rank r, alpha). The *global adapters*
   (A, B) start from a point every node can compute alone — ``A₀`` drawn by peft under
   ``derive_seed(scenario.seed, LORA_SEED_TAG)``, ``B₀ = 0`` — and from then on travel only as
-  sparse packets: each train/evaluate message carries the change of the broadcast adapters since
-  the version this node holds (``lora-sync``: from/to version). :func:`lora_downlink_mod`
+  sparse packets: each train/evaluate message's ``arrays`` is one packet, the change of the
+  broadcast adapters since the version this node holds (``lora-sync``: from/to version). :func:`lora_downlink_mod`
+  (``edge/lora_downlink.py``)
   applies it to the node's copy and hands the ClientApp the merged model ``W + (α/r)·B·A`` as
   the usual ``arrays`` record, so evaluation and backprop trainers work unchanged.
 * The ``lora`` trainer trains only the adapters, starting from the node's copy, and replies with
@@ -24,12 +25,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from algorithms.lora_sparse import (
+    BASE_KEY,
     PACKET_KEY,
+    SYNC_KEY,
     LoraSparseConfig,
     decode_packet,
     dense_values_bytes,
@@ -41,14 +44,12 @@ from clients.data import dataset_info
 from clients.models import build_model
 from clients.seeding import derive_seed
 from clients.training import TrainJob, TrainResult, local_sgd
-from scenarios.config import RUN_CONFIG_KEY, Scenario
+from scenarios.config import Scenario
 
 LORA_SEED_TAG = 0x10A4
 RESIDUAL_KEY = "lora-residual"
 # Records of a LoRA downlink message and of the node's state.
-SYNC_KEY = "lora-sync"  # ConfigRecord: from (-1 = replace), to, base-version
-ADAPTERS_KEY = "lora-adapters"  # message: ArrayRecord {PACKET_KEY}; state: {"flat": H}
-BASE_KEY = "lora-base"  # the frozen base's state dict
+ADAPTERS_KEY = "lora-adapters"  # node state: {"flat": H}; the message's packet is its "arrays"
 FLAT = "flat"
 BASE_MISSING = "lora-base-missing"  # in an error reason: the server must resend the base
 
@@ -148,19 +149,17 @@ def apply_downlink(content: RecordDict, state: RecordDict, scenario: Scenario) -
     shapes = {k: v.shape for k, v in start.items()}
     n = sum(v.numel() for v in start.values())
     source = int(sync["from"])
-    packet = content[ADAPTERS_KEY][PACKET_KEY].numpy() if ADAPTERS_KEY in content else None
+    if "arrays" not in content or PACKET_KEY not in content["arrays"]:
+        raise ValueError(f"a LoRA downlink carries its adapter packet as arrays[{PACKET_KEY!r}]")
+    change = decode_packet(content["arrays"][PACKET_KEY].numpy(), n)
     if source == -1:  # replace: the packet holds every entry
-        if packet is None:
-            raise ValueError("LoRA downlink says 'replace' but carries no adapters")
-        flat = decode_packet(packet, n)
+        flat = change
     elif source == int(held["version"]):
         flat = (
             torch.from_numpy(state[ADAPTERS_KEY][FLAT].numpy())
             if ADAPTERS_KEY in state
             else flatten(start)
-        ).clone()
-        if packet is not None:
-            flat += decode_packet(packet, n)
+        ).clone() + change
     else:
         raise ValueError(
             f"LoRA downlink is a change from version {source}, this node holds version "
@@ -176,21 +175,6 @@ def apply_downlink(content: RecordDict, state: RecordDict, scenario: Scenario) -
 def _zoo_model(scenario: Scenario) -> nn.Module:
     info = dataset_info(scenario.data)
     return build_model(scenario.model, info.input_shape, info.num_classes)
-
-
-def lora_downlink_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower client mod: turn a LoRA downlink (base once + adapter packets) into the merged model
-    the ClientApp expects in ``arrays``. Sits inside the virtual clock, so the clock counts the
-    bytes that really arrived. Messages without ``lora-sync`` pass through untouched."""
-    if not msg.has_content() or SYNC_KEY not in msg.content:
-        return call_next(msg, context)
-    scenario = Scenario.from_run_config({RUN_CONFIG_KEY: context.run_config[RUN_CONFIG_KEY]})
-    arrays = apply_downlink(msg.content, context.state, scenario)
-    local = copy.copy(msg)  # the in-process grid shares the server's object: do not edit it
-    local.__dict__["_content"] = RecordDict(
-        {**{k: v for k, v in msg.content.items() if k != BASE_KEY}, "arrays": arrays}
-    )
-    return call_next(local, context)
 
 
 # -- trainer ---------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
     fedge deploy certs --out certs --host 10.0.0.5         # test CA + server cert (SANs: 127.0.0.1, localhost, hosts)
     fedge deploy keys --out keys --count 3                 # EC P-384 keys (OpenSSH) for SuperNode auth
     fedge deploy superlink --certs certs --auth            # server machine: flower-superlink with TLS (+ auth)
-    fedge deploy connect 10.0.0.5:8000 --root-cert certs/ca.crt   # user machine: a `fedge` connection
-    fedge deploy register keys/sn0.pub                     # user machine: flwr supernode register
+    fedge deploy connect 127.0.0.1:8000 --root-cert certs/ca.crt  # operator, on the SuperLink machine
+    fedge deploy register keys/sn0.pub                     # operator: flwr supernode register
     fedge deploy supernode --superlink 10.0.0.5:8000 --root-cert certs/ca.crt --key keys/sn0 \\
         --partition-id 0 --num-partitions 3 --device-profile jetson   # each edge machine
     fedge deploy submit scenarios/quickstart.toml          # user machine: flwr run with the scenario
@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import signal
 import subprocess
 import sys
 import tomllib
@@ -37,16 +38,43 @@ CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "se
 # --------------------------------------------------------------------------------------------
 # certificates and keys
 # --------------------------------------------------------------------------------------------
-def make_certs(out_dir: Path, hosts: list[str] | None = None, days: int = 365) -> dict[str, Path]:
+def refuse_overwrite(paths: list[Path], what: str, force: bool) -> None:
+    """Replacing a CA or a node key silently cuts every machine that trusts the old one: only
+    with ``force``."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); replacing {what} would cut off every machine "
+            "that uses the current ones. Pick another --out, or pass --force to replace them"
+        )
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only *from the first byte*: the file is created
+    0600 (``os.open`` with a mode) rather than chmod-ed after the key is already on disk."""
+    path = Path(path)
+    if path.exists():  # --force: a new inode, so no old, looser mode survives
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def make_certs(
+    out_dir: Path, hosts: list[str] | None = None, days: int = 365, force: bool = False
+) -> dict[str, Path]:
     """A self-signed test CA and a server certificate it signs, valid for 127.0.0.1, localhost and
     ``hosts`` (IP addresses or DNS names of the SuperLink machine). For testing: use your
-    organisation's CA in production."""
+    organisation's CA in production. Existing files are only replaced with ``force``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     out_dir = Path(out_dir)
+    refuse_overwrite(
+        [out_dir / n for n in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)], "the CA", force
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -90,31 +118,35 @@ def make_certs(out_dir: Path, hosts: list[str] | None = None, days: int = 365) -
     paths[CA_CERT].write_bytes(ca_cert.public_bytes(pem))
     paths[SERVER_CERT].write_bytes(server_cert.public_bytes(pem))
     for name, key in ((CA_KEY, ca_key), (SERVER_KEY, server_key)):
-        paths[name].write_bytes(key.private_bytes(pem, key_fmt, serialization.NoEncryption()))
-        paths[name].chmod(0o600)
+        write_private(paths[name], key.private_bytes(pem, key_fmt, serialization.NoEncryption()))
     return paths
 
 
-def make_keys(out_dir: Path, count: int, prefix: str = "sn") -> list[tuple[Path, Path]]:
+def make_keys(
+    out_dir: Path, count: int, prefix: str = "sn", force: bool = False
+) -> list[tuple[Path, Path]]:
     """``count`` EC (NIST P-384) key pairs in OpenSSH format, as ``ssh-keygen -t ecdsa -b 384``
-    makes them: ``<prefix><i>`` (private, stays on the SuperNode) and ``<prefix><i>.pub``."""
+    makes them: ``<prefix><i>`` (private, stays on the SuperNode) and ``<prefix><i>.pub``.
+    Existing keys are only replaced with ``force``."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     out_dir = Path(out_dir)
+    names = [f"{prefix}{i}{ext}" for i in range(count) for ext in ("", ".pub")]
+    refuse_overwrite([out_dir / n for n in names], "SuperNode keys", force)
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = []
     for i in range(count):
         key = ec.generate_private_key(ec.SECP384R1())
         private, public = out_dir / f"{prefix}{i}", out_dir / f"{prefix}{i}.pub"
-        private.write_bytes(
+        write_private(
+            private,
             key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.OpenSSH,
                 serialization.NoEncryption(),
-            )
+            ),
         )
-        private.chmod(0o600)
         public.write_bytes(
             key.public_key().public_bytes(
                 serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
@@ -135,12 +167,19 @@ def superlink_args(
     host: str = "0.0.0.0",
     port: int = DEFAULT_PORT,
     database: str = "state.db",
+    expose_control_api: bool = False,
 ) -> list[str]:
     """``flower-superlink`` with TLS from ``certs`` (``--insecure`` when None) and, with ``auth``,
-    SuperNode authentication (Flower refuses auth without TLS)."""
+    SuperNode authentication (Flower refuses auth without TLS).
+
+    By default it runs under :mod:`fedge.superlink_guard`: the Control API (key registration,
+    run submission) and the Runtime API answer loopback clients only, so holding ``ca.crt`` and
+    reaching the port is not enough to register a node. ``expose_control_api=True`` runs the
+    plain ``exe`` with every API open to whoever reaches ``host:port``."""
     if auth and certs is None:
         raise ValueError("SuperNode authentication needs TLS: pass the certificates folder")
-    args = [exe, "--host", host, "--port", str(port), "--database", database]
+    launcher = [exe] if expose_control_api else [sys.executable, "-m", "fedge.superlink_guard"]
+    args = [*launcher, "--host", host, "--port", str(port), "--database", database]
     args += ["--disable-runtime-dependency-installation"]  # SuperNodes/SuperLink are pre-installed
     if certs is None:
         args.append("--insecure")
@@ -240,16 +279,36 @@ def exec_env() -> dict[str, str]:
     return {**os.environ, "PATH": path, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def run_foreground(args: list[str]) -> int:
-    """Run a Flower process in the foreground (Ctrl-C stops it); return its exit code."""
+    """Run a Flower process in the foreground until it exits; return its exit status (128 + N
+    when signal N ended it, as a shell reports it).
+
+    SIGTERM, SIGINT (Ctrl-C) and SIGHUP sent to fedge are passed on to the Flower process, which
+    shuts down its own children; fedge waits for it, so a service manager that stops fedge stops
+    Flower too. The child runs in its own session so that a Ctrl-C reaches it once (from fedge),
+    not twice (from the terminal and from fedge).
+    """
     print("$ " + " ".join(args), flush=True)
+    proc = subprocess.Popen(args, env=exec_env(), start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        return subprocess.call(args, env=exec_env())
-    except KeyboardInterrupt:
-        return 130
+        code = proc.wait()  # resumed after each handler (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code
 
 
-def submit_args(exe: str, app_dir: Path, run_config: Path, stream: bool = True) -> list[str]:
-    """``flwr run <app> fedge --run-config <file> [--stream]``."""
-    args = [exe, "run", str(app_dir), CONNECTION, "--run-config", str(run_config)]
+def submit_args(exe: str, app_dir: Path, run_config: Path | None, stream: bool = True) -> list[str]:
+    """``flwr run <app> fedge [--run-config <file>] [--stream]``."""
+    args = [exe, "run", str(app_dir), CONNECTION]
+    args += ["--run-config", str(run_config)] if run_config is not None else []
     return [*args, "--stream"] if stream else args

@@ -38,10 +38,10 @@ from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedge.apps import APP_DIR, stage_app
 from fedge.deploy import superlink_args, supernode_args, write_connection
 from scenarios.config import Scenario
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the folder holding pyproject.toml's [tool.flwr.app]
 SERVER_NODE_ID = 1
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -299,7 +299,9 @@ def _submit(
     overrides.write_text(
         tomli_w.dumps({**scenario.to_run_config(), "run-dir": str(run_dir), "resume": resume})
     )
-    args = [_exe("flwr"), "run", str(APP_DIR), "fedge", "--stream", "--run-config", str(overrides)]
+    # A staged copy: `flwr run` would rewrite the repository's pyproject.toml (fedge/apps.py).
+    app = stage_app(group.flwr_home / "fedge-app", APP_DIR)
+    args = [_exe("flwr"), "run", str(app), "fedge", "--stream", "--run-config", str(overrides)]
     if federation_config:
         args += ["--federation-config", federation_config]
     proc = group.start("flwr-run", args)

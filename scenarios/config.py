@@ -8,7 +8,9 @@ in-process, Ray and deployment engines all see exactly the same values.
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +36,9 @@ class ScenarioError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/NaN anywhere: no knob means anything at infinity here, and JSON (how the scenario
+    # travels in run_config) would turn them into null, so a run could not even restart from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -122,6 +126,11 @@ class FederationConfig(_Strict):
     )
     min_train_clients: int = Field(1, ge=1)
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    wait_for_nodes_s: float = Field(
+        300.0,
+        gt=0.0,
+        description="stop with an error if fewer than data.num_clients nodes connect in this time",
+    )
 
 
 class EngineConfig(_Strict):
@@ -191,7 +200,19 @@ class EdgeConfig(_Strict):
                 raise ValueError(
                     f"client selector {key!r} must be a partition id ('3'), a range ('0-4') or '*'"
                 )
+            if len(parts) == 2 and int(parts[0]) > int(parts[1]):
+                raise ValueError(
+                    f"client selector {key!r} is a reversed range; write it low-high "
+                    f"('{parts[1]}-{parts[0]}')"
+                )
         return v
+
+    def selector_ids(self, selector: str) -> range | None:
+        """The partition ids a selector names (None for '*')."""
+        if selector == "*":
+            return None
+        lo, _, hi = selector.partition("-")
+        return range(int(lo), int(hi or lo) + 1)
 
 
 class RobustnessConfig(_Strict):
@@ -208,6 +229,13 @@ class RobustnessConfig(_Strict):
     )
     checkpoint: bool = Field(
         True, description="write checkpoint.pt after every round (enables `fedge run --resume`)"
+    )
+    max_skipped_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="the run fails (exit 1, status 'failed' in summary.json) when more than this "
+        "share of its rounds aggregated nothing; a run that aggregated no round always fails",
     )
 
 
@@ -235,6 +263,19 @@ class Scenario(_Strict):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # The name becomes a folder under output_dir: a path part would write outside it.
+        bad = [c for c in ("/", "\\", "\x00") if c in value]
+        if bad or value.strip(".").strip() == "":
+            raise ValueError(
+                f"run name {value!r} must be one plain folder name (no '/', '\\', NUL, and not "
+                "'', '.' or '..'), because runs are written to <output_dir>/<name>-...; "
+                "to write elsewhere set output_dir (or pass --run-dir)"
+            )
+        return value
+
     @field_validator("algorithm", mode="before")
     @classmethod
     def _resolve_algorithm(cls, value: Any) -> BaseModel:
@@ -244,8 +285,12 @@ class Scenario(_Strict):
             raise ValueError(f"needs a table with `name`, one of: {', '.join(algorithm_names())}")
         try:
             declared = algorithm_config(value["name"])
-        except UnknownAlgorithm as err:
-            raise ValueError(str(err)) from None
+        except UnknownAlgorithm:
+            names = algorithm_names()
+            raise ValueError(
+                f"unknown algorithm {value['name']!r}{did_you_mean(value['name'], set(names))}; "
+                f"allowed: {', '.join(names)}"
+            ) from None
         return declared.model_validate(value)
 
     @model_validator(mode="after")
@@ -268,6 +313,14 @@ class Scenario(_Strict):
                     else ""
                 )
             )
+        for selector in self.edge.trainers:
+            ids = self.edge.selector_ids(selector)
+            if ids is not None and ids.stop > self.data.num_clients:
+                raise ValueError(
+                    f"edge.trainers selector {selector!r} names client {ids.stop - 1}, but "
+                    f"data.num_clients={self.data.num_clients} has ids 0..{self.data.num_clients - 1}"
+                    "; fix the selector or raise data.num_clients"
+                )
         if self.personalization.enabled and self.federation.fraction_evaluate == 0:
             raise ValueError(
                 "personalization fine-tunes during client evaluation, but "
@@ -297,7 +350,14 @@ def _format_errors(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed keys here: {', '.join(_allowed_keys(e['loc']))}"
+            allowed = _allowed_keys(e["loc"])
+            msg = (
+                f"unknown key{did_you_mean(str(e['loc'][-1]), allowed)}; allowed keys here: "
+                f"{', '.join(allowed)}"
+            )
+        elif e["type"] == "literal_error":
+            expected = re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))
+            msg += did_you_mean(str(e.get("input")), expected)
         got = e.get("input")
         shown = (
             ""
@@ -306,6 +366,12 @@ def _format_errors(err: ValidationError) -> str:
         )
         lines.append(f"  {key or '<scenario>'}: {msg}{shown}")
     return "invalid scenario:\n" + "\n".join(lines)
+
+
+def did_you_mean(word: str, choices: list[str] | set[str]) -> str:
+    """``" (did you mean 'alpha'?)"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

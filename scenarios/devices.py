@@ -19,7 +19,9 @@ CATALOG_FILE = Path(__file__).parent / "catalog" / "devices.toml"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False
+    )  # see scenarios/config.py
 
 
 class DeviceProfile(_Strict):

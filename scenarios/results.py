@@ -113,7 +113,7 @@ class RunWriter:
         if not resume and metrics.exists() and metrics.stat().st_size > 0:
             raise FileExistsError(
                 f"{metrics} already holds a run; refusing to mix two runs in one folder "
-                "(pick a new run dir)"
+                "(pick a new --run-dir, or continue the run with `fedge run --resume DIR`)"
             )
         # An (empty) metrics.jsonl marks the folder as a run from the start, so a run that dies
         # before round 0 is still found by `fedge report` and read by load_run (with no rounds).
@@ -158,12 +158,13 @@ class RunWriter:
         """Write ``obj`` as an indented JSON file in the run dir, atomically; return its path."""
         return atomic_write(self.run_dir / name, _dumps(obj, indent=2) + "\n")
 
-    def finalize(self) -> dict:
-        """Write ``metrics.csv``, ``accuracy.png`` and ``summary.json``; return the summary."""
+    def finalize(self, extra: dict | None = None) -> dict:
+        """Write ``metrics.csv``, ``accuracy.png`` and ``summary.json`` (plus ``extra`` keys, e.g.
+        the run's status); return the summary."""
         rounds = sorted(read_jsonl(self.run_dir / METRICS_FILE), key=lambda r: r["round"])
         write_csv(rounds, self.run_dir / CSV_FILE)
         plot_run_overview(rounds, self.run_dir / PLOT_FILE, title=self.run_dir.name)
-        summary = summarize(rounds)
+        summary = {**summarize(rounds), **(extra or {})}
         self.write_json(SUMMARY_FILE, summary)
         return summary
 

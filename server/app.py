@@ -16,16 +16,20 @@ from clients.data import load_central_test
 from clients.models import build_model
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
-from scenarios.results import RunWriter
+from scenarios.results import METRICS_FILE, RunWriter, read_jsonl
 from server.checkpoint import (
+    CHECKPOINT_FILE,
     capture_run_state,
     load_checkpoint,
+    logged_rounds,
     restore_run_state,
     save_checkpoint,
     truncate_logs,
+    wall_time_until,
 )
 from server.deadline import finalize_virtual_clock
-from server.loop import run_rounds
+from server.loop import run_rounds, wait_for_nodes
+from server.outcome import STATUS_FAILED, judge_run
 from server.personalization import evaluate_config_fn, finalize_personalization
 from server.setup import build_run
 
@@ -96,12 +100,18 @@ def run_server(
         loss, acc = evaluate(eval_model, x_test, y_test, device)
         return MetricRecord({"central_loss": loss, "central_accuracy": acc})
 
-    start_round = 1
-    if resume:
+    wait_for_nodes(grid, scenario.data.num_clients, scenario.federation.wait_for_nodes_s)
+    start_round, wall_before = 1, 0.0
+    if resume and not (run_dir / CHECKPOINT_FILE).exists() and not logged_rounds(run_dir):
+        # killed before its first round ended: nothing to lose, so the folder is simply reused
+        truncate_logs(run_dir, -1)
+        print(f"fedge: {run_dir} has no checkpoint yet; starting it again from round 1", flush=True)
+    elif resume:
         state = load_checkpoint(run_dir)
         initial, start_round = state.arrays, state.server_round + 1
         restore_run_state(state, strategy, plugins, grid)
         truncate_logs(run_dir, state.server_round)
+        wall_before = wall_time_until(run_dir, state.server_round)
         print(f"fedge: resuming {run_dir} after round {state.server_round}", flush=True)
     writer = RunWriter(run_dir, resume=resume)
     writer.write_scenario(scenario_to_toml(scenario))
@@ -121,12 +131,17 @@ def run_server(
         plugins=plugins,
         evaluate_config=evaluate_config_fn(scenario),
         start_round=start_round,
+        wall_time_before=wall_before,
         on_round_end=checkpoint if scenario.robustness.checkpoint else None,
     )
     writer.save_model(final.to_torch_state_dict())
     export_edge_models(scenario, info, final, run_dir)
-    summary = finalize_personalization(run_dir, writer.finalize())
+    # judged before summary.json first appears: engines take its appearance as the run's end
+    outcome = judge_run(read_jsonl(run_dir / METRICS_FILE), scenario.robustness.max_skipped_share)
+    summary = finalize_personalization(run_dir, writer.finalize(extra=outcome))
     if scenario.devices is not None:
         summary = finalize_virtual_clock(writer, summary)
+    if summary["status"] == STATUS_FAILED:
+        print(f"fedge: run FAILED: {summary['failure']}", flush=True)
     print(f"fedge: results in {run_dir}", flush=True)
     return summary

@@ -8,11 +8,19 @@ engine) every node's ``Context.state`` (e.g. error-feedback residuals). Metrics 
 
 The file is written to a temporary name and moved into place with ``os.replace``, so a process
 killed at any instant leaves either the previous checkpoint or the new one, never half of one.
+
+A checkpoint can never run code: it is ``torch.save`` of ``{"format", "meta", "tensors"}`` where
+``meta`` is a JSON string (the plain data: numbers, strings, lists, dicts) and ``tensors`` a dict
+of torch tensors (the model arrays, RNG states, node states, as raw bytes in uint8 tensors), and it
+is read back with ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain
+containers. Anything else (a crafted pickle, a file from an older fedge) is refused with a clear
+error instead of being executed.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +32,14 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from scenarios.results import CLIENTS_FILE, METRICS_FILE, atomic_path
+from scenarios.results import CLIENTS_FILE, METRICS_FILE, atomic_path, read_jsonl
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: a plain pickle (weights_only=False), refused since it could run code
+
+
+class CheckpointError(ValueError):
+    """An unreadable or refused checkpoint file; the message names the problem and the fix."""
 
 
 @dataclass
@@ -66,42 +78,151 @@ def _arrays_from_bytes(raw: bytes) -> ArrayRecord:
     return recorddict_from_proto(proto)["arrays"]
 
 
+# Tagged JSON: every value that JSON cannot hold becomes {TAG: kind, "ref"/"items": ...}; binary
+# payloads go to the tensor table so the file stays "tensors + plain data".
+TAG = "__fedge__"
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _blob(self, tensor: torch.Tensor) -> str:
+        ref = f"t{len(self.tensors)}"
+        self.tensors[ref] = tensor
+        return ref
+
+    def _bytes(self, raw: bytes) -> str:
+        return self._blob(torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()))
+
+    def encode(self, obj: Any) -> Any:
+        if obj is None or isinstance(obj, bool | int | float | str):
+            return obj
+        if isinstance(obj, bytes | bytearray):
+            return {TAG: "bytes", "ref": self._bytes(bytes(obj))}
+        if isinstance(obj, ArrayRecord):
+            return {TAG: "arrayrecord", "ref": self._bytes(_arrays_to_bytes(obj))}
+        if isinstance(obj, torch.Tensor):
+            return {TAG: "tensor", "ref": self._blob(obj.detach().cpu().clone())}
+        if isinstance(obj, np.ndarray):
+            return {TAG: "ndarray", "ref": self._blob(torch.from_numpy(np.array(obj)))}
+        if isinstance(obj, np.generic):
+            return self.encode(obj.item())
+        if isinstance(obj, tuple):
+            return {TAG: "tuple", "items": [self.encode(v) for v in obj]}
+        if isinstance(obj, list):
+            return [self.encode(v) for v in obj]
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) for k in obj) and TAG not in obj:
+                return {k: self.encode(v) for k, v in obj.items()}
+            # int node ids etc.: keep the key types
+            return {
+                TAG: "dict",
+                "items": [[self.encode(k), self.encode(v)] for k, v in obj.items()],
+            }
+        raise TypeError(
+            f"cannot checkpoint a {type(obj).__name__}: state_dict()/state() must return tensors, "
+            "ArrayRecords, numpy arrays, bytes and plain data"
+        )
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    kind = obj.get(TAG)
+    if kind is None:
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if kind == "tuple":
+        return tuple(_decode(v, tensors) for v in obj["items"])
+    if kind == "dict":
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["items"]}
+    tensor = tensors[obj["ref"]]
+    if kind == "tensor":
+        return tensor
+    if kind == "ndarray":
+        return tensor.numpy()
+    raw = tensor.numpy().tobytes()
+    if kind == "bytes":
+        return raw
+    if kind == "arrayrecord":
+        return _arrays_from_bytes(raw)
+    raise ValueError(f"unknown checkpoint entry kind {kind!r}")
+
+
 def save_checkpoint(run_dir: Path, state: RunState) -> Path:
     """Write ``run_dir/checkpoint.pt`` atomically (temp file + ``os.replace``)."""
-    payload = {
-        "format": FORMAT_VERSION,
-        "server_round": state.server_round,
-        "arrays": _arrays_to_bytes(state.arrays),
-        "strategy_state": state.strategy_state,
-        "plugin_states": state.plugin_states,
-        "rng_states": state.rng_states,
-        "node_states": state.node_states,
-    }
+    encoder = _Encoder()
+    meta = encoder.encode(
+        {
+            "server_round": state.server_round,
+            "arrays": state.arrays,
+            "strategy_state": state.strategy_state,
+            "plugin_states": state.plugin_states,
+            "rng_states": state.rng_states,
+            "node_states": state.node_states,
+        }
+    )
+    # allow_nan: Python's json round-trips NaN/inf exactly, and floats via repr bit-exactly
+    payload = {"format": FORMAT_VERSION, "meta": json.dumps(meta), "tensors": encoder.tensors}
     path = Path(run_dir) / CHECKPOINT_FILE
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
 
 
+def _unreadable(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} {problem}. fedge cannot resume from it: start the run again in a new folder with "
+        f"`fedge run {path.parent / 'scenario.toml'}` (or restore a good copy of {path.name})"
+    )
+
+
 def load_checkpoint(run_dir: Path) -> RunState:
-    """Read ``run_dir/checkpoint.pt``; a clear error if there is none."""
+    """Read ``run_dir/checkpoint.pt`` with ``torch.load(weights_only=True)``: tensors and plain
+    data only, so a crafted file cannot execute anything. Clear errors for missing, empty,
+    truncated, foreign or tampered files."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint in {run_dir} ({CHECKPOINT_FILE} missing): the run either never finished "
             "a round or ran with robustness.checkpoint=false; start it again with `fedge run`"
         )
-    payload = torch.load(path, weights_only=False)  # our own file: holds RNG tuples and bytes
-    if payload.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}")
-    return RunState(
-        server_round=int(payload["server_round"]),
-        arrays=_arrays_from_bytes(payload["arrays"]),
-        strategy_state=payload["strategy_state"],
-        plugin_states=payload["plugin_states"],
-        rng_states=payload["rng_states"],
-        node_states=payload["node_states"],
-    )
+    if path.stat().st_size == 0:
+        raise _unreadable(path, "is empty (the disk filled up or the file was cut)")
+    try:
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any global it does not know: what a code-running pickle needs
+        raise _unreadable(
+            path,
+            "holds Python objects other than tensors and plain data, so it was refused unread "
+            f"(a tampered file, or one written by fedge before checkpoint format {FORMAT_VERSION}; "
+            f"loader said: {str(err).splitlines()[0][:200]})",
+        ) from None
+    except Exception as err:  # zip/stream errors of a truncated or random file, EOFError, ...
+        raise _unreadable(
+            path,
+            f"is not a readable checkpoint (truncated or corrupt: {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''})",
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise _unreadable(path, f"has checkpoint format {found!r}, expected {FORMAT_VERSION}")
+    try:
+        tensors = payload["tensors"]
+        data = _decode(json.loads(payload["meta"]), tensors)
+        return RunState(
+            server_round=int(data["server_round"]),
+            arrays=data["arrays"],
+            strategy_state=data["strategy_state"],
+            plugin_states=data["plugin_states"],
+            rng_states=data["rng_states"],
+            node_states=data["node_states"],
+        )
+    except Exception as err:  # a well-formed zip with the wrong inside
+        raise _unreadable(path, f"has a damaged layout ({type(err).__name__}: {err})") from None
 
 
 def truncate_logs(run_dir: Path, last_round: int) -> None:
@@ -120,6 +241,24 @@ def truncate_logs(run_dir: Path, last_round: int) -> None:
                 kept.append(line + "\n")
         with atomic_path(path) as tmp:
             tmp.write_text("".join(kept), encoding="utf-8")
+
+
+def logged_rounds(run_dir: Path) -> list[int]:
+    """Training rounds (>= 1) already in ``metrics.jsonl``."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rounds = [int(r.get("round", -1)) for r in read_jsonl(path)]
+    return sorted(r for r in rounds if r >= 1)
+
+
+def wall_time_until(run_dir: Path, last_round: int) -> float:
+    """``cumulative_wall_time_s`` of ``last_round`` in ``metrics.jsonl`` (0 if absent): a resumed
+    run continues the clock from there, so its summary counts the whole run's wall time."""
+    path = Path(run_dir) / METRICS_FILE
+    rows = [r for r in read_jsonl(path) if r.get("round") == last_round] if path.is_file() else []
+    value = rows[-1].get("cumulative_wall_time_s") if rows else None
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def capture_run_state(

@@ -41,6 +41,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from algorithms.clustering import weighted_average
 from clients.cluster_pick import CANDIDATE_PREFIX, CLUSTER_ID_KEY, CLUSTER_IDS_KEY
 from clients.data import load_central_test
+from clients.identity import reply_partition_id
 from clients.training import evaluate
 from server.strategies import ServerSetup, aggregate_client_metrics
 
@@ -210,8 +211,9 @@ class ClusterStrategy(FedAvg):
         bases: dict[int, ArrayRecord] = {}
         for msg in valid:
             nid, metrics = msg.metadata.src_node_id, reply_metrics(msg)
-            if "partition-id" in metrics:
-                self.node_partition[nid] = int(metrics["partition-id"])
+            pid = reply_partition_id(msg)
+            if pid is not None:
+                self.node_partition[nid] = pid
             chosen = int(metrics.get(CLUSTER_ID_KEY, -1))
             cid = chosen if chosen >= 0 else self._sent_cluster.get(nid)
             if cid is not None and cid in self.models:

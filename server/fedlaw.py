@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from algorithms.fedlaw import FedLAWConfig, lambda_entropy, learn_aggregation
 from clients.data import DatasetInfo, load_proxy
+from clients.identity import reply_partition_id
 from clients.seeding import derive_seed
 from scenarios.config import Scenario
 from server.fedld import reply_arrays
@@ -108,10 +109,8 @@ class FedLAW(FedAvg):
     ) -> None:
         ids = []
         for m in valid:
-            rec = next(iter(m.content.metric_records.values()))
-            ids.append(
-                int(rec["partition-id"]) if "partition-id" in rec else m.metadata.src_node_id
-            )
+            pid = reply_partition_id(m)
+            ids.append(pid if pid is not None else m.metadata.src_node_id)
         line = {
             "round": server_round,
             "gamma": gamma,

@@ -21,10 +21,39 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from clients.identity import reply_identity, reply_partition_id
 from scenarios.results import RunWriter
 from server.plugins import RoundPlugin
 
 CentralEval = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+class NotEnoughNodesError(RuntimeError):
+    """Fewer nodes connected than the scenario needs, within ``federation.wait_for_nodes_s``."""
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 0.5) -> int:
+    """Wait until ``needed`` nodes are connected; return how many are.
+
+    Flower's strategies sample only once ``min_available_nodes`` (= ``data.num_clients``) nodes are
+    connected and otherwise poll forever; this stops the run with a message saying what to change.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= needed:
+            return connected
+        if time.monotonic() >= deadline:
+            raise NotEnoughNodesError(
+                f"only {connected} of the {needed} nodes the scenario needs (data.num_clients="
+                f"{needed}) connected within federation.wait_for_nodes_s={timeout_s:g}s. Start "
+                f"{needed} SuperNodes (`fedge deploy supernode ... --num-partitions {needed}`); "
+                f"for `flwr run .` give the federation {needed} SuperNodes (`flwr run . "
+                f"--federation-config num-supernodes={needed}`, or num-supernodes in the "
+                "connection of $FLWR_HOME/config.toml); or lower data.num_clients"
+            )
+        log(INFO, "fedge: %d of %d nodes connected; waiting", connected, needed)
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
 def arrays_finite(arrays: ArrayRecord) -> bool:
@@ -59,8 +88,8 @@ def sort_replies(replies: Iterable[Message]) -> list[Message]:
     def key(msg: Message) -> tuple[int, int]:
         if msg.has_error():
             return (1, msg.metadata.src_node_id)
-        pid = _client_metrics(msg).get("partition_id")
-        return (0, int(pid)) if pid is not None else (0, msg.metadata.src_node_id)
+        pid = reply_partition_id(msg)
+        return (0, pid) if pid is not None else (0, msg.metadata.src_node_id)
 
     return sorted(replies, key=key)
 
@@ -127,6 +156,7 @@ def run_rounds(
     evaluate_config: Callable[[int], ConfigRecord | None] | None = None,
     start_round: int = 1,
     on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+    wall_time_before: float = 0.0,
 ) -> ArrayRecord:
     """Run rounds ``start_round..num_rounds`` of ``strategy``; write one record per round; return
     the final arrays. ``on_round_end(round, arrays)`` runs after each round is logged (checkpoints).
@@ -134,10 +164,12 @@ def run_rounds(
 
     ``evaluate_config(round)`` gives the config sent with that round's evaluate instructions (e.g.
     personalization's fine-tuning settings); None from it skips client evaluation that round.
+    ``wall_time_before``: seconds a resumed run already spent (``cumulative_wall_time_s`` goes on
+    from there rather than restarting at 0).
     """
     log(INFO, "fedge: starting %s for %d rounds", type(strategy).__name__, num_rounds)
     progress = RoundProgress(num_rounds) if show_progress else None
-    start = time.perf_counter()
+    start = time.perf_counter() - wall_time_before
     if start_round == 1:
         record = _central(central_eval, 0, arrays)
         record.update(round=0, wall_time_s=0.0, cumulative_wall_time_s=0.0)
@@ -161,7 +193,8 @@ def run_rounds(
             new_arrays, train_metrics = (
                 strategy.aggregate_train(server_round, replies) if replies else (None, None)
             )
-            if new_arrays is not None and arrays_finite(new_arrays):
+            record["aggregated"] = int(new_arrays is not None and arrays_finite(new_arrays))
+            if record["aggregated"]:
                 arrays = new_arrays
             elif new_arrays is not None:
                 log(WARNING, "round %d: aggregate is not finite; keeping the model", server_round)
@@ -184,7 +217,8 @@ def run_rounds(
                 record.update(_flat(strategy.aggregate_evaluate(server_round, eval_replies)))
                 for r in eval_replies:
                     if not r.has_error():
-                        rows.setdefault(r.metadata.src_node_id, {}).update(_client_metrics(r))
+                        row = rows.setdefault(r.metadata.src_node_id, _identity_row(r))
+                        row.update(_client_metrics(r))
 
             record.update(_central(central_eval, server_round, arrays))
             record["wall_time_s"] = time.perf_counter() - t0
@@ -213,8 +247,13 @@ def _flat(metrics: MetricRecord | None) -> dict[str, float | int | None]:
     return {k.replace("-", "_"): v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def _client_row(reply: Message) -> dict[str, float]:
-    row = _client_metrics(reply)
+def _identity_row(reply: Message) -> dict[str, float | int | str | bool]:
+    """The reply's identifiers (partition id, trainer, device profile ...) for clients.jsonl."""
+    return {k.replace("-", "_"): v for k, v in reply_identity(reply).items()}
+
+
+def _client_row(reply: Message) -> dict[str, float | int | str | bool]:
+    row = {**_identity_row(reply), **_client_metrics(reply)}
     row["bytes_up"] = message_bytes(reply)
     return row
 

@@ -4,10 +4,10 @@ See ``edge/lora.py`` for the protocol and ``algorithms/lora_sparse.py`` for the 
 The server holds the frozen base W, the global adapters G and the broadcast copy H that every
 synced node holds. Each round:
 
-* **downlink** (:meth:`LoraSparseFedAvg.downlink`): a node that already holds H gets nothing but
-  the sync record; one round behind gets the last broadcast packet; anything else (first contact
-  after round 0, a node that failed, a resumed server) gets H whole, and the base when its copy is
-  stale. Nodes that replied with a dense model (backprop / tpSGD clients in the same federation)
+* **downlink** (:meth:`LoraSparseFedAvg.downlink`): the instruction's ``arrays`` is one packet —
+  empty for a node that already holds H, the last broadcast packet for a node one round behind,
+  H whole for anything else (first contact after round 0, a node that failed, a resumed server) —
+  plus ``lora-base`` when the node's copy of the base is stale. Nodes that replied with a dense model (backprop / tpSGD clients in the same federation)
   get the merged model W + (α/r)·B·A as plain FedAvg would send it.
 * **aggregate**: G ← G + Σ_lora n_k Δ_k / Σ n_k (Δ_k a client's decoded adapter update; A and B
   averaged separately, as FedIT/CELLM do) and W ← W + Σ_dense n_k (W_k − W_sent) / Σ n_k.
@@ -38,7 +38,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from torch.nn import functional as F
 
 from algorithms.lora_sparse import (
+    BASE_KEY,
     PACKET_KEY,
+    SYNC_KEY,
     LoraSparseConfig,
     decode_packet,
     encode_packet,
@@ -50,15 +52,7 @@ from algorithms.lora_sparse import (
 from clients.data import load_proxy
 from clients.seeding import derive_seed
 from clients.training import batches
-from edge.lora import (
-    ADAPTERS_KEY,
-    BASE_KEY,
-    BASE_MISSING,
-    SYNC_KEY,
-    initial_factors,
-    linear_names,
-    merged_state,
-)
+from edge.lora import BASE_MISSING, initial_factors, linear_names, merged_state
 from server.strategies import ServerSetup, fedavg_kwargs
 
 
@@ -95,6 +89,9 @@ class LoraSparseFedAvg(FedAvg):
         self.node_sync: dict[int, tuple[int | None, int]] = {}
         self.dense_nodes: set[int] = set()
         self.sent_model: dict[str, torch.Tensor] = {}
+        self.empty_packet = encode_packet(
+            torch.zeros(self.n), torch.zeros(0, dtype=torch.long), "float32"
+        )[0]
 
     # ------------------------------------------------------------------ model views
     def model_state(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -113,17 +110,18 @@ class LoraSparseFedAvg(FedAvg):
         content: dict[str, Any] = {"config": config}
         if base != self.base_version:
             content[BASE_KEY] = ArrayRecord(torch_state_dict=self.base)
-        packet = None
         if adapters is None and node_id not in self.node_sync and self.version == 0:
-            source = 0  # round 0's adapters are the seeded start every node computes alone
+            # round 0's adapters are the seeded start every node computes alone
+            source, packet = 0, self.empty_packet
         elif adapters == self.version:
-            source = self.version
+            source, packet = self.version, self.empty_packet
         elif adapters == self.version - 1 and self.last_packet is not None:
             source, packet = adapters, self.last_packet
         else:
             source, packet = -1, encode_packet(self.broadcast_flat, None, "float32")[0]
-        if packet is not None:
-            content[ADAPTERS_KEY] = ArrayRecord({PACKET_KEY: Array(packet)})
+        # The packet travels as the instruction's "arrays" (empty when the node is in sync), so
+        # the reply's "arrays" answers it like any other strategy's (reply validation pairs them).
+        content["arrays"] = ArrayRecord({PACKET_KEY: Array(packet)})
         content[SYNC_KEY] = ConfigRecord(
             {"from": source, "to": self.version, "base-version": self.base_version}
         )

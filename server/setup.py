@@ -15,8 +15,8 @@ from clients.data import dataset_info, load_client_data
 from clients.models import build_model
 from clients.node import resolve_device
 from clients.seeding import seed_everything
-from clients.trainers import get_trainer, trainer_name_for
-from scenarios.config import Scenario
+from clients.trainers import get_trainer, trainer_name_for, trainer_names
+from scenarios.config import Scenario, did_you_mean
 from server.deadline import DeviceClockPlugin
 from server.plugins import RoundPlugin
 from server.strategies import ServerSetup, build_strategy
@@ -47,10 +47,19 @@ def check_clients(scenario: Scenario) -> None:
     (partitioning is cached per process, so the in-process clients reuse it) or a client's
     trainer is unknown."""
     load_client_data(scenario.data, scenario.seed, 0)
+    for selector, name in scenario.edge.trainers.items():
+        try:
+            get_trainer(name)
+        except ValueError:
+            known = trainer_names()
+            raise ValueError(
+                f"edge.trainers[{selector!r}]: unknown trainer {name!r}"
+                f"{did_you_mean(name, known)}; known: {', '.join(known)}"
+            ) from None
     for name in sorted(
         {trainer_name_for(scenario, pid) for pid in range(scenario.data.num_clients)}
     ):
-        get_trainer(name)
+        get_trainer(name)  # the algorithm's own trainer, for clients no selector covers
 
 
 def build_run(scenario: Scenario, run_dir: Path | None = None) -> BuiltRun:

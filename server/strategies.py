@@ -14,11 +14,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from clients.data import DatasetInfo
+from clients.identity import DEVICE_INDEX, PARTITION_ID
 from scenarios.config import Scenario
 from scenarios.registry import load_object
 
-# Per-client bookkeeping keys that must not be averaged into the round's metrics.
-CLIENT_ID_KEYS = ("partition-id", "device-index")
+# Identifiers that must not be averaged into the round's metrics. fedge's own clients send theirs
+# in a separate ConfigRecord (clients/identity.py); some stock Flower clients put a partition id
+# into their metrics, so the aggregate drops these keys too.
+CLIENT_ID_KEYS = (PARTITION_ID, DEVICE_INDEX)
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,26 @@ aggregates it, so one broken, malicious or stale client can never corrupt the gl
 A reply is excluded, with a logged reason, when it
 
 - is an error reply (the client raised, dropped out, or the node vanished)        -> ``error``
-- carries no ArrayRecord, or not one MetricRecord with a positive ``num-examples``  -> ``malformed``
+- carries no ArrayRecord, not one MetricRecord with a positive ``num-examples`` (at most
+  ``MAX_NUM_EXAMPLES``), metrics that are not numbers, answers an instruction its node was never
+  sent, or cannot be decoded at all                                                -> ``malformed``
 - has array keys other than the ones it was sent                                  -> ``keys``
 - has an array whose shape or dtype differs from the one it was sent              -> ``shape``
-- holds NaN or ±Inf anywhere (arrays or ``num-examples``)                          -> ``nonfinite``
+- holds NaN or ±Inf anywhere (arrays or metrics)                                   -> ``nonfinite``
 - moved the model further than ``robustness.max_update_norm``: ``||w_client - w_sent||_2``  -> ``norm``
 - is more than ``robustness.max_reply_factor`` times the size of what it was sent   -> ``oversized``
 
 Each round records ``num_invalid`` and ``num_invalid_<reason>``. If fewer than
 ``federation.min_train_clients`` valid replies remain, no reply is passed on: the round is skipped
 (the global model is unchanged) and ``round_skipped = 1`` is recorded.
+
+The rule: a reply can fail its own node, never the server. ``check`` never raises (anything it
+cannot read is ``malformed``), and what it passes is what every strategy can aggregate: one
+ArrayRecord per record sent, the same keys, and shapes/dtypes of the *decoded* arrays equal to
+what was sent. The LoRA packet encoding (one ``lora.packet`` array, see ``algorithms/lora_sparse.py``)
+is accepted only from runs whose algorithm aggregates it (``lora_sparse``), when it decodes to
+exactly the adapters' size with finite values; elsewhere a stray packet key is an unexpected key.
+A LoRA reply's size is bounded by the dense adapters, since its downlink can be nearly empty.
 
 Client extras are optional: when valid replies carry different metric keys (e.g. a stock Flower
 client next to fedge's own), only the keys common to all are kept, and that is logged once.
@@ -31,12 +41,21 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from algorithms.lora_sparse import PACKET_KEY, decode_packet, is_sparse_encoded
+from algorithms.lora_sparse import (
+    PACKET_KEY,
+    decode_packet,
+    dense_packet_bytes,
+    is_sparse_encoded,
+)
 from server.plugins import Metrics, RoundPlugin
 from server.strategies import ServerSetup
 
 REASONS = ("error", "malformed", "keys", "shape", "nonfinite", "norm", "oversized")
 WEIGHT_KEY = "num-examples"
+# A client claiming more samples than any simulation holds would outweigh every other reply.
+MAX_NUM_EXAMPLES = 10**9
+# Metrics strategies read as identities (int() of them picks a model or a cluster): integers only.
+IDENTITY_KEYS = ("partition-id", "device-index", "cluster-id")
 
 
 def update_norm(reply: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> float:
@@ -71,19 +90,47 @@ def _reference_pairs(
     return [(name, arrays, sent_records.get(name)) for name, arrays in replies.items()]
 
 
-def _sparse_problem(name: str, arrays: ArrayRecord) -> tuple[str, str] | None:
-    """Structure of a LoRA packet reply: exactly one packet that decodes (header, sizes, indices)."""
-    if set(arrays.keys()) != {PACKET_KEY}:
-        return (
-            "keys",
-            f"{name}: a LoRA reply carries only {PACKET_KEY!r}, got {sorted(arrays.keys())}",
-        )
+def _sparse_problem(name: str, tensors: dict[str, np.ndarray], size: int) -> tuple[str, str] | None:
+    """Structure of a LoRA packet reply: it decodes (header, sizes, indices) to ``size`` entries
+    (the adapters' total) with finite values (bytes are always finite; the values they encode not)."""
     try:
-        values = decode_packet(as_numpy(arrays)[PACKET_KEY])
+        values = decode_packet(tensors[PACKET_KEY], size)
     except ValueError as err:
         return "shape", f"{name}: {err}"
-    if not bool(values.isfinite().all()):  # bytes are always finite; the values they encode not
+    if not bool(values.isfinite().all()):
         return "nonfinite", f"{name}: the LoRA packet's values hold NaN or Inf"
+    return None
+
+
+def _metric_problem(metrics: MetricRecord) -> tuple[str, str] | None:
+    """``num-examples`` a positive, finite, plausible number; every other metric finite numbers."""
+    weight = metrics[WEIGHT_KEY]
+    if not isinstance(weight, int | float) or isinstance(weight, bool):
+        return "malformed", f"{WEIGHT_KEY}={weight!r} is not a number"
+    if isinstance(weight, float) and not math.isfinite(weight):
+        return "nonfinite", f"{WEIGHT_KEY}={weight!r}"
+    if weight <= 0:
+        return "malformed", f"{WEIGHT_KEY}={weight!r} must be positive"
+    if weight > MAX_NUM_EXAMPLES:
+        return (
+            "malformed",
+            f"{WEIGHT_KEY}={weight:.3g} is implausibly large (> {MAX_NUM_EXAMPLES:g})",
+        )
+    for key in IDENTITY_KEYS:
+        value = metrics.get(key)
+        integral = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()
+        )
+        if value is not None and not (integral and abs(value) < 2**63):
+            return "malformed", f"{key}={value!r} must be an integer"
+    for key, value in metrics.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+            return "malformed", f"metric {key!r} is not a number or list of numbers"
+        if not all(math.isfinite(v) for v in items if isinstance(v, float)):
+            return "nonfinite", f"metric {key!r} holds NaN or Inf"
+        if any(isinstance(v, int) and abs(v) > 2**63 - 1 for v in items):
+            return "malformed", f"metric {key!r} does not fit in 64 bits"
     return None
 
 
@@ -101,7 +148,20 @@ def _content_bytes(content: RecordDict) -> int:
 class ReplyValidator(RoundPlugin):
     """Excludes invalid training replies (see the module docstring); works with any strategy."""
 
-    def __init__(self, max_update_norm: float, max_reply_factor: float, min_valid: int) -> None:
+    def __init__(
+        self,
+        max_update_norm: float,
+        max_reply_factor: float,
+        min_valid: int,
+        sparse_size: int | None = None,
+        array_records_per_reply: int | None = 1,
+    ) -> None:
+        """``sparse_size``: total adapter entries when the strategy aggregates packed sparse
+        replies (``lora_sparse``); None refuses the sparse encoding. ``array_records_per_reply``:
+        how many ArrayRecords a reply must carry (every strategy in fedge aggregates exactly one,
+        as Flower's FedAvg demands); None allows one per record sent, matched by name."""
+        self.sparse_size = sparse_size
+        self.array_records_per_reply = array_records_per_reply
         self.max_update_norm = max_update_norm
         self.max_reply_factor = max_reply_factor
         self.min_valid = min_valid
@@ -113,8 +173,17 @@ class ReplyValidator(RoundPlugin):
     @classmethod
     def from_setup(cls, setup: ServerSetup) -> ReplyValidator:
         rob = setup.scenario.robustness
+        sparse_size = None
+        if setup.scenario.algorithm.name == "lora_sparse":
+            from edge.lora import initial_factors
+
+            factors = initial_factors(setup.model, setup.scenario.algorithm, setup.scenario.seed)
+            sparse_size = sum(t.numel() for t in factors.values())
         return cls(
-            rob.max_update_norm, rob.max_reply_factor, setup.scenario.federation.min_train_clients
+            rob.max_update_norm,
+            rob.max_reply_factor,
+            setup.scenario.federation.min_train_clients,
+            sparse_size,
         )
 
     # RoundPlugin -----------------------------------------------------------------------------
@@ -165,7 +234,7 @@ class ReplyValidator(RoundPlugin):
             metrics["round_skipped"] = 1
             return [], metrics
         metrics["round_skipped"] = 0
-        return self._common_metric_keys(kept), metrics
+        return self._common_metric_keys([self._canonical(r) for r in kept]), metrics
 
     def state(self) -> dict:
         return {"total_invalid": dict(self.total_invalid)}
@@ -175,7 +244,13 @@ class ReplyValidator(RoundPlugin):
 
     # checks ----------------------------------------------------------------------------------
     def check(self, reply: Message) -> tuple[str, str] | None:
-        """``None`` if the reply may be aggregated, else ``(reason, detail)``."""
+        """``None`` if the reply may be aggregated, else ``(reason, detail)``. Never raises."""
+        try:
+            return self._check(reply)
+        except Exception as err:  # a reply can fail its own node, never the server
+            return "malformed", f"the reply cannot be read ({type(err).__name__}: {err})"[:300]
+
+    def _check(self, reply: Message) -> tuple[str, str] | None:
         if reply.has_error():
             return "error", reply.error.reason
         content = reply.content
@@ -184,64 +259,89 @@ class ReplyValidator(RoundPlugin):
         metric_records = list(content.metric_records.values())
         if len(metric_records) != 1 or WEIGHT_KEY not in metric_records[0]:
             return "malformed", f"expected one MetricRecord holding {WEIGHT_KEY!r}"
-        weight = metric_records[0][WEIGHT_KEY]
-        if not isinstance(weight, int | float) or isinstance(weight, bool):
-            return "malformed", f"{WEIGHT_KEY}={weight!r} is not a number"
-        if not np.isfinite(weight):
-            return "nonfinite", f"{WEIGHT_KEY}={weight!r}"
-        if weight <= 0:
-            return "malformed", f"{WEIGHT_KEY}={weight!r} must be positive"
+        problem = _metric_problem(metric_records[0])
+        if problem is not None:
+            return problem
 
         sent_content = self._sent.get(reply.metadata.src_node_id)
+        if sent_content is None:
+            return "malformed", f"node {reply.metadata.src_node_id} was sent no instruction"
         pairs = _reference_pairs(content, sent_content)
+        expected = self.array_records_per_reply
+        if any(ref is None for _, _, ref in pairs) or (expected and len(pairs) != expected):
+            return "keys", (
+                f"ArrayRecords {sorted(content.array_records)} do not answer the record(s) sent "
+                f"{sorted(sent_content.array_records)}"
+                + (f" with exactly {expected}" if expected else "")
+            )
+        size, sent_size = _content_bytes(content), _content_bytes(sent_content)
+        if self.sparse_size is not None:  # a synced LoRA node's downlink is nearly empty
+            sent_size = max(sent_size, dense_packet_bytes(self.sparse_size))
+        if size > self.max_reply_factor * sent_size:
+            return "oversized", (
+                f"{size} bytes > robustness.max_reply_factor={self.max_reply_factor:g} "
+                f"× {sent_size} bytes sent"
+            )
+        squared = 0.0
         for name, arrays, sent in pairs:
-            if is_sparse_encoded(arrays.keys()):
-                # A sparse update (values + indices) has its own keys by design and the strategy
-                # decodes it; check its structure here, finiteness and size below.
-                problem = _sparse_problem(name, arrays)
+            # Compare the *decoded* arrays: an Array's declared shape/dtype can lie about its bytes.
+            values, reference = as_numpy(arrays), self._numpy_of_sent(sent)
+            sparse = self.sparse_size is not None and is_sparse_encoded(values)
+            if sparse:
+                # A LoRA packet has its own key by design and the strategy decodes it; its
+                # values *are* the update entries.
+                problem = _sparse_problem(name, values, self.sparse_size)
                 if problem is not None:
                     return problem
-                continue
-            if sent is None:
-                continue
-            if set(arrays.keys()) != set(sent.keys()):
-                missing = sorted(set(sent.keys()) - set(arrays.keys()))
-                extra = sorted(set(arrays.keys()) - set(sent.keys()))
+            elif set(values) != set(reference):
+                missing = sorted(set(reference) - set(values))
+                extra = sorted(set(values) - set(reference))
                 return "keys", f"{name}: missing {missing[:5]}, unexpected {extra[:5]}"
-            for key, arr in arrays.items():
-                ref = sent[key]
-                if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
-                    return "shape", (
-                        f"{key}: got {arr.dtype}{list(arr.shape)}, sent {ref.dtype}{list(ref.shape)}"
-                    )
-        if sent_content is not None:
-            size, sent_size = _content_bytes(content), _content_bytes(sent_content)
-            if size > self.max_reply_factor * sent_size:
-                return "oversized", (
-                    f"{size} bytes > robustness.max_reply_factor={self.max_reply_factor:g} "
-                    f"× {sent_size} bytes sent"
-                )
-        decoded = [(as_numpy(a), ref) for _, a, ref in pairs]
-        if not all(all_finite(values) for values, _ in decoded):
-            return "nonfinite", "arrays hold NaN or Inf"
-        squared = sum(
-            _sparse_update_sq(values)
-            if is_sparse_encoded(values.keys())
-            else update_norm(values, self._numpy_of_sent(ref)) ** 2
-            for values, ref in decoded
-            if ref is not None or is_sparse_encoded(values.keys())
-        )
-        if math.sqrt(squared) > self.max_update_norm:
+            else:
+                for key, arr in values.items():
+                    ref = reference[key]
+                    if arr.shape != ref.shape or arr.dtype != ref.dtype:
+                        return "shape", (
+                            f"{key}: got {arr.dtype}{list(arr.shape)}, sent {ref.dtype}{list(ref.shape)}"
+                        )
+            if not all_finite(values):
+                return "nonfinite", "arrays hold NaN or Inf"
+            squared += _sparse_update_sq(values) if sparse else update_norm(values, reference) ** 2
+        if not math.sqrt(squared) <= self.max_update_norm:
             return "norm", (
                 f"||update||={math.sqrt(squared):.3g} > "
                 f"robustness.max_update_norm={self.max_update_norm:g}"
             )
         return None
 
+    def _canonical(self, reply: Message) -> Message:
+        """Name the reply's records as the server expects: each ArrayRecord as the record it
+        answers (a lone record may come back under any name) and the MetricRecord ``metrics``.
+        Flower's FedAvg looks records up by the first reply's names and raises on a mismatch."""
+        content = reply.content
+        pairs = _reference_pairs(content, self._sent[reply.metadata.src_node_id])
+        sent_names = {id(ref): n for n, ref in self._sent[reply.metadata.src_node_id].items()}
+        out = RecordDict({sent_names[id(ref)]: arrays for _, arrays, ref in pairs})
+        out["metrics"] = next(iter(content.metric_records.values()))
+        for name, record in content.config_records.items():
+            if name not in out:
+                out[name] = record
+        reply.content = out  # same reply and metadata; only record names change
+        return reply
+
     def _common_metric_keys(self, replies: list[Message]) -> list[Message]:
         """Flower's strategies need identical metric keys in all replies: keep the common ones."""
-        key_sets = [set(next(iter(r.content.metric_records.values())).keys()) for r in replies]
+        records = [next(iter(r.content.metric_records.values())) for r in replies]
+        key_sets = [set(rec.keys()) for rec in records]
         common = set.intersection(*key_sets) if key_sets else set()
+        # a key that is a scalar in one reply and a list (or a list of another length) in the
+        # next cannot be averaged: Flower's metric aggregation would raise
+        common = {
+            k
+            for k in common
+            if len({len(rec[k]) if isinstance(rec[k], list) else -1 for rec in records}) == 1
+        }
+        common.add(WEIGHT_KEY)
         if all(keys == common for keys in key_sets):
             return replies
         if not self._warned_extras:

@@ -47,6 +47,30 @@ CASES = {
     ),
     "too many clients": ({"data": {"num_clients": 500}}, "data.num_clients"),
     "fedprox bad mu": ({"algorithm": {"name": "fedprox", "mu": -1.0}}, "algorithm.mu"),
+    # issue 18: what `validate` used to pass and `run` could not run
+    "unknown trainer": (
+        {"edge": {"trainers": {"*": "nonexistent"}}},
+        "edge.trainers['*']: unknown trainer 'nonexistent'",
+    ),
+    "misspelt trainer": ({"edge": {"trainers": {"0": "tpsdg"}}}, "(did you mean 'tpsgd'?)"),
+    "trainer range past the clients": (
+        {"edge": {"trainers": {"9-12": "tpsgd"}}},
+        "selector '9-12' names client 12, but data.num_clients=2 has ids 0..1",
+    ),
+    "trainer id past the clients": (
+        {"edge": {"trainers": {"2": "tpsgd"}}},
+        "selector '2' names client 2",
+    ),
+    "reversed trainer range": ({"edge": {"trainers": {"1-0": "tpsgd"}}}, "reversed range"),
+    "infinite lr": ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
+    "infinite mu": (
+        {"algorithm": {"name": "fedprox", "mu": float("inf")}},
+        "algorithm.mu: Input should be a finite number",
+    ),
+    "infinite deadline": (
+        {"devices": {"classes": ["t4"], "policy": "deadline", "deadline_s": float("inf")}},
+        "devices.deadline_s: Input should be a finite number",
+    ),
 }
 
 
@@ -70,5 +94,7 @@ def test_missing_scenario_file_and_bad_resume(tmp_path: Path) -> None:
     _fails(["run", str(tmp_path / "nope.toml")], "scenario file not found")
     _fails(["run", "--resume", str(tmp_path)], "not a run folder")
     (tmp_path / "scenario.toml").write_text(scenario_file(tmp_path).read_text())
-    _fails(["run", "--resume", str(tmp_path)], "no checkpoint")
+    # killed before its first checkpoint: nothing to lose, the folder is started again
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path), "--quiet"])
+    assert result.exit_code == 0 and "starting it again from round 1" in result.output
     _fails(["run"], "--resume")

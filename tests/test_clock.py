@@ -27,6 +27,7 @@ from clients.clock import (
     training_memory_bytes,
     virtual_clock_mod,
 )
+from clients.identity import reply_partition_id
 from fedge.engines import InProcessGrid
 from scenarios.config import validate_scenario
 from scenarios.devices import DeviceProfile, load_catalog
@@ -207,7 +208,7 @@ def test_partial_work_caps_only_the_slow_client() -> None:
     )
     # one ConfigRecord shared by both messages, as Flower's strategies send it
     replies = train_on_grid(scenario, {"deadline-s": 1.0, "partial-work": True})
-    slow_reply, fast_reply = sorted(replies, key=lambda r: r.content["metrics"]["partition-id"])
+    slow_reply, fast_reply = sorted(replies, key=reply_partition_id)
     assert slow_reply.content["metrics"]["work-fraction"] < 1.0
     fast = fast_reply.content["metrics"]
     assert fast["num-steps"] == fast["planned-steps"] and fast["work-fraction"] == 1.0

@@ -89,3 +89,27 @@ def test_round_trips_through_run_config_and_toml(tmp_path: Path) -> None:
     path.write_text(scenario_to_toml(scenario))
     assert load_scenario(path) == scenario.model_copy(update={"name": scenario.name})
     assert Scenario.from_run_config({}) == Scenario()
+
+
+@pytest.mark.parametrize(
+    "name", ["../../x", "/tmp/x", "a/b", "..", ".", "", "a\\b", "..\\x", "x\x00y"]
+)
+def test_run_names_with_path_parts_are_refused(name: str) -> None:
+    """The name becomes <output_dir>/<name>-...: a path part would write outside output_dir."""
+    with pytest.raises(ScenarioError, match="plain folder name"):
+        validate_scenario({"name": name})
+
+
+def test_cli_refuses_a_run_name_that_escapes_output_dir(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    out = tmp_path / "a" / "b" / "out"  # name=../../escaped would land in tmp_path
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'output_dir = "{out}"\n')
+    result = CliRunner().invoke(app, ["run", str(scenario), "--set", "name=../../escaped"])
+    assert result.exit_code == 2
+    assert "plain folder name" in " ".join(result.output.split())
+    assert not list(tmp_path.rglob("escaped*"))
+    assert validate_scenario({"name": "fedavg-alpha_0.1..x"}).name == "fedavg-alpha_0.1..x"

@@ -141,3 +141,169 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
     # The unregistered SuperNode was refused and never received a message.
     assert "Exit Code: 305" in intruder_log and "Receiving:" not in intruder_log
     assert "No SuperNode found with the given public key" in superlink_log
+
+
+@pytest.mark.parametrize("kind", ["certs", "keys"])
+def test_certs_and_keys_are_not_replaced_without_force(tmp_path: Path, kind: str) -> None:
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    runner = CliRunner()
+    first = runner.invoke(app, ["deploy", kind, "--out", str(tmp_path)])
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    again = runner.invoke(app, ["deploy", kind, "--out", str(tmp_path)])
+    assert again.exit_code == 2
+    said = " ".join(again.output.split())  # rich wraps long lines
+    assert "--force" in said and "already exist" in said
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # untouched
+    forced = runner.invoke(app, ["deploy", kind, "--out", str(tmp_path), "--force"])
+    assert forced.exit_code == 0, forced.output
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)
+
+
+def test_private_keys_are_created_0600_not_chmod_ed_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With chmod disabled, a key written with the usual umask then chmod-ed would stay 0644:
+    the mode must come from the creating open() call itself."""
+    import os
+
+    monkeypatch.setattr(Path, "chmod", lambda *a, **k: None)
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
+    old = os.umask(0o022)
+    try:
+        certs = make_certs(tmp_path / "certs")
+        (private, public), *_ = make_keys(tmp_path / "keys", 1)
+        make_keys(tmp_path / "keys", 1, force=True)  # a replaced key is created 0600 too
+    finally:
+        os.umask(old)
+    for path in (certs["ca.key"], certs["server.key"], private):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert public.stat().st_mode & 0o777 == 0o644  # public halves stay readable
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_guard_lets_remote_peers_reach_the_fleet_api_only() -> None:
+    from fedge.superlink_guard import is_loopback, is_public_path
+
+    assert is_public_path("/v1/fleet/pull-messages") and is_public_path("/health")
+    assert not is_public_path("/v1/control/register-supernode")
+    assert not is_public_path("/v1/runtime/pull-messages") and not is_public_path("/v1/fleetx")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("192.0.2.2") and not is_loopback(None) and not is_loopback("host")
+    assert superlink_args("flower-superlink", None)[1:3] == ["-m", "fedge.superlink_guard"]
+    assert superlink_args("flower-superlink", None, expose_control_api=True)[0] == (
+        "flower-superlink"
+    )
+
+
+@pytest.mark.slow
+def test_ca_cert_alone_cannot_register_a_key_or_join(tmp_path: Path) -> None:
+    """An outsider with only ca.crt who reaches the SuperLink over the network cannot register a
+    key of its own, so its SuperNode is refused; the operator on the SuperLink host registers a
+    key and that SuperNode (dialling the network address, as an edge machine does) joins."""
+    import json
+    import shutil
+
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback address to play the outsider from")
+    certs = make_certs(tmp_path / "certs", hosts=[address])
+    (op_private, op_public), (in_private, in_public) = make_keys(tmp_path / "keys", 2)
+    port = free_port()
+    outsider_home = tmp_path / "outsider-flwr-home"
+    outsider_home.mkdir()
+    outsider_ca = Path(shutil.copy(certs["ca.crt"], outsider_home / "ca.crt"))
+    write_connection(outsider_home, f"{address}:{port}", outsider_ca)
+    with flower_processes(tmp_path / "logs") as group:
+        link = group.start(
+            "superlink",
+            superlink_args(
+                _exe("flower-superlink"),
+                tmp_path / "certs",
+                auth=True,
+                host="0.0.0.0",
+                port=port,
+                database=FLWR_IN_MEMORY_DB_NAME,
+            ),
+        )
+        _wait_for_port(port, link, "superlink", group)
+        outsider_env = {**group.env, "FLWR_HOME": str(outsider_home)}
+        outsider = subprocess.run(
+            register_args(_exe("flwr"), in_public, name="intruder"),
+            env=outsider_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        said = outsider.stdout + outsider.stderr
+        assert outsider.returncode != 0 and "registered successfully" not in said, said
+        assert "403" in said or "loopback" in said, said
+
+        write_connection(group.flwr_home, f"127.0.0.1:{port}", certs["ca.crt"])
+        operator = subprocess.run(
+            register_args(_exe("flwr"), op_public, name="edge-0"),
+            env=group.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert operator.returncode == 0, operator.stdout + operator.stderr
+        assert "registered successfully" in operator.stdout
+        for name, key in (("intruder", in_private), ("edge-0", op_private)):
+            group.start(
+                name,
+                supernode_args(
+                    _exe("flower-supernode"),
+                    f"{address}:{port}",
+                    0,
+                    2,
+                    root_cert=certs["ca.crt"],
+                    key=key,
+                    port=free_port(),
+                ),
+            )
+        deadline = time.time() + 60
+        while "Failed to activate SuperNode" not in group.log_tail("intruder", 200):
+            assert time.time() < deadline, group.log_tail("intruder")
+            time.sleep(0.5)
+        online: list = []
+        while not online:  # the operator sees its node online
+            assert time.time() < deadline, group.log_tail("edge-0")
+            listing = subprocess.run(
+                [_exe("flwr"), "supernode", "ls", "fedge", "--format", "json"],
+                env=group.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            nodes = json.loads(listing.stdout).get("nodes", []) if listing.stdout else []
+            online = [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+            time.sleep(0.5)
+        assert len(nodes) == 1  # only the operator's key was ever registered
+        # the outsider cannot even list nodes
+        peek = subprocess.run(
+            [_exe("flwr"), "supernode", "ls", "fedge"],
+            env=outsider_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert peek.returncode != 0
+        intruder_log = group.log_tail("intruder", 200)
+    assert "Receiving:" not in intruder_log

@@ -301,7 +301,7 @@ def _arrays(value: float = 0.0, **shapes) -> ArrayRecord:
                     "m": MetricRecord({"num-examples": 4}),
                 }
             ),
-            "nonfinite",
+            "keys",  # a second ArrayRecord answers nothing that was sent: refused unread
         ),
     ],
 )
@@ -328,7 +328,12 @@ def test_validator_matches_several_records_by_name_and_sums_their_norms() -> Non
     )
     instruction, message = _exchange(sent, reply)
     for bound, expected in ((10.5, None), (9.5, "norm")):
-        validator = ReplyValidator(max_update_norm=bound, max_reply_factor=4.0, min_valid=1)
+        validator = ReplyValidator(
+            max_update_norm=bound,
+            max_reply_factor=4.0,
+            min_valid=1,
+            array_records_per_reply=None,  # a strategy that takes one reply record per sent one
+        )
         validator.observe_train_instructions(1, [instruction])
         got = validator.check(message)
         assert (got[0] if got else None) == expected

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from algorithms.lora_sparse import (
     PACKET_KEY,
@@ -181,18 +181,28 @@ def test_downlink_out_of_step_is_refused_and_names_the_fix() -> None:
     sc = lora_scenario(0.05)
     info = dataset_info(sc.data)
     model = build_model(sc.model, info.input_shape, info.num_classes)
-    from flwr.app import ArrayRecord
-
     base = ArrayRecord(torch_state_dict=model.state_dict())
+    n = sum(v.numel() for v in initial_factors(model, sc.algorithm, sc.seed).values())
+    empty = ArrayRecord(
+        {
+            PACKET_KEY: Array(
+                encode_packet(torch.zeros(n), torch.zeros(0, dtype=torch.long), "float32")[0]
+            )
+        }
+    )
     state = RecordDict()
     sync = ConfigRecord({"from": 0, "to": 0, "base-version": 0})
     with pytest.raises(ValueError, match="lora-base-missing"):
-        apply_downlink(RecordDict({"lora-sync": sync}), state, sc)
-    arrays = apply_downlink(RecordDict({"lora-sync": sync, "lora-base": base}), state, sc)
+        apply_downlink(RecordDict({"lora-sync": sync, "arrays": empty}), state, sc)
+    with pytest.raises(ValueError, match="carries its adapter packet"):
+        apply_downlink(RecordDict({"lora-sync": sync, "lora-base": base}), state, sc)
+    arrays = apply_downlink(
+        RecordDict({"lora-sync": sync, "lora-base": base, "arrays": empty}), state, sc
+    )
     assert set(arrays.keys()) == set(model.state_dict())
     jump = ConfigRecord({"from": 3, "to": 4, "base-version": 0})
     with pytest.raises(ValueError, match="from version 3, this node holds version 0"):
-        apply_downlink(RecordDict({"lora-sync": jump}), state, sc)
+        apply_downlink(RecordDict({"lora-sync": jump, "arrays": empty}), state, sc)
     assert ADAPTERS_KEY in state
 
 
@@ -288,5 +298,5 @@ def test_strategy_state_survives_a_checkpoint_and_resyncs_nodes(tmp_path: Path) 
     resent = fresh.downlink(7, ConfigRecord())
     assert int(resent["lora-sync"]["from"]) == -1 and "lora-base" in resent
     torch.testing.assert_close(
-        decode_packet(resent["lora-adapters"][PACKET_KEY].numpy()), fresh.broadcast_flat
+        decode_packet(resent["arrays"][PACKET_KEY].numpy()), fresh.broadcast_flat
     )

@@ -94,7 +94,7 @@ def test_runner_refuses_nonfinite_and_out_of_range_and_warns_on_scaled(exported)
     assert warned and "already scaled" in warned[0]
     bad = x.copy()
     bad[0, 0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match="1 NaN/Inf"):
+    with pytest.raises(ValueError, match="1 values are NaN"):
         infer(path, bad, repeats=1)
     with pytest.raises(ValueError, match="far outside the raw range"):
         infer(path, x * 1000, repeats=1)

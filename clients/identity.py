@@ -1,0 +1,45 @@
+"""Who answered: a client's identifiers travel in a ConfigRecord of their own.
+
+Flower's strategies average every number in a reply's MetricRecord, so an identifier put there
+(``partition-id``) comes out as a meaningless "mean partition id" under a stock ``FedAvg``.
+fedge's ClientApp therefore sends its identity as a separate ConfigRecord named
+:data:`IDENTITY_RECORD` (strategies ignore ConfigRecords in replies), and the server reads it
+back with :func:`reply_identity` for sorting, clustering and ``clients.jsonl``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+IDENTITY_RECORD = "client"
+PARTITION_ID = "partition-id"
+DEVICE_INDEX = "device-index"  # into the sorted device class names of the scenario's [devices]
+DEVICE_PROFILE = "device-profile"  # the device class name (or a SuperNode's --device-profile)
+TRAINER = "trainer"  # the local trainer's name ([edge] trainers, else the algorithm's)
+
+
+def identity_record(content: RecordDict) -> ConfigRecord:
+    """The reply's identity record, created empty when missing (for mods that add to it)."""
+    if IDENTITY_RECORD not in content.config_records:
+        content[IDENTITY_RECORD] = ConfigRecord()
+    return content.config_records[IDENTITY_RECORD]
+
+
+def reply_identity(msg: Message) -> dict[str, int | float | str | bool]:
+    """The identifiers a reply carries: its identity record; for clients that put a
+    ``partition-id`` into their metrics (as some Flower examples do) that one; else ``{}``."""
+    if msg.has_error():
+        return {}
+    record = msg.content.config_records.get(IDENTITY_RECORD)
+    if record is not None:
+        return {k: v for k, v in record.items() if isinstance(v, int | float | str | bool)}
+    for metrics in msg.content.metric_records.values():
+        if PARTITION_ID in metrics:
+            return {PARTITION_ID: int(metrics[PARTITION_ID])}
+    return {}
+
+
+def reply_partition_id(msg: Message) -> int | None:
+    """The partition id a reply names, None when it names none."""
+    pid = reply_identity(msg).get(PARTITION_ID)
+    return None if pid is None else int(pid)

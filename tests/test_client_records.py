@@ -1,0 +1,30 @@
+"""clients.jsonl says which trainer and which device profile each client used (issue 18, item 11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedge.engines import run_engine
+from scenarios.config import validate_scenario
+from scenarios.results import load_run
+
+
+def test_clients_jsonl_names_trainer_and_device_profile(tmp_path: Path) -> None:
+    scenario = validate_scenario(
+        {
+            "seed": 2,
+            "num_rounds": 1,
+            "output_dir": str(tmp_path),
+            "data": {"dataset": "mnist1d", "num_clients": 3, "num_samples": 600},
+            "model": {"name": "mlp", "hidden": [16]},
+            "edge": {"trainers": {"0": "tpsgd"}, "export_onnx": False},
+            "devices": {"classes": ["t4", "jetson_nano"], "assign": "list"},
+        }
+    )
+    run_engine(scenario, tmp_path / "run", show_progress=False)
+    rows = sorted(load_run(tmp_path / "run").clients, key=lambda r: r["partition_id"])
+    assert [r["partition_id"] for r in rows] == [0, 1, 2]
+    assert [r["trainer"] for r in rows] == ["tpsgd", "fedavg", "fedavg"]
+    assert [r["device_profile"] for r in rows] == ["t4", "jetson_nano", "t4"]
+    names = scenario.devices.class_names()  # the index still points into these, as before
+    assert [names[r["device_index"]] for r in rows] == ["t4", "jetson_nano", "t4"]

@@ -1,0 +1,171 @@
+"""`fedge deploy` around the Flower processes (issue 18, items 6 and 9): signals sent to fedge reach
+the Flower process and fedge exits with its status; `submit` takes any Flower app folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import fedge.deploy
+from fedge.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+# A stand-in for flower-superlink: records its PID, then waits; with TRAP it shuts down cleanly
+# on SIGTERM (exit 7, as a process that finishes its own cleanup would), otherwise SIGTERM kills it.
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    out = sys.argv[1]
+    if sys.argv[2] == "trap":
+        def stop(signum, frame):
+            open(out + ".signal", "w").write(str(signum))
+            sys.exit(7)
+        signal.signal(signal.SIGTERM, stop)
+    open(out + ".pid", "w").write(str(os.getpid()))
+    time.sleep(60)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # exited but not yet reaped: stopped all the same
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("trap", 7), ("plain", 128 + signal.SIGTERM)])
+def test_sigterm_reaches_the_flower_process_and_fedge_exits_with_its_status(
+    mode: str, expected: int, tmp_path: Path
+) -> None:
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    out = tmp_path / "child"
+    code = (
+        "import sys; from fedge.deploy import run_foreground; "
+        f"sys.exit(run_foreground([sys.executable, {str(child)!r}, {str(out)!r}, {mode!r}]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    child_pid = None
+    try:
+        deadline = time.time() + 30
+        while not (out.with_suffix(".pid")).exists():
+            assert time.time() < deadline and parent.poll() is None, "child never started"
+            time.sleep(0.05)
+        time.sleep(0.2)  # the pid file is written after the handler is set
+        child_pid = int(out.with_suffix(".pid").read_text())
+        parent.send_signal(signal.SIGTERM)  # what systemd / docker stop send
+        assert parent.wait(timeout=20) == expected
+        if mode == "trap":
+            assert out.with_suffix(".signal").read_text() == str(int(signal.SIGTERM))
+        deadline = time.time() + 5
+        while _alive(child_pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child_pid), "the Flower process outlived fedge"
+    finally:
+        for pid in (parent.pid, child_pid):
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait(timeout=5)
+
+
+# ------------------------------------------------------------------ submit: any Flower app
+def _user_app(path: Path, config: dict[str, str] | None = None) -> Path:
+    path.mkdir(parents=True)
+    lines = [
+        "[project]",
+        'name = "userapp"',
+        'version = "1.0.0"',
+        "[tool.flwr.app]",
+        'publisher = "someone"',
+        "[tool.flwr.app.components]",
+        'serverapp = "userapp.server_app:app"',
+        'clientapp = "userapp.client_app:app"',
+        "[tool.flwr.app.config]",
+        *(f"{k} = {v}" for k, v in (config or {"num-server-rounds": "3"}).items()),
+    ]
+    (path / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def submitted(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(fedge.deploy, "run_foreground", lambda args: calls.append(args) or 0)
+    return calls
+
+
+def _run_config(args: list[str]) -> dict:
+    return tomllib.loads(Path(args[args.index("--run-config") + 1]).read_text())
+
+
+def test_submit_takes_a_user_app_folder(tmp_path: Path, submitted: list[list[str]]) -> None:
+    user = _user_app(tmp_path / "userapp")
+    result = runner.invoke(
+        app, ["deploy", "submit", "--app", str(user), "--run-config", "num-server-rounds=5"]
+    )
+    assert result.exit_code == 0, result.output
+    (args,) = submitted
+    assert args[1:4] == ["run", str(user.resolve()), "fedge"] and "--stream" in args
+    assert _run_config(args) == {"num-server-rounds": 5}
+
+
+def test_submit_fedge_app_is_a_staged_copy(tmp_path: Path, submitted: list[list[str]]) -> None:
+    scenario = ROOT / "scenarios" / "quickstart.toml"
+    result = runner.invoke(app, ["deploy", "submit", str(scenario), "--run-dir", "/srv/run1"])
+    assert result.exit_code == 0, result.output
+    (args,) = submitted
+    staged = Path(args[2])
+    assert staged != ROOT and (staged / "server" / "app.py").is_file()
+    pyproject = tomllib.loads((staged / "pyproject.toml").read_text())
+    assert "federations" not in pyproject["tool"]["flwr"]  # flwr run would rewrite it otherwise
+    config = _run_config(args)
+    assert config["run-dir"] == "/srv/run1" and '"name":"quickstart"' in config["scenario"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "expected"),
+    [
+        ("none", [], "does not exist"),
+        ("empty", [], "no pyproject.toml"),
+        ("no-components", [], "declares no [tool.flwr.app.components]"),
+        ("user", ["--run-config", "num-rounds=5"], "unknown run-config key 'num-rounds'"),
+        ("user", ["--run-config", "oops"], "key=value"),
+        ("user", ["SCENARIO"], "does not read a fedge scenario"),
+        ("fedge", [], "give a scenario file"),
+    ],
+)
+def test_submit_refuses_what_flwr_run_would_fail_on(
+    setup: str, args: list[str], expected: str, tmp_path: Path, submitted: list[list[str]]
+) -> None:
+    folder = tmp_path / "app"
+    if setup == "empty":
+        folder.mkdir()
+    elif setup == "no-components":
+        folder.mkdir()
+        (folder / "pyproject.toml").write_text('[tool.flwr.app]\npublisher = "x"\n')
+    elif setup == "user":
+        _user_app(folder)
+    scenario = str(ROOT / "scenarios" / "quickstart.toml")
+    cli = ["deploy", "submit"] + (["--app", str(folder)] if setup != "fedge" else [])
+    cli += [scenario if a == "SCENARIO" else a for a in args]
+    result = runner.invoke(app, cli)
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()), result.output
+    assert not submitted
