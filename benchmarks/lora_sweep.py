@@ -32,14 +32,17 @@ from fedge.engines import run_engine
 from scenarios.config import validate_scenario
 from scenarios.results import load_run
 
-# (label, density, value type); the first is the dense-LoRA baseline.
+# (label, uplink density, value type, downlink density or None = the uplink's); the first is the
+# dense-LoRA baseline.
 SETTINGS = (
-    ("dense f32", 1.0, "float32"),
-    ("5% f32", 0.05, "float32"),
-    ("5% f16", 0.05, "float16"),
-    ("10% f16", 0.10, "float16"),
-    ("5% int8", 0.05, "int8"),
-    ("10% int8", 0.10, "int8"),
+    ("dense f32", 1.0, "float32", None),
+    ("5% f32", 0.05, "float32", None),
+    ("5% f16", 0.05, "float16", None),
+    ("10% f16", 0.10, "float16", None),
+    ("5% int8", 0.05, "int8", None),
+    ("10% int8", 0.10, "int8", None),
+    ("5% int8 down 20%", 0.05, "int8", 0.20),
+    ("10% int8 down 40%", 0.10, "int8", 0.40),
 )
 
 
@@ -51,6 +54,7 @@ def scenario(
     clients: int,
     out: Path,
     lr: float = 0.1,
+    downlink_density: float | None = None,
 ):
     return validate_scenario(
         {
@@ -65,6 +69,7 @@ def scenario(
                 "alpha": 2.0 * rank,
                 "density": density,
                 "value_type": value_type,
+                "downlink_density": downlink_density,
                 "pretrain_epochs": 10,
             },
             "train": {"epochs": 1, "batch_size": 32, "lr": lr, "momentum": 0.9},
@@ -116,14 +121,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rank in args.ranks:
             rows = {}
-            for label, density, value_type in SETTINGS:
+            for label, density, value_type, down in SETTINGS:
                 if args.only and label != "dense f32" and label not in args.only:
                     continue
                 rounds_here = args.rounds if density >= 1.0 else args.sparse_rounds
                 sc = scenario(
-                    rank, density, value_type, rounds_here, args.clients, Path(tmp), args.lr
+                    rank, density, value_type, rounds_here, args.clients, Path(tmp), args.lr, down
                 )
-                rounds, base = run(sc, Path(tmp) / f"r{rank}-{label.replace(' ', '_')}")
+                slug = "".join(c if c.isalnum() else "_" for c in label)
+                rounds, base = run(sc, Path(tmp) / f"r{rank}-{slug}")
                 rows[label] = (rounds, history(rounds, base))
             dense_best = max(a for _, a in rows["dense f32"][1])
             target = dense_best - 0.01
