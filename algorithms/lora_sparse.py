@@ -69,6 +69,7 @@ class LoraSparseConfig(AlgorithmConfig):
 PACKET_KEY = "lora.packet"  # the one array of a LoRA reply / downlink
 SYNC_KEY = "lora-sync"  # downlink record: from (-1 = replace), to, base-version
 BASE_KEY = "lora-base"  # the frozen base's state dict (message and node state)
+REPLACE_KEY = "lora-adapters"  # downlink record: every adapter entry, when "arrays" is the model
 _HEADER = struct.Struct("<BBIIf")
 _INDEX_NONE, _INDEX_BITMAP, _INDEX_U16, _INDEX_U32 = range(4)
 _VALUE_TYPES: tuple[ValueType, ...] = ("float32", "float16", "int8")

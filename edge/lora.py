@@ -32,6 +32,7 @@ from torch import nn
 from algorithms.lora_sparse import (
     BASE_KEY,
     PACKET_KEY,
+    REPLACE_KEY,
     SYNC_KEY,
     LoraSparseConfig,
     decode_packet,
@@ -132,10 +133,10 @@ def apply_downlink(content: RecordDict, state: RecordDict, scenario: Scenario) -
     cfg = lora_config_of(scenario)
     sync = content[SYNC_KEY]
     base_version = int(sync["base-version"])
-    if BASE_KEY in content:
-        state[BASE_KEY] = content[BASE_KEY]
+    arrays_kind = str(sync.get("arrays", "packet"))  # "packet", or "model": the merged model
     held = state.get(SYNC_KEY, ConfigRecord({"version": 0, "base-version": -1}))
-    if BASE_KEY in content:
+    if BASE_KEY in content or bool(sync.get("base-in-arrays", False)):
+        state[BASE_KEY] = content[BASE_KEY if BASE_KEY in content else "arrays"]
         held["base-version"] = base_version
     if BASE_KEY not in state or int(held["base-version"]) != base_version:
         raise ValueError(
@@ -149,9 +150,15 @@ def apply_downlink(content: RecordDict, state: RecordDict, scenario: Scenario) -
     shapes = {k: v.shape for k, v in start.items()}
     n = sum(v.numel() for v in start.values())
     source = int(sync["from"])
-    if "arrays" not in content or PACKET_KEY not in content["arrays"]:
-        raise ValueError(f"a LoRA downlink carries its adapter packet as arrays[{PACKET_KEY!r}]")
-    change = decode_packet(content["arrays"][PACKET_KEY].numpy(), n)
+    packet_record = content.get(REPLACE_KEY if arrays_kind == "model" else "arrays")
+    if packet_record is None or PACKET_KEY not in packet_record:
+        if not (arrays_kind == "model" and source != -1):
+            raise ValueError(
+                f"a LoRA downlink carries its adapter packet as arrays[{PACKET_KEY!r}]"
+            )
+        change = torch.zeros(n)  # the model came whole; the adapters did not change
+    else:
+        change = decode_packet(packet_record[PACKET_KEY].numpy(), n)
     if source == -1:  # replace: the packet holds every entry
         flat = change
     elif source == int(held["version"]):

@@ -4,10 +4,12 @@ See ``edge/lora.py`` for the protocol and ``algorithms/lora_sparse.py`` for the 
 The server holds the frozen base W, the global adapters G and the broadcast copy H that every
 synced node holds. Each round:
 
-* **downlink** (:meth:`LoraSparseFedAvg.downlink`): the instruction's ``arrays`` is one packet —
-  empty for a node that already holds H, the last broadcast packet for a node one round behind,
-  H whole for anything else (first contact after round 0, a node that failed, a resumed server) —
-  plus ``lora-base`` when the node's copy of the base is stale. Nodes that replied with a dense model (backprop / tpSGD clients in the same federation)
+* **downlink** (:meth:`LoraSparseFedAvg.downlink`): for a node in sync the instruction's ``arrays``
+  is one packet — empty when it already holds H, the last broadcast packet when one round behind,
+  H whole otherwise — plus ``lora-base`` when its copy of the base is stale. A node the server
+  does not know in sync (first contact, a failure, a resumed server) gets the merged model as
+  ``arrays`` (any trainer can answer it) with the base and H beside it (at version 0 the merged
+  model is the base and H the seeded start: nothing more). Nodes that replied with a dense model (backprop / tpSGD clients in the same federation)
   get the merged model W + (α/r)·B·A as plain FedAvg would send it.
 * **aggregate**: G ← G + Σ_lora n_k Δ_k / Σ n_k (Δ_k a client's decoded adapter update; A and B
   averaged separately, as FedIT/CELLM do) and W ← W + Σ_dense n_k (W_k − W_sent) / Σ n_k.
@@ -40,6 +42,7 @@ from torch.nn import functional as F
 from algorithms.lora_sparse import (
     BASE_KEY,
     PACKET_KEY,
+    REPLACE_KEY,
     SYNC_KEY,
     LoraSparseConfig,
     decode_packet,
@@ -108,23 +111,36 @@ class LoraSparseFedAvg(FedAvg):
             )
         adapters, base = self.node_sync.get(node_id, (None, -1))
         content: dict[str, Any] = {"config": config}
-        if base != self.base_version:
-            content[BASE_KEY] = ArrayRecord(torch_state_dict=self.base)
-        if adapters is None and node_id not in self.node_sync and self.version == 0:
-            # round 0's adapters are the seeded start every node computes alone
-            source, packet = 0, self.empty_packet
-        elif adapters == self.version:
-            source, packet = self.version, self.empty_packet
-        elif adapters == self.version - 1 and self.last_packet is not None:
-            source, packet = adapters, self.last_packet
+        sync: dict[str, Any] = {"to": self.version, "base-version": self.base_version}
+        if adapters is None:
+            # A node the server does not know in sync (first contact, failed, resumed) gets the
+            # merged model as "arrays" — what any trainer can answer, dense clients included, and
+            # what reply validation compares a dense reply with — plus what a LoRA node needs.
+            content["arrays"] = ArrayRecord(torch_state_dict=self.sent_model)
+            sync["arrays"] = "model"
+            if self.version == 0:  # H = (A₀, B₀ = 0): the merged model *is* the base
+                sync["from"], sync["base-in-arrays"] = 0, True
+            else:
+                sync["from"] = -1
+                packet = encode_packet(self.broadcast_flat, None, "float32")[0]
+                content[REPLACE_KEY] = ArrayRecord({PACKET_KEY: Array(packet)})
+                if base != self.base_version:
+                    content[BASE_KEY] = ArrayRecord(torch_state_dict=self.base)
         else:
-            source, packet = -1, encode_packet(self.broadcast_flat, None, "float32")[0]
-        # The packet travels as the instruction's "arrays" (empty when the node is in sync), so
-        # the reply's "arrays" answers it like any other strategy's (reply validation pairs them).
-        content["arrays"] = ArrayRecord({PACKET_KEY: Array(packet)})
-        content[SYNC_KEY] = ConfigRecord(
-            {"from": source, "to": self.version, "base-version": self.base_version}
-        )
+            if base != self.base_version:
+                content[BASE_KEY] = ArrayRecord(torch_state_dict=self.base)
+            if adapters == self.version:
+                sync["from"], packet = self.version, self.empty_packet
+            elif adapters == self.version - 1 and self.last_packet is not None:
+                sync["from"], packet = adapters, self.last_packet
+            else:
+                sync["from"] = -1
+                packet = encode_packet(self.broadcast_flat, None, "float32")[0]
+            # The packet travels as the instruction's "arrays" (empty when the node is in sync),
+            # so the reply's "arrays" answers it as in any strategy (reply validation pairs them).
+            content["arrays"] = ArrayRecord({PACKET_KEY: Array(packet)})
+            sync["arrays"] = "packet"
+        content[SYNC_KEY] = ConfigRecord(sync)
         self.node_sync[node_id] = (self.version, self.base_version)  # confirmed unless it fails
         return RecordDict(content)
 

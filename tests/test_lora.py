@@ -297,6 +297,39 @@ def test_strategy_state_survives_a_checkpoint_and_resyncs_nodes(tmp_path: Path) 
     assert fresh.version == 1
     resent = fresh.downlink(7, ConfigRecord())
     assert int(resent["lora-sync"]["from"]) == -1 and "lora-base" in resent
+    assert resent["lora-sync"]["arrays"] == "model"  # the merged model, whole
     torch.testing.assert_close(
-        decode_packet(resent["arrays"][PACKET_KEY].numpy()), fresh.broadcast_flat
+        decode_packet(resent["lora-adapters"][PACKET_KEY].numpy()), fresh.broadcast_flat
     )
+
+
+def test_mixed_federation_keeps_its_backprop_client(tmp_path: Path) -> None:
+    """3 LoRA clients + 1 backprop client: every reply passes validation every round (the dense
+    client first answers the merged model, then keeps getting it), and the dense client's update
+    reaches the base, which the LoRA nodes then receive again."""
+    from fedge.engines import run_engine
+    from scenarios.results import load_run
+
+    sc = validate_scenario(
+        {
+            "seed": 2,
+            "num_rounds": 3,
+            "output_dir": str(tmp_path),
+            "data": {"dataset": "digits", "num_clients": 4, "proxy_fraction": 0.1},
+            "model": {"name": "mlp", "hidden": [32]},
+            "algorithm": {"name": "lora_sparse", "rank": 4, "density": 0.25, "pretrain_epochs": 2},
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.1, "momentum": 0.9},
+            "edge": {"trainers": {"3": "fedavg"}, "export_onnx": False},
+        }
+    )
+    run_engine(sc, tmp_path / "run", show_progress=False)
+    rounds = load_run(tmp_path / "run").rounds
+    info = dataset_info(sc.data)
+    model_bytes = ArrayRecord(
+        torch_state_dict=build_model(sc.model, info.input_shape, 10).state_dict()
+    ).count_bytes()
+    for r in rounds[1:]:
+        assert r["num_replies"] == 4 and r.get("num_invalid", 0) == 0, r
+        # the dense client's model + the changed base to each LoRA node, every round
+        assert r["bytes_down"] >= 4 * model_bytes
+    assert max(r["central_accuracy"] for r in rounds[1:]) > rounds[0]["central_accuracy"]
