@@ -82,7 +82,11 @@ def commit() -> str:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         )
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        dirty = subprocess.run(  # the suite's own output files do not count
+            ["git", "status", "--porcelain", "--", ".", ":!docs/results/comparison-suite.*"],
+            capture_output=True,
+            text=True,
+        )
         return out.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
