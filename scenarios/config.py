@@ -12,6 +12,7 @@ import difflib
 import json
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -376,16 +377,37 @@ def did_you_mean(word: str, choices: list[str] | set[str]) -> str:
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Scenario
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
+    parts = list(loc[:-1])
+    while parts:
+        part = str(parts.pop(0))
+        field = model.model_fields.get(part)
         if field is None:
             break
-        ann = field.annotation
         if part == "algorithm":
             return sorted({k for n in algorithm_names() for k in algorithm_config(n).model_fields})
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
+        inner = _table_model(field.annotation)
+        if inner is None:
+            break
+        model, keyed = inner
+        if keyed and parts:  # dict[str, Model]: the next part is the user's own name
+            parts.pop(0)
     return sorted(model.model_fields)
+
+
+def _table_model(ann: Any) -> tuple[type[BaseModel], bool] | None:
+    """The model a field's table validates against (through ``X | None`` and ``dict[str, X]``),
+    and whether it is keyed by the user's own names; None for a plain value."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, False
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is dict and len(args) == 2:
+        inner = _table_model(args[1])
+        return (inner[0], True) if inner is not None else None
+    for arg in args:  # Optional / Union
+        inner = _table_model(arg)
+        if inner is not None:
+            return inner
+    return None
 
 
 def validate_scenario(raw: dict[str, Any]) -> Scenario:

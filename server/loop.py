@@ -39,6 +39,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 0.
     connected and otherwise poll forever; this stops the run with a message saying what to change.
     """
     deadline = time.monotonic() + timeout_s
+    logged: tuple[int, float] = (-1, 0.0)  # (count, when): log changes, and every 10 s
     while True:
         connected = len(list(grid.get_node_ids()))
         if connected >= needed:
@@ -52,7 +53,9 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 0.
                 f"--federation-config num-supernodes={needed}`, or num-supernodes in the "
                 "connection of $FLWR_HOME/config.toml); or lower data.num_clients"
             )
-        log(INFO, "fedge: %d of %d nodes connected; waiting", connected, needed)
+        if connected != logged[0] or time.monotonic() - logged[1] >= 10:
+            log(INFO, "fedge: %d of %d nodes connected; waiting", connected, needed)
+            logged = (connected, time.monotonic())
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 

@@ -3,6 +3,7 @@ the Flower process and fedge exits with its status; `submit` takes any Flower ap
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -169,3 +170,83 @@ def test_submit_refuses_what_flwr_run_would_fail_on(
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split()), result.output
     assert not submitted
+
+
+# ------------------------------------------------------------------ a real submission of a user app
+USER_SERVER = """
+import json
+from pathlib import Path
+import numpy as np
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rounds = int(context.run_config["num-server-rounds"])
+    result = FedAvg(fraction_evaluate=0.0).start(
+        grid=grid, initial_arrays=ArrayRecord([np.zeros(3, dtype=np.float32)]), num_rounds=rounds
+    )
+    weights = next(iter(result.arrays.values())).numpy().tolist()
+    Path(context.run_config["out"]).write_text(json.dumps({"rounds": rounds, "w": weights}))
+"""
+
+USER_CLIENT = """
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    w = next(iter(msg.content["arrays"].values())).numpy() + 1.0
+    content = RecordDict(
+        {"arrays": ArrayRecord([w]), "metrics": MetricRecord({"num-examples": 1})}
+    )
+    return Message(content, reply_to=msg)
+"""
+
+
+@pytest.mark.slow
+def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
+    from fedge.engines import ProcessGroup, _exe, _wait_for_port, free_port
+
+    user = _user_app(tmp_path / "userapp", {"num-server-rounds": "1", "out": '""'})
+    (user / "userapp").mkdir()
+    (user / "userapp" / "__init__.py").write_text("")
+    (user / "userapp" / "server_app.py").write_text(USER_SERVER)
+    (user / "userapp" / "client_app.py").write_text(USER_CLIENT)
+    out = tmp_path / "result.json"
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        port = free_port()
+        link = group.start(
+            "superlink",
+            [
+                _exe("flower-superlink"), "--insecure", "--simulation",
+                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                "--port", str(port), "--database", ":flwr-in-memory:",
+            ],
+        )  # fmt: skip
+        _wait_for_port(port, link, "superlink", group)
+        cli = [sys.executable, "-m", "fedge.cli", "deploy"]
+        env = {**group.env, "PYTHONPATH": str(ROOT)}
+        connect = subprocess.run(
+            [*cli, "connect", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True
+        )
+        assert connect.returncode == 0, connect.stdout + connect.stderr
+        submit = subprocess.run(
+            [*cli, "submit", "--app", str(user), "--run-config", "num-server-rounds=2",
+             "--run-config", f"out='{out}'"],
+            env=env, capture_output=True, text=True, timeout=150,
+        )  # fmt: skip
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+        deadline = time.time() + 30  # the ServerApp writes its file as the stream closes
+        while not out.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        result = json.loads(out.read_text())
+        assert result == {"rounds": 2, "w": [2.0, 2.0, 2.0]}  # each round adds 1 on every client
+    finally:
+        group.stop_all()

@@ -90,9 +90,13 @@ def test_mistyped_command_suggests_once() -> None:
         ("federation.fraction_trian=0.5", "(did you mean 'fraction_train'?)"),
         ("model.name=mpl", "(did you mean 'mlp'?)"),
         ("algorithm.name=fedporx", "unknown algorithm 'fedporx' (did you mean 'fedprox'?)"),
+        # optional tables ([devices]) and tables keyed by the user's names (devices.profiles.<x>)
+        ("devices.polcy=deadline", "devices.polcy: unknown key (did you mean 'policy'?)"),
+        ("devices.profiles.mine={peak_flopz=1}", "(did you mean 'peak_flops'?)"),
     ],
 )
 def test_unknown_keys_and_names_get_a_did_you_mean(override: str, expected: str) -> None:
-    result = runner.invoke(app, ["validate", str(QUICK), "--set", override])
+    extra = ["--set", 'devices.classes=["t4"]'] if override.startswith("devices") else []
+    result = runner.invoke(app, ["validate", str(QUICK), "--set", override, *extra])
     assert result.exit_code == 2
     assert expected in _flat(result.output), result.output

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,14 @@ def test_server_stops_with_a_clear_message_when_too_few_nodes_connect(tmp_path: 
 
 
 # ------------------------------------------------------------------ `flwr run .` on a fresh copy
+def test_pyproject_federation_has_as_many_supernodes_as_the_default_scenario_has_clients() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    federations = config["tool"]["flwr"]["federations"]
+    local = federations[federations["default"]]
+    assert local["options"]["num-supernodes"] == Scenario().data.num_clients
+    assert config["tool"]["flwr"]["app"]["config"]["scenario"] == ""  # "" = the default scenario
+
+
 def _fresh_clone(dest: Path) -> Path:
     """The repository's tracked files (what a fresh clone has), minus the tests."""
     files = subprocess.run(
@@ -170,7 +179,7 @@ def test_flwr_run_dot_finishes_with_the_default_scenario(tmp_path: Path) -> None
         )
         out = done.stdout + done.stderr
         assert done.returncode == 0, out[-3000:]
-        assert "(10 simulated SuperNodes)" in out, out[-3000:]
+        assert f"({Scenario().data.num_clients} simulated SuperNodes)" in out, out[-3000:]
         run_dirs = list((app / "results").glob("run-s0-*"))
         assert len(run_dirs) == 1, out[-3000:]
         run = load_run(run_dirs[0])
