@@ -11,13 +11,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.arrays import received_state_dict, record_from_state_dict, records_of
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
 from clients.identity import DEVICE_PROFILE, IDENTITY_RECORD, PARTITION_ID, TRAINER
 from clients.models import build_model
 from clients.node import node_scenario, partition_id, resolve_device
 from clients.personalization import finetune_metrics
-from clients.seeding import derive_seed
+from clients.seeding import derive_seed, seed_global_torch
 from clients.trainers import trainer_for, trainer_name_for
 from clients.training import TrainJob, evaluate
 from edge.lora_downlink import lora_downlink_mod
@@ -43,7 +44,8 @@ def _load(
     device = resolve_device(scenario.engine.device)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
     load_server_arrays(model, msg, context, scenario)
-    return scenario, data, model.to(device), device
+    # Module.to walks every submodule even when nothing moves: skip it for the CPU (built there).
+    return scenario, data, (model if device.type == "cpu" else model.to(device)), device
 
 
 def load_server_arrays(
@@ -55,14 +57,15 @@ def load_server_arrays(
     other than the scenario's, typically because ``run_config["scenario"]`` is missing and this
     client fell back to the default scenario: say so, naming the key, instead of a shape error.
     """
-    records = msg.content.array_records
+    records = records_of(msg.content, ArrayRecord)
     arrays = records.get("arrays") or next(iter(records.values()), None)
     if arrays is None:
         raise ValueError(
             "the server sent no ArrayRecord (fedge's ClientApp trains a model it sends)"
         )
     try:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        # Decoded once per round and process, not per client (load_state_dict copies them).
+        model.load_state_dict(received_state_dict(arrays))
     except RuntimeError as err:
         raw = context.run_config.get(RUN_CONFIG_KEY)
         why = (
@@ -92,7 +95,9 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(
         derive_seed(scenario.seed, server_round, data.partition_id)
     )
-    torch.manual_seed(derive_seed(scenario.seed, server_round, data.partition_id, 1))
+    # Trainers get `generator`; the global CPU generator is reseeded too, as before, for any
+    # library code that draws from it (results stay bit-identical across engines).
+    seed_global_torch(derive_seed(scenario.seed, server_round, data.partition_id, 1))
     trainer = trainer_for(scenario, data.partition_id)
     result = trainer(
         TrainJob(
@@ -110,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = (
         result.reply_arrays
         if result.reply_arrays is not None
-        else ArrayRecord(model.to("cpu").state_dict())
+        else record_from_state_dict(model.state_dict())  # tensors are moved to the CPU there
     )
     identity = _identity(context, data.partition_id)
     identity[TRAINER] = trainer_name_for(scenario, data.partition_id)

@@ -2,6 +2,8 @@
 
 1. ``inprocess`` (default): :class:`InProcessGrid`, a ``flwr.serverapp.Grid`` that calls the ClientApp
    directly — no Ray, no sockets. Exceptions become Flower error replies, as on a real SuperNode.
+   ``packed`` is the same grid handing a round's FedAvg/FedProx training messages to one batched
+   trainer (:mod:`fedge.packed`); everything else still goes through the ClientApp.
 2. ``ray``: Flower's simulation runtime, the way ``flwr run`` does it: a ``flower-superlink --simulation``
    on loopback, the app submitted with ``flwr run``, client resources from the scenario.
 3. ``deployment``: a SuperLink and one ``flower-supernode`` per client on loopback (insecure: for real
@@ -52,6 +54,10 @@ OFFLINE_ENV = {
 }
 
 
+# messages, node contexts -> {position in messages: (reply, seconds)} for those it answered
+BatchTrainer = Callable[[list[Message], dict[int, Context]], dict[int, tuple[Message, float]]]
+
+
 class EngineError(RuntimeError):
     """An engine could not run the scenario; the message carries the tail of the relevant log."""
 
@@ -71,9 +77,12 @@ class InProcessGrid(Grid):
         run_id: int = 1,
         node_configs: list[dict] | None = None,
         latency_fn: Callable[[Context, Message], float] | None = None,
+        batch_trainer: BatchTrainer | None = None,
     ) -> None:
         """``latency_fn(context, reply)`` adds simulated seconds to a node's measured reply time;
-        replies that arrive after ``send_and_receive``'s timeout are dropped, as on a real grid."""
+        replies that arrive after ``send_and_receive``'s timeout are dropped, as on a real grid.
+        ``batch_trainer(messages, contexts)`` (the packed engine) may answer some of the pushed
+        messages at once: {position: (reply, seconds)}; the ClientApp answers the rest."""
         rng = random.Random(seed)
         ids: list[int] = []
         while len(ids) < num_nodes:  # random 63-bit ids like a SuperLink's, but reproducible
@@ -98,6 +107,7 @@ class InProcessGrid(Grid):
             for i, nid in enumerate(ids)
         }
         self.latency_fn = latency_fn
+        self.batch_trainer = batch_trainer
         self._replies: dict[str, tuple[Message, float]] = {}  # message id -> (reply, seconds)
 
     # Grid API -------------------------------------------------------------------------------
@@ -115,18 +125,29 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg_id = str(uuid.uuid4())
-            msg.metadata.__dict__["_message_id"] = msg_id  # what a SuperLink assigns on push
+        messages = list(messages)
+        ids = [self._assign_id(msg) for msg in messages]
+        batched = self.batch_trainer(messages, self.contexts) if self.batch_trainer else {}
+        for pos, (msg_id, msg) in enumerate(zip(ids, messages, strict=True)):
+            if pos in batched:
+                self._store(msg_id, msg, *batched[pos])
+                continue
             t0 = time.perf_counter()
             reply = self._deliver(msg)
-            seconds = time.perf_counter() - t0
-            if self.latency_fn is not None and msg.metadata.dst_node_id in self.contexts:
-                seconds += self.latency_fn(self.contexts[msg.metadata.dst_node_id], reply)
-            self._replies[msg_id] = (reply, seconds)
-            ids.append(msg_id)
+            self._store(msg_id, msg, reply, time.perf_counter() - t0)
         return ids
+
+    @staticmethod
+    def _assign_id(msg: Message) -> str:
+        msg_id = str(uuid.uuid4())
+        msg.metadata.__dict__["_message_id"] = msg_id  # what a SuperLink assigns on push
+        return msg_id
+
+    def _store(self, msg_id: str, msg: Message, reply: Message, seconds: float) -> None:
+        """Keep ``reply`` to ``msg`` (its node took ``seconds``) for ``pull_messages``."""
+        if self.latency_fn is not None and msg.metadata.dst_node_id in self.contexts:
+            seconds += self.latency_fn(self.contexts[msg.metadata.dst_node_id], reply)
+        self._replies[msg_id] = (reply, seconds)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i)[0] for i in message_ids if i in self._replies]
@@ -180,18 +201,35 @@ class InProcessGrid(Grid):
 def run_inprocess(
     scenario: Scenario, run_dir: Path, show_progress: bool = True, resume: bool = False
 ) -> dict:
-    """Run the scenario with :class:`InProcessGrid`; return the run summary."""
+    """Run the scenario with :class:`InProcessGrid`; return the run summary. With
+    ``engine.name = "packed"`` the grid hands training messages to :mod:`fedge.packed`."""
+    from clients.app import MODS
     from clients.app import app as client_app
+    from clients.node import resolve_device
     from server.app import run_server
 
     # Per-round news goes to the progress line and the results folder; keep Flower's INFO chatter out.
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_config = {**scenario.to_run_config(), "run-dir": str(run_dir)}
-    grid = InProcessGrid(client_app, scenario.data.num_clients, run_config, seed=scenario.seed)
+    packer = None
+    if scenario.engine.name == "packed":
+        from fedge.packed import PackedTrainer
+
+        packer = PackedTrainer(scenario, resolve_device(scenario.engine.device), MODS)
+    grid = InProcessGrid(
+        client_app,
+        scenario.data.num_clients,
+        run_config,
+        seed=scenario.seed,
+        batch_trainer=packer,
+    )
     TaskIdentity.run_id = grid.run.run_id
     TaskIdentity.node_id = SERVER_NODE_ID
     TaskIdentity.task_id = 1
-    return run_server(grid, scenario, run_dir, show_progress=show_progress, resume=resume)
+    summary = run_server(grid, scenario, run_dir, show_progress=show_progress, resume=resume)
+    if packer is not None:
+        print(packer.report(), flush=True)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +424,7 @@ def run_engine(
 ) -> dict:
     """Run ``scenario`` on the engine it names; results land in ``run_dir``; return the summary.
     ``resume=True`` continues ``run_dir`` from its last checkpoint."""
-    if scenario.engine.name == "inprocess":
+    if scenario.engine.name in ("inprocess", "packed"):
         return run_inprocess(scenario, run_dir, show_progress=show_progress, resume=resume)
     if scenario.engine.name == "ray":
         return run_ray(scenario, run_dir, resume)

@@ -137,7 +137,7 @@ class FederationConfig(_Strict):
 class EngineConfig(_Strict):
     """Where the same ServerApp/ClientApp run."""
 
-    name: Literal["inprocess", "ray", "deployment"] = "inprocess"
+    name: Literal["inprocess", "packed", "ray", "deployment"] = "inprocess"
     num_cpus: int = Field(1, ge=1, description="ray: CPUs per client actor")
     num_gpus: float = Field(0.0, ge=0.0, description="ray: (fractional) GPUs per client actor")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +146,9 @@ class EngineConfig(_Strict):
     )
     port: int = Field(
         0, ge=0, le=65535, description="ray/deployment: SuperLink port (0 = pick a free one)"
+    )
+    pack_size: int = Field(
+        256, ge=1, description="packed: clients trained together at most (bounds memory)"
     )
 
 

@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from clients.arrays import records_of, view
 from clients.identity import reply_identity, reply_partition_id
 from scenarios.results import RunWriter
 from server.plugins import RoundPlugin
@@ -62,7 +63,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float, poll_s: float = 0.
 def arrays_finite(arrays: ArrayRecord) -> bool:
     """True when every floating-point value in ``arrays`` is finite."""
     for arr in arrays.values():
-        values = arr.numpy()
+        values = view(arr)
         if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
             return False
     return True
@@ -72,12 +73,12 @@ def message_bytes(msg: Message) -> int:
     """Serialized size of the arrays a message carries (what crosses the network for the model)."""
     if msg.has_error():
         return 0
-    return sum(rec.count_bytes() for rec in msg.content.array_records.values())
+    return sum(rec.count_bytes() for rec in records_of(msg.content, ArrayRecord).values())
 
 
 def _client_metrics(msg: Message) -> dict[str, float]:
     out: dict[str, float] = {}
-    for rec in msg.content.metric_records.values():
+    for rec in records_of(msg.content, MetricRecord).values():
         for k, v in rec.items():
             if isinstance(v, int | float):
                 out[k.replace("-", "_")] = v

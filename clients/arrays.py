@@ -1,0 +1,153 @@
+"""The one place that turns model tensors into Flower ``Array``s and back, without repeated parsing.
+
+Flower's ``Array`` stores ``np.save`` bytes, and ``Array.numpy()`` runs ``np.load`` on every call
+(~50 µs per array, more than a small model's training step). In-process, the same bytes used to be
+parsed by every client (the broadcast model), by reply validation and again by the aggregation.
+Here:
+
+- :func:`encode` / :func:`record_from_state_dict` build the *same bytes* as
+  ``Array.from_numpy_ndarray`` (the npy header is cached per dtype and shape) in a
+  :class:`DecodedArray` that also keeps a read-only view of its own bytes: ``numpy()`` is then a
+  copy, not a parse, and :func:`view` reads it for free;
+- :func:`received_state_dict` decodes a received ``ArrayRecord`` once per process and caches the
+  result by the identity of its (immutable) ``bytes`` objects, so a round's broadcast model is
+  decoded once, not once per client.
+
+Across processes (Ray, deployment) arrays arrive as plain ``Array``s rebuilt from protobuf: every
+function here then falls back to Flower's own decoding, so all engines see the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import lru_cache
+from io import BytesIO
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
+
+R = TypeVar("R", ArrayRecord, MetricRecord, ConfigRecord)
+
+# Decoded received models kept per process: a clustered/personalized round sends a few different
+# models; each entry holds one decoded copy of a model.
+RECEIVED_CACHE_SIZE = 4
+
+
+class DecodedArray(Array):
+    """An ``Array`` (same fields, same bytes) that also holds the ndarray its bytes encode."""
+
+    # Flower writes the class's qualified name into every deflated object and inflates by that
+    # name: on the wire this *is* an Array (same bytes, same object id).
+    __qualname__ = "Array"
+
+    def numpy(self) -> np.ndarray:
+        """A fresh writable copy, as ``np.load`` would return; parsed only if ``data`` changed."""
+        decoded = _own_view(self)
+        return decoded.copy() if decoded is not None else super().numpy()
+
+    def __eq__(self, other: object) -> bool:
+        # Array's dataclass __eq__ only compares objects of the very same class.
+        if not isinstance(other, Array):
+            return NotImplemented
+        return (self.dtype, tuple(self.shape), self.stype, self.data) == (
+            other.dtype,
+            tuple(other.shape),
+            other.stype,
+            other.data,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, like Array)
+
+
+def _own_view(arr: Array) -> np.ndarray | None:
+    held = arr.__dict__.get("_fedge_decoded")
+    # The view is only valid for the bytes object it was made from (Array.data may be replaced).
+    if held is not None and held[0] is arr.data:
+        return held[1]
+    return None
+
+
+@lru_cache(maxsize=512)
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The header ``np.save`` writes for a C-contiguous array of this dtype and shape."""
+    fmt = np.lib.format
+    header = {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    buf = BytesIO()
+    try:
+        fmt.write_array_header_1_0(buf, header)  # what np.save picks first
+    except ValueError:  # header over 64 KiB (a very long shape): np.save moves to version 2.0
+        buf = BytesIO()
+        fmt.write_array_header_2_0(buf, header)
+    return buf.getvalue()
+
+
+def encode(ndarray: np.ndarray) -> Array:
+    """``Array.from_numpy_ndarray(ndarray)`` (byte for byte), keeping a view of the bytes."""
+    if ndarray.dtype.hasobject or ndarray.dtype.names or not ndarray.flags.c_contiguous:
+        return Array.from_numpy_ndarray(ndarray)  # unusual dtypes and layouts: Flower's own path
+    header = _npy_header(ndarray.dtype, tuple(ndarray.shape))
+    data = header + ndarray.tobytes()
+    decoded = np.frombuffer(data, dtype=ndarray.dtype, count=ndarray.size, offset=len(header))
+    # The fields Array(dtype=, shape=, stype=, data=) sets, without its argument dispatch (a
+    # third of a small reply's encoding time); tests/test_arrays.py checks the object id matches.
+    out = DecodedArray.__new__(DecodedArray)
+    out.__dict__.update(
+        dtype=str(ndarray.dtype),
+        shape=tuple(int(d) for d in ndarray.shape),
+        stype=SType.NUMPY,
+        data=data,
+        _fedge_decoded=(data, decoded.reshape(ndarray.shape)),  # a read-only view of data
+    )
+    return out
+
+
+def record_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
+    """``ArrayRecord(state_dict)`` with :func:`encode`d arrays (same keys, order and bytes)."""
+    record = ArrayRecord()
+    for key, tensor in state_dict.items():
+        record[key] = encode(tensor.detach().cpu().numpy())
+    return record
+
+
+def view(arr: Array) -> np.ndarray:
+    """The values of ``arr``; read-only and unparsed when it came from :func:`encode`."""
+    decoded = _own_view(arr)
+    return decoded if decoded is not None else arr.numpy()
+
+
+def records_of(content: RecordDict, kind: type[R]) -> dict[str, R]:
+    """The records of one type in ``content``, read-only: ``RecordDict.array_records`` & co. build
+    a synced view that writes every entry back into the RecordDict (~50 µs per call)."""
+    return {key: rec for key, rec in content.items() if isinstance(rec, kind)}
+
+
+def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Every array of ``record`` via :func:`view` (do not modify the results in place)."""
+    return {key: view(arr) for key, arr in record.items()}
+
+
+_RECEIVED: OrderedDict[tuple, tuple[list[Any], OrderedDict[str, torch.Tensor]]] = OrderedDict()
+
+
+def received_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    """``record.to_torch_state_dict()``, decoded once per distinct record content in this process.
+
+    The cache key is the identity of each array's ``bytes`` object plus its name, dtype and shape;
+    the entry keeps those ``bytes`` alive, so an identity cannot be reused by different content
+    while it is cached. The tensors are shared between callers: load them into a model
+    (``load_state_dict`` copies), never modify them in place.
+    """
+    arrays = list(record.items())
+    key = tuple((name, id(a.data), a.dtype, tuple(a.shape)) for name, a in arrays)
+    hit = _RECEIVED.get(key)
+    if hit is not None and all(ref is a.data for ref, (_, a) in zip(hit[0], arrays, strict=True)):
+        _RECEIVED.move_to_end(key)
+        return hit[1]
+    state = OrderedDict((name, torch.from_numpy(a.numpy())) for name, a in arrays)
+    _RECEIVED[key] = ([a.data for _, a in arrays], state)
+    while len(_RECEIVED) > RECEIVED_CACHE_SIZE:
+        _RECEIVED.popitem(last=False)
+    return state

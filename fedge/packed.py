@@ -1,0 +1,180 @@
+"""The packed engine (``engine.name = "packed"``): the in-process grid, with a round's training
+messages handed to one batched trainer (``clients/packed.py``) instead of one ClientApp call each.
+
+Same ServerApp, strategies, reply validation and metrics: :class:`PackedTrainer` returns one reply
+per node, shaped exactly like ``clients/app.py::train``'s. Clients it cannot pack go through the
+ClientApp as in the ``inprocess`` engine, with the reason logged once:
+
+- the scenario has ``[devices]`` (the virtual clock fails, caps and times each client on its own);
+- the ClientApp carries mods other than the virtual clock;
+- the client's trainer is not fedge's own FedAvg/FedProx (edge trainers, clustered, FedLD, ...);
+- the model has buffers; the client has no training data; the pack itself raised.
+
+Memory is bounded by training at most ``engine.pack_size`` clients at a time; the peak (stacked
+state, process RSS, CUDA when used) is printed at the end of the run. ``engine.device = "cuda"``
+puts the pack on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+
+from clients.app import _identity as client_identity
+from clients.arrays import received_state_dict, record_from_state_dict
+from clients.clock import MAX_STEPS_KEY, virtual_clock_mod
+from clients.data import dataset_info, load_client_data
+from clients.fedavg import train_fedavg
+from clients.fedprox import train_fedprox
+from clients.identity import IDENTITY_RECORD, TRAINER
+from clients.models import build_model
+from clients.node import partition_id
+from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
+from clients.seeding import derive_seed
+from clients.trainers import get_trainer, trainer_name_for
+from edge.lora_downlink import lora_downlink_mod
+from scenarios.config import Scenario
+
+log = logging.getLogger("fedge.packed")
+
+# The trainers the pack reproduces, by identity: a re-registered "fedavg" is not packed.
+PACKABLE = {train_fedavg: 0.0, train_fedprox: None}  # trainer -> fixed mu (None: from config)
+
+
+class PackedTrainer:
+    """Trains a round's packable train messages together; see the module docstring."""
+
+    def __init__(self, scenario: Scenario, device: torch.device, client_mods: list) -> None:
+        self.scenario = scenario
+        self.device = device
+        info = dataset_info(scenario.data)
+        self.model = build_model(scenario.model, info.input_shape, info.num_classes)
+        self.reason = self._scenario_reason(client_mods)
+        self._logged: set[str] = set()
+        self.packed_updates = 0
+        self.sequential_updates = 0
+        self.peak_pack_bytes = 0
+        self.train_seconds = 0.0
+        if self.reason:
+            self._note(self.reason)
+
+    def _scenario_reason(self, client_mods: list) -> str | None:
+        if self.scenario.devices is not None:
+            return "[devices] is set: the virtual clock times and fails each client on its own"
+        # The LoRA downlink mod only touches lora_sparse messages, whose trainer is never packed.
+        if any(mod not in (virtual_clock_mod, lora_downlink_mod) for mod in client_mods):
+            return "the ClientApp has mods besides the virtual clock"
+        return unpackable_reason(self.model)
+
+    def _note(self, reason: str) -> None:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("packed engine: training sequentially because %s", reason)
+
+    # ------------------------------------------------------------------------------------------
+    def _client(self, msg: Message, context: Context) -> PackedClient | None:
+        """The pack's view of one message, or None (with the reason noted) if it cannot join."""
+        if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
+            return None  # evaluation and custom actions always go through the ClientApp
+        pid = partition_id(context)
+        trainer_name = trainer_name_for(self.scenario, pid)
+        trainer = get_trainer(trainer_name)
+        if trainer not in PACKABLE:
+            self._note(f"trainer {trainer_name!r} is not FedAvg/FedProx local SGD")
+            return None
+        data = load_client_data(self.scenario.data, self.scenario.seed, pid)
+        if len(data.x_train) == 0:
+            return None  # the ClientApp replies with the trainer's own error
+        config = msg.content.get("config", ConfigRecord())
+        server_round = int(config.get("server-round", 0))
+        mu = PACKABLE[trainer]
+        if mu is None:  # FedProx: as clients/fedprox.py reads it
+            mu = float(config.get("proximal-mu", getattr(self.scenario.algorithm, "mu", 0.0)))
+        return PackedClient(
+            data=data,
+            state=received_state_dict(msg.content["arrays"]),
+            # The generator clients/app.py::train gives this client this round.
+            generator=torch.Generator().manual_seed(
+                derive_seed(self.scenario.seed, server_round, pid)
+            ),
+            mu=mu,
+            max_steps=int(config[MAX_STEPS_KEY]) if MAX_STEPS_KEY in config else None,
+        )
+
+    def __call__(
+        self, messages: list[Message], contexts: dict[int, Context]
+    ) -> dict[int, tuple[Message, float]]:
+        """Replies (and per-node seconds) for the messages it trained, by position in ``messages``."""
+        if self.reason:
+            return {}
+        chosen: list[tuple[int, Message, PackedClient]] = []
+        for pos, msg in enumerate(messages):
+            context = contexts.get(msg.metadata.dst_node_id)
+            client = self._client(msg, context) if context is not None else None
+            if client is not None:
+                chosen.append((pos, msg, client))
+        self.sequential_updates += sum(
+            m.metadata.message_type == MessageType.TRAIN for m in messages
+        ) - len(chosen)
+        out: dict[int, tuple[Message, float]] = {}
+        size = self.scenario.engine.pack_size
+        torch.set_num_threads(self.scenario.engine.client_threads)
+        for start in range(0, len(chosen), size):
+            chunk = chosen[start : start + size]
+            t0 = time.perf_counter()
+            try:
+                results = train_packed(
+                    self.model, [c for _, _, c in chunk], self.scenario.train, self.device
+                )
+            except Exception as ex:  # the ClientApp path still gives every node its own reply
+                self._note(f"the pack raised {type(ex).__name__}: {ex}")
+                self.sequential_updates += len(chunk)
+                continue
+            seconds = time.perf_counter() - t0  # the chunk's nodes trained "in parallel"
+            self.train_seconds += seconds
+            self.packed_updates += len(chunk)
+            prox = any(c.mu > 0 for _, _, c in chunk)
+            self.peak_pack_bytes = max(
+                self.peak_pack_bytes,
+                pack_bytes(self.model, len(chunk), self.scenario.train, prox)
+                + sum(c.data.x_train.nbytes + c.data.y_train.nbytes for _, _, c in chunk),
+            )
+            for (pos, msg, client), result in zip(chunk, results, strict=True):
+                # The same records, in the same order, as clients/app.py::train replies with.
+                metrics = MetricRecord(
+                    {
+                        "train_loss": result.train_loss,
+                        "num-examples": result.num_examples,
+                        "num-steps": result.num_steps,
+                    }
+                )
+                pid = client.data.partition_id
+                identity = client_identity(contexts[msg.metadata.dst_node_id], pid)
+                identity[TRAINER] = trainer_name_for(self.scenario, pid)
+                content = RecordDict(
+                    {
+                        "arrays": record_from_state_dict(result.state),
+                        "metrics": metrics,
+                        IDENTITY_RECORD: identity,
+                    }
+                )
+                out[pos] = (Message(content, reply_to=msg), seconds)
+        return out
+
+    def report(self) -> str:
+        """One line: how many updates were packed, and the peak memory."""
+        rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        line = (
+            f"fedge: packed engine: {self.packed_updates} client updates packed "
+            f"({self.sequential_updates} sequential), {self.train_seconds:.2f} s of packed "
+            f"training, peak pack memory {self.peak_pack_bytes / 2**20:.1f} MiB "
+            f"(engine.pack_size={self.scenario.engine.pack_size}), peak RSS {rss_mib:.0f} MiB"
+        )
+        if self.device.type == "cuda":
+            line += f", peak CUDA {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
+        return line
