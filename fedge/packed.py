@@ -39,6 +39,7 @@ from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
 from clients.seeding import derive_seed
 from clients.trainers import get_trainer, trainer_name_for
+from edge.lora_downlink import lora_downlink_mod
 from scenarios.config import Scenario
 
 log = logging.getLogger("fedge.packed")
@@ -69,8 +70,11 @@ class PackedTrainer:
             return "[devices] is set: the virtual clock times and fails each client on its own"
         if self.scenario.attack.kind != "none":
             return "[attack] is set: attackers rewrite their own replies in a client mod"
-        # the attack mod passes every message through untouched when no [attack] is set
-        if any(mod not in (virtual_clock_mod, attack_mod) for mod in client_mods):
+        # The LoRA downlink mod only touches lora_sparse messages, whose trainer is never packed;
+        # the attack mod passes every message through untouched when no [attack] is set.
+        if any(
+            mod not in (virtual_clock_mod, lora_downlink_mod, attack_mod) for mod in client_mods
+        ):
             return "the ClientApp has mods besides the virtual clock"
         return unpackable_reason(self.model)
 

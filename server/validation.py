@@ -21,9 +21,10 @@ Each round records ``num_invalid`` and ``num_invalid_<reason>``. If fewer than
 The rule: a reply can fail its own node, never the server. ``check`` never raises (anything it
 cannot read is ``malformed``), and what it passes is what every strategy can aggregate: one
 ArrayRecord per record sent, the same keys, and shapes/dtypes of the *decoded* arrays equal to
-what was sent. The packed sparse encoding (``adapters.values`` + ``adapters.indices``) is accepted
-only from runs whose algorithm aggregates it (``lora_sparse``), with every index inside the
-adapters' size; elsewhere a stray ``*.indices`` key is just an unexpected key.
+what was sent. The LoRA packet encoding (one ``lora.packet`` array, see ``algorithms/lora_sparse.py``)
+is accepted only from runs whose algorithm aggregates it (``lora_sparse``), when it decodes to
+exactly the adapters' size with finite values; elsewhere a stray packet key is an unexpected key.
+A LoRA reply's size is bounded by the dense adapters, since its downlink can be nearly empty.
 
 Client extras are optional: when valid replies carry different metric keys (e.g. a stock Flower
 client next to fedge's own), only the keys common to all are kept, and that is logged once.
@@ -41,7 +42,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from algorithms.lora_sparse import PACKED_INDICES, PACKED_VALUES, is_sparse_encoded
+from algorithms.lora_sparse import (
+    PACKET_KEY,
+    decode_packet,
+    dense_packet_bytes,
+    is_sparse_encoded,
+)
 from clients.arrays import as_numpy, records_of  # in-process replies are read without parsing
 from server.plugins import Metrics, RoundPlugin
 from server.strategies import ServerSetup
@@ -86,15 +92,14 @@ def _reference_pairs(
 
 
 def _sparse_problem(name: str, tensors: dict[str, np.ndarray], size: int) -> tuple[str, str] | None:
-    """Structure of a packed sparse reply: 1-D float32 values and integer indices of one length,
-    every index in ``0..size-1`` (``size``: the adapters' total number of entries)."""
-    values, indices = tensors[PACKED_VALUES], tensors[PACKED_INDICES]
-    if values.ndim != 1 or indices.shape != values.shape or values.size > size:
-        return "shape", f"{name}: values {list(values.shape)} vs indices {list(indices.shape)}"
-    if not np.issubdtype(indices.dtype, np.integer) or values.dtype != np.float32:
-        return "shape", f"{name}: indices {indices.dtype}, values {values.dtype}"
-    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= size):
-        return "shape", f"{name}: sparse indices outside 0..{size - 1}"
+    """Structure of a LoRA packet reply: it decodes (header, sizes, indices) to ``size`` entries
+    (the adapters' total) with finite values (bytes are always finite; the values they encode not)."""
+    try:
+        values = decode_packet(tensors[PACKET_KEY], size)
+    except ValueError as err:
+        return "shape", f"{name}: {err}"
+    if not bool(values.isfinite().all()):
+        return "nonfinite", f"{name}: the LoRA packet's values hold NaN or Inf"
     return None
 
 
@@ -131,8 +136,8 @@ def _metric_problem(metrics: MetricRecord) -> tuple[str, str] | None:
 
 
 def _sparse_update_sq(tensors: dict[str, np.ndarray]) -> float:
-    """Squared norm of a sparse update: its values *are* the (adapter) update entries."""
-    return float(np.sum(tensors[PACKED_VALUES].astype(np.float64) ** 2))
+    """Squared norm of a LoRA packet: its decoded values *are* the (adapter) update entries."""
+    return float(decode_packet(tensors[PACKET_KEY]).double().pow(2).sum())
 
 
 def _content_bytes(content: RecordDict) -> int:
@@ -310,6 +315,8 @@ class ReplyValidator(RoundPlugin):
         if id(sent_content) not in self._sent_bytes:
             self._sent_bytes[id(sent_content)] = _content_bytes(sent_content)
         size, sent_size = _content_bytes(content), self._sent_bytes[id(sent_content)]
+        if self.sparse_size is not None:  # a synced LoRA node's downlink is nearly empty
+            sent_size = max(sent_size, dense_packet_bytes(self.sparse_size))
         if size > self.max_reply_factor * sent_size:
             return "oversized", (
                 f"{size} bytes > robustness.max_reply_factor={self.max_reply_factor:g} "
@@ -321,8 +328,8 @@ class ReplyValidator(RoundPlugin):
             values, reference = as_numpy(arrays), self._numpy_of_sent(sent)
             sparse = self.sparse_size is not None and is_sparse_encoded(values)
             if sparse:
-                # A sparse update (values + indices) has its own keys by design and the strategy
-                # decodes it; its values *are* the update entries.
+                # A LoRA packet has its own key by design and the strategy decodes it; its
+                # values *are* the update entries.
                 problem = _sparse_problem(name, values, self.sparse_size)
                 if problem is not None:
                     return problem
