@@ -1,8 +1,10 @@
 """Meta-learning local objectives (framework-free: a torch model and mini-batches in, model updated).
 
-* **Reptile** (Nichol et al. 2018): from weights θ run k inner SGD steps with lr α to θ', then move
-  ``θ ← θ + ε (θ' − θ)``. ε = 1 is plain SGD; smaller ε keeps θ a good *starting point* for a
-  few steps of adaptation rather than the minimizer of the local loss.
+* **Reptile** (Nichol et al. 2018) across tasks, as the clustered-personalization paper's code does
+  it: every member k of a cluster (a task) adapts the cluster model θ with k inner SGD steps to
+  θ_k; the *server* then moves ``θ ← θ + ε (Σ n_k θ_k / Σ n_k − θ)``. ε = 1 is FedAvg; smaller ε
+  keeps θ a good *starting point* for a few steps of adaptation on every member. (Reptile on one
+  client over its own batches is only SGD with a scaled step: the meta step needs several tasks.)
 * **Per-FedAvg, first-order** (Fallah et al. 2020): per step, with two independent batches D, D',
   ``θ̃ = θ − α ∇f(θ; D)`` then ``θ ← θ − β ∇f(θ̃; D')`` (the Hessian term of MAML dropped).
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
@@ -30,11 +33,14 @@ class ReptileParams(AlgorithmConfig):
     """Reptile's hyperparameters."""
 
     reptile_inner_steps: int = Field(
-        5, ge=1, le=1000, description="k inner SGD steps per meta step"
+        5, ge=1, le=1000, description="k inner SGD steps of each member per round (the task)"
     )
     reptile_inner_lr: float = Field(0.05, gt=0.0, description="inner SGD learning rate")
     reptile_epsilon: float = Field(
-        0.5, gt=0.0, le=1.0, description="outer step ε toward the adapted weights (1 = plain SGD)"
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="server outer step ε toward the members' mean (1 = FedAvg)",
     )
 
 
@@ -68,24 +74,21 @@ def _sgd_step(model: nn.Module, batch: Batch, lr: float, loss_fn: LossFn) -> flo
     return float(loss.detach())
 
 
-def reptile_step(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    inner_lr: float,
+def reptile_meta_step(
+    theta: dict[str, np.ndarray],
+    adapted: list[dict[str, np.ndarray]],
+    weights: list[float],
     epsilon: float,
-    loss_fn: LossFn = F.cross_entropy,
-) -> float:
-    """One Reptile meta step: SGD over ``batches`` (the k inner steps) from θ to θ', then
-    ``θ ← θ + ε (θ' − θ)`` in place. Returns the mean inner loss."""
-    params = _params(model)
-    start = [p.detach().clone() for p in params]
-    losses = [_sgd_step(model, b, inner_lr, loss_fn) for b in batches]
-    if not losses:
-        raise ValueError("reptile_step needs at least one batch")
-    with torch.no_grad():
-        for p, p0 in zip(params, start, strict=True):
-            p.copy_(p0 + epsilon * (p - p0))
-    return sum(losses) / len(losses)
+) -> dict[str, np.ndarray]:
+    """Reptile's outer step over tasks: ``θ + ε (Σ w_k θ_k / Σ w_k − θ)`` per array (float64 sum)."""
+    if not adapted or len(adapted) != len(weights) or sum(weights) <= 0:
+        raise ValueError("reptile_meta_step needs at least one adapted model and positive weights")
+    total = float(sum(weights))
+    out = {}
+    for key, base in theta.items():
+        mean = sum(w * m[key].astype(np.float64) for m, w in zip(adapted, weights, strict=True))
+        out[key] = (base + epsilon * (mean / total - base)).astype(base.dtype)
+    return out
 
 
 def perfedavg_fo_step(
@@ -121,22 +124,6 @@ def _chunks(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def run_reptile(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    inner_steps: int,
-    inner_lr: float,
-    epsilon: float,
-    loss_fn: LossFn = F.cross_entropy,
-) -> MetaResult:
-    """Reptile over a stream of batches, ``inner_steps`` batches per meta step (last one shorter)."""
-    losses = [
-        reptile_step(model, chunk, inner_lr, epsilon, loss_fn)
-        for chunk in _chunks(batches, inner_steps)
-    ]
-    return MetaResult(len(losses), sum(losses) / len(losses) if losses else float("nan"))
 
 
 def run_perfedavg(

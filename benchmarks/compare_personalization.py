@@ -33,7 +33,8 @@ ALGORITHMS = {
     "perfedavg": ["algorithm.perfedavg_beta=0.05"],
     "cfl": [],
     "ifca": [],
-    "clustered": [],  # meta = reptile (the default)
+    "clustered": [],  # meta = reptile (the default): ε-step on the server, per cluster
+    "clustered meta=none": ["algorithm.meta=none"],  # FedAvg inside clusters (the ε-step's control)
 }
 
 
@@ -78,13 +79,13 @@ def main() -> None:
             args.scenario,
             [
                 *sets,
+                f"algorithm.name={algo.split()[0]}",
                 *ALGORITHMS.get(algo, []),
-                f"algorithm.name={algo}",
                 f"seed={seed}",
-                f"name={algo}",
+                f"name={algo.replace(' ', '_').replace('=', '-')}",
             ],
         )
-        run_dir = out / f"{algo}-s{seed}"
+        run_dir = out / f"{algo.replace(' ', '_').replace('=', '-')}-s{seed}"
         t0 = time.perf_counter()
         summary = run_engine(scenario, run_dir, show_progress=False)
         run_dirs.append(run_dir)

@@ -14,6 +14,7 @@ Run: ``PYTHONPATH=. python benchmarks/edge_trainers.py --part alone`` (then ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from clients.data import dataset_info, load_central_test, load_client_data
 from clients.models import build_model
 from clients.trainers import get_trainer
 from clients.training import TrainJob, evaluate
+from edge import tpsgd
 from edge.memory import measure_training_memory
 from scenarios.config import validate_scenario
 
@@ -34,6 +36,11 @@ TRAINERS = {  # label -> (trainer, model)
     "backprop": ("fedavg", "mlp"),
     "tpsgd": ("tpsgd", "mlp"),
     "forward_forward": ("forward_forward", "ff_mlp"),
+}
+# Rows of the "alone" part only: tpSGD variants and the control every tpSGD row must beat.
+ALONE_EXTRA = {  # label -> (trainer, model, edge keys, hidden layers trained)
+    "tpsgd (mse)": ("tpsgd", "mlp", {"tpsgd_loss": "mse"}, True),
+    "control: hidden layers untrained": ("tpsgd", "mlp", {}, False),
 }
 MEMORY_NAME = {"fedavg": "backprop", "tpsgd": "tpsgd", "forward_forward": "forward_forward"}
 
@@ -47,13 +54,28 @@ def base_raw(dataset: str, model: str, clients: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def untrained_hidden_layers(active: bool):
+    """The control: tpSGD with every hidden-layer loss × 0 (only the output layer learns)."""
+    if not active:
+        yield
+        return
+    original = tpsgd.local_loss
+    tpsgd.local_loss = lambda h, y, proj, kind: 0.0 * original(h, y, proj, kind)
+    try:
+        yield
+    finally:
+        tpsgd.local_loss = original
+
+
 def alone(epochs: int) -> None:
     print("| data | trainer | test acc | sec/epoch | peak train mem KiB (batch 32) | vs BP |")
     print("|---|---|---|---|---|---|")
+    rows = {label: (t, m, {}, True) for label, (t, m) in TRAINERS.items()} | ALONE_EXTRA
     for dataset in ("mnist1d", "digits"):
         bp_peak = None
-        for label, (trainer, model_name) in TRAINERS.items():
-            sc = validate_scenario(base_raw(dataset, model_name, 1))
+        for label, (trainer, model_name, edge, hidden_trained) in rows.items():
+            sc = validate_scenario({**base_raw(dataset, model_name, 1), "edge": edge})
             info = dataset_info(sc.data)
             torch.manual_seed(0)
             model = build_model(sc.model, info.input_shape, info.num_classes)
@@ -63,9 +85,10 @@ def alone(epochs: int) -> None:
             for epoch in range(epochs):
                 gen = torch.Generator().manual_seed(epoch)
                 start = time.perf_counter()
-                get_trainer(trainer)(
-                    TrainJob(model, data, sc, ConfigRecord(), RecordDict(), gen, CPU)
-                )
+                with untrained_hidden_layers(not hidden_trained):
+                    get_trainer(trainer)(
+                        TrainJob(model, data, sc, ConfigRecord(), RecordDict(), gen, CPU)
+                    )
                 times.append(time.perf_counter() - start)
             acc = evaluate(model, x, y, CPU)[1]
             xb = torch.from_numpy(data.x_train[:32])

@@ -1,45 +1,66 @@
-"""LoRA rank × density sweep: accuracy vs uplink bytes, and the bytes ratio to dense LoRA.
+"""LoRA sweep: accuracy vs uplink + downlink bytes per round, sparse packets vs dense LoRA.
 
-A federation of ``--clients`` mnist1d clients (IID) fine-tunes a base MLP that the server
-pre-trained on its proxy set. Every round every client runs the real ``lora`` trainer
-(``edge/lora.py``: peft adapters, top-k + error feedback in its state) and the server merges
-the replies with the real decoder (``server/lora_sparse.lora_weight_deltas``), weighted by examples.
-The Flower message round trip is skipped to fit 16 settings into a few minutes on 2 busy cores;
-bytes are ``ArrayRecord.count_bytes()`` of each actual reply.
+Each setting is a real in-process federation (``fedge.engines.run_engine``): ``--clients`` IID
+mnist1d clients fine-tune LoRA adapters on an MLP base the server pre-trained on its proxy set;
+every message goes through the Flower loop, the client mods (LoRA downlink, virtual clock) and the
+``lora_sparse`` strategy, and the bytes are the loop's ``bytes_up`` / ``bytes_down``
+(``ArrayRecord.count_bytes()`` of every instruction and reply).
 
-"Bytes to target": the cumulative uplink bytes until central accuracy first reaches (dense LoRA of
-the same rank's best accuracy − 1 point). Ratio = dense bytes-to-target / sparse bytes-to-target.
+The baseline is **dense LoRA**: every adapter entry as float32 values, no index array, both
+ways (adapter-only downlink). The frozen base reaches each node once (round 1); it is the same
+for every setting and is reported apart, not in the per-round figures.
 
-Run: ``PYTHONPATH=. python benchmarks/lora_sweep.py [--rounds 6 --clients 4]``
+"Bytes to target": cumulative up + down bytes (base excluded) until central accuracy first reaches
+dense LoRA's best accuracy (same rank) − 1 point. Ratio = dense / this setting.
+
+Run: ``PYTHONPATH=. python benchmarks/lora_sweep.py [--ranks 4 8 16 --rounds 10 --clients 4]``
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord
 
-from clients.data import dataset_info, load_central_test, load_client_data
+from clients.data import dataset_info
 from clients.models import build_model
-from clients.seeding import derive_seed
-from clients.training import TrainJob, evaluate
-from edge.lora import initial_factors, linear_names, train_lora
+from fedge.engines import run_engine
 from scenarios.config import validate_scenario
-from server.lora_sparse import lora_weight_deltas, pretrain_base
-from server.strategies import ServerSetup
+from scenarios.results import load_run
 
-RANKS = (2, 4, 8, 16)
-DENSITIES = (0.01, 0.05, 0.10, 1.0)
-CPU = torch.device("cpu")
+# (label, uplink density, value type, downlink density or None = the uplink's); the first is the
+# dense-LoRA baseline.
+SETTINGS = (
+    ("dense f32", 1.0, "float32", None),
+    ("5% f32", 0.05, "float32", None),
+    ("5% f16", 0.05, "float16", None),
+    ("10% f16", 0.10, "float16", None),
+    ("5% int8", 0.05, "int8", None),
+    ("10% int8", 0.10, "int8", None),
+    ("5% int8 down 20%", 0.05, "int8", 0.20),
+    ("10% int8 down 40%", 0.10, "int8", 0.40),
+)
 
 
-def run(rank: int, density: float, rounds: int, clients: int) -> list[tuple[int, float]]:
-    """[(cumulative uplink bytes, central accuracy)] after every round."""
-    sc = validate_scenario(
+def scenario(
+    rank: int,
+    density: float,
+    value_type: str,
+    rounds: int,
+    clients: int,
+    out: Path,
+    lr: float = 0.1,
+    downlink_density: float | None = None,
+):
+    return validate_scenario(
         {
             "seed": 0,
+            "num_rounds": rounds,
+            "output_dir": str(out),
             "data": {"dataset": "mnist1d", "num_clients": clients, "proxy_fraction": 0.05},
             "model": {"name": "mlp", "hidden": [128, 128]},
             "algorithm": {
@@ -47,87 +68,90 @@ def run(rank: int, density: float, rounds: int, clients: int) -> list[tuple[int,
                 "rank": rank,
                 "alpha": 2.0 * rank,
                 "density": density,
+                "value_type": value_type,
+                "downlink_density": downlink_density,
                 "pretrain_epochs": 10,
             },
-            "train": {"epochs": 1, "batch_size": 32, "lr": 0.1, "momentum": 0.9},
+            "train": {"epochs": 1, "batch_size": 32, "lr": lr, "momentum": 0.9},
+            "edge": {"export_onnx": False},
         }
     )
+
+
+def base_bytes(sc) -> int:
     info = dataset_info(sc.data)
-    torch.manual_seed(0)
     model = build_model(sc.model, info.input_shape, info.num_classes)
-    pretrain_base(ServerSetup(sc, info, model, CPU), sc.algorithm)
-    start = initial_factors(model, sc.algorithm, sc.seed)
-    names = linear_names(model)
-    data = [load_client_data(sc.data, sc.seed, pid) for pid in range(clients)]
-    states = [RecordDict() for _ in range(clients)]
-    x, y = load_central_test(sc.data, sc.seed)
-    history, sent = [(0, evaluate(model, x, y, CPU)[1])], 0
-    for rnd in range(1, rounds + 1):
-        state = model.state_dict()
-        total = {k: torch.zeros_like(v) for k, v in state.items()}
-        weights = 0.0
-        for pid in range(clients):
-            local = build_model(sc.model, info.input_shape, info.num_classes)
-            local.load_state_dict(state)
-            gen = torch.Generator().manual_seed(derive_seed(sc.seed, rnd, pid))
-            torch.manual_seed(derive_seed(sc.seed, rnd, pid, 1))
-            result = train_lora(
-                TrainJob(local, data[pid], sc, ConfigRecord(), states[pid], gen, CPU)
-            )
-            sent += result.reply_arrays.count_bytes()
-            deltas = lora_weight_deltas(
-                result.reply_arrays, start, names, sc.algorithm.alpha / rank
-            )
-            for key, delta in deltas.items():
-                total[key] += result.num_examples * delta
-            weights += result.num_examples
-        model.load_state_dict({k: v + total[k] / weights for k, v in state.items()})
-        history.append((sent, evaluate(model, x, y, CPU)[1]))
-    return history
+    return ArrayRecord(torch_state_dict=model.state_dict()).count_bytes()
 
 
-def bytes_to(history: list[tuple[int, float]], target: float) -> int | None:
-    return next((b for b, acc in history if acc >= target), None)
+def run(sc, run_dir: Path) -> tuple[list[dict], int]:
+    """Rounds of one federation and the bytes of the one-time base delivery."""
+    run_engine(sc, run_dir, show_progress=False)
+    rounds = load_run(run_dir).rounds
+    return rounds, base_bytes(sc) * sc.data.num_clients
+
+
+def history(rounds: list[dict], base: int) -> list[tuple[int, float]]:
+    """[(cumulative up + down bytes without the base, central accuracy)] per round."""
+    out, total = [(0, rounds[0]["central_accuracy"])], 0
+    for r in rounds[1:]:
+        total += r["bytes_up"] + r["bytes_down"] - (base if r["round"] == 1 else 0)
+        out.append((total, r["central_accuracy"]))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of dense LoRA")
+    parser.add_argument(
+        "--sparse-rounds", type=int, default=30, help="rounds of each sparse setting (cheaper)"
+    )
+    parser.add_argument("--only", nargs="+", help="setting labels to run (dense always runs)")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.1)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {}
     t0 = time.time()
-    for rank in RANKS:
-        for density in DENSITIES:
-            results[rank, density] = run(rank, density, args.rounds, args.clients)
-            b, acc = results[rank, density][-1]
-            print(
-                f"r={rank:2d} rho={density:4.0%}: final acc {acc:.3f}, uplink {b / 1024:.0f} KiB "
-                f"({time.time() - t0:.0f}s)",
-                flush=True,
-            )
     print(
-        "\n| rank | density | base acc | final acc | best acc | uplink KiB (all rounds) | "
-        "bytes to dense-1pt target | ratio vs dense |"
+        "| rank | setting | rounds | up B/client/round | down B/client/round | best acc | "
+        "final acc | up+down to target | ratio vs dense |"
     )
-    print("|" + "---|" * 8)
-    for rank in RANKS:
-        dense = results[rank, 1.0]
-        target = max(acc for _, acc in dense) - 0.01
-        dense_bytes = bytes_to(dense, target)
-        for density in DENSITIES:
-            h = results[rank, density]
-            b = bytes_to(h, target)
-            ratio = f"{dense_bytes / b:.1f}x" if b else "never reached"
-            print(
-                f"| {rank} | {density:.0%} | {h[0][1]:.3f} | {h[-1][1]:.3f} | "
-                f"{max(a for _, a in h):.3f} | {h[-1][0] / 1024:.1f} | "
-                f"{'-' if b is None else f'{b / 1024:.1f} KiB'} | {ratio} |"
-            )
+    print("|" + "---|" * 9)
+    with tempfile.TemporaryDirectory() as tmp:
+        for rank in args.ranks:
+            rows = {}
+            for label, density, value_type, down in SETTINGS:
+                if args.only and label != "dense f32" and label not in args.only:
+                    continue
+                rounds_here = args.rounds if density >= 1.0 else args.sparse_rounds
+                sc = scenario(
+                    rank, density, value_type, rounds_here, args.clients, Path(tmp), args.lr, down
+                )
+                slug = "".join(c if c.isalnum() else "_" for c in label)
+                rounds, base = run(sc, Path(tmp) / f"r{rank}-{slug}")
+                rows[label] = (rounds, history(rounds, base))
+            dense_best = max(a for _, a in rows["dense f32"][1])
+            target = dense_best - 0.01
+            dense_to = next(b for b, a in rows["dense f32"][1] if a >= target)
+            for label, (rounds, hist) in rows.items():
+                steady = rounds[2:] or rounds[1:]  # after round 1's base delivery
+                per = args.clients * len(steady)  # every client samples every round
+                up = sum(r["bytes_up"] for r in steady) / per
+                down = sum(r["bytes_down"] for r in steady) / per
+                reached = next((b for b, a in hist if a >= target), None)
+                ratio = f"{dense_to / reached:.1f}x" if reached else "target not reached"
+                print(
+                    f"| {rank} | {label} | {len(rounds) - 1} | {up:.0f} | {down:.0f} | "
+                    f"{max(a for _, a in hist):.3f} | {hist[-1][1]:.3f} | "
+                    f"{'-' if reached is None else f'{reached / 1024:.1f} KiB'} | {ratio} |",
+                    flush=True,
+                )
     print(
-        f"({args.clients} IID mnist1d clients, {args.rounds} rounds, MLP 128x128, "
-        f"target = dense LoRA's best accuracy - 1 point, per rank)"
+        f"({args.clients} IID mnist1d clients, dense {args.rounds} / sparse {args.sparse_rounds} "
+        f"rounds, lr {args.lr}, MLP 128x128 base pre-trained "
+        f"on the 5% proxy set; base delivery {base / args.clients / 1024:.1f} KiB per node once; "
+        f"target = dense LoRA's best accuracy - 1 point, per rank; {time.time() - t0:.0f} s)"
     )
 
 

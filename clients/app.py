@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.arrays import received_state_dict, record_from_state_dict, records_of
+from clients.attacks import attack_mod
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
 from clients.identity import (
@@ -29,10 +30,17 @@ from clients.seeding import derive_seed, seed_global_torch
 from clients.state import STATE_ACTION, attach_state, restore_state
 from clients.trainers import trainer_for, trainer_name_for
 from clients.training import TrainJob, evaluate
+from edge.lora_downlink import lora_downlink_mod
 from scenarios.config import RUN_CONFIG_KEY, Scenario
 
 # Client mods (Flower middleware) wrap every trainer: e.g. the virtual clock, size accounting.
-MODS: list = [virtual_clock_mod]  # must be filled before the @app.train decorators run
+# The LoRA downlink mod sits inside the clock, so the clock counts the compact message; the
+# attack mod (a no-op without [attack]) innermost, rewriting what the trainer replied.
+MODS: list = [
+    virtual_clock_mod,
+    lora_downlink_mod,
+    attack_mod,
+]  # must be filled before the @app.train decorators run
 
 app = ClientApp(mods=MODS)
 

@@ -1,14 +1,21 @@
 """Clustered-personalization client.
 
 Warm-up rounds (config ``warmup`` = True): plain local SGD, so the updates the server clusters are
-FedAvg updates from one global model. Afterwards: the cluster's model trained with the configured
-meta-learning objective (Reptile by default, or first-order Per-FedAvg, or plain SGD). A client the
-server has not placed yet receives every cluster model and keeps the lowest-loss one (IFCA rule).
+FedAvg updates from one global model. Afterwards, per ``algorithm.meta``:
+
+* ``reptile`` (default): the member is one *task*: k = ``reptile_inner_steps`` plain SGD steps
+  (lr ``reptile_inner_lr``) from the cluster model; the Reptile outer step ε happens on the server,
+  across the cluster's members (``server/clustered.py``);
+* ``perfedavg``: first-order Per-FedAvg on the client (its meta step is per client by design);
+* ``none``: plain local SGD.
+
+A client the server has not placed yet receives every cluster model and keeps the lowest-loss one
+(IFCA rule).
 """
 
 from torch.nn import functional as F
 
-from algorithms.meta import run_perfedavg, run_reptile
+from algorithms.meta import run_perfedavg
 from clients.cluster_pick import CLUSTER_ID_KEY, pick_cluster
 from clients.perfedavg import epoch_batches
 from clients.training import TrainJob, TrainResult, local_sgd
@@ -21,27 +28,30 @@ def train_clustered(job: TrainJob) -> TrainResult:
     algo = job.scenario.algorithm
     if bool(job.config.get(WARMUP_KEY, False)) or algo.meta == "none":
         result = local_sgd(job)
+    elif algo.meta == "reptile":  # the task's inner loop; the outer step ε is the server's
+        steps = algo.reptile_inner_steps
+        if "max-local-steps" in job.config:  # a slow device's cap (virtual clock) still holds
+            steps = min(steps, int(job.config["max-local-steps"]))
+        inner = job.scenario.train.model_copy(
+            update={
+                "lr": algo.reptile_inner_lr,
+                "momentum": 0.0,
+                "weight_decay": 0.0,
+                "epochs": steps,  # k steps even when the split holds fewer than k batches
+            }
+        )
+        result = local_sgd(job, cfg=inner, max_steps=steps)
     else:
         if len(job.data.x_train) == 0:
             raise ValueError(f"client {job.data.partition_id} has no training data")
         job.model.train()
-        if algo.meta == "reptile":
-            res = run_reptile(
-                job.model,
-                epoch_batches(job),
-                algo.reptile_inner_steps,
-                algo.reptile_inner_lr,
-                algo.reptile_epsilon,
-                F.cross_entropy,
-            )
-        else:
-            res = run_perfedavg(
-                job.model,
-                epoch_batches(job),
-                algo.perfedavg_alpha,
-                algo.perfedavg_beta,
-                F.cross_entropy,
-            )
+        res = run_perfedavg(
+            job.model,
+            epoch_batches(job),
+            algo.perfedavg_alpha,
+            algo.perfedavg_beta,
+            F.cross_entropy,
+        )
         result = TrainResult(len(job.data.x_train), res.mean_loss, res.num_steps)
     result.metrics[CLUSTER_ID_KEY] = chosen
     return result

@@ -1,16 +1,23 @@
-"""Export any fedge model to ONNX (dynamic batch axis, checked) plus an int8 dynamic-quantized copy.
+"""Export any fedge model to ONNX for a device developer: raw inputs in, class scores out.
 
+* **Self-describing file.** The ONNX ``metadata_props`` (and a sidecar ``<stem>.json``) say what
+  goes in and what comes out: input name, shape, dtype, the raw value range, how to build the
+  inputs from the dataset, the scaling the graph applies, class names and order, the dataset and
+  model, and what the output scores mean (see :class:`InputSpec`). An app needs nothing else.
+* **Scaling inside the graph.** fedge's loaders scale some datasets (digits: pixel / 16); the
+  exported graph starts with that multiplication, so it takes the *raw* values a device sees.
 * LoRA: pass the peft model; adapters are merged first (``merge_and_unload``: W' = W + (α/r)·B·A).
 * Forward-forward: ``FFMLP.forward`` already scores every label, so the graph holds the whole
   FF inference procedure and returns (batch, C) scores.
-* The dynamo exporter (needs ``onnxscript``) is tried first; the legacy TorchScript exporter
-  (``dynamo=False``) is the fallback.
+* torch's current exporter (``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``), opset
+  18, dynamic batch axis. The legacy TorchScript exporter is not used (torch deprecates it).
 """
 
 from __future__ import annotations
 
+import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,109 @@ import torch
 from torch import nn
 
 OPSET = 18
+SIDECAR_FORMAT = "fedge-onnx/1"
+METADATA_PREFIX = "fedge."
+
+# How to build a file of raw inputs for each built-in dataset (what a device app must replicate).
+HOW_TO_BUILD = {
+    "digits": (
+        "sklearn.datasets.load_digits().data: pixel intensities 0..16, one row of 64 per image, "
+        "reshaped to (n, 1, 8, 8) float32 (row-major 8x8); do not scale (the graph divides by 16)"
+    ),
+    "mnist1d": (
+        "mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())['x']: (n, 40) float32 "
+        "signals as generated; no scaling"
+    ),
+    "synthetic": "(n, 60) float32 feature vectors as the LEAF Synthetic generator draws them",
+}
+HUB_HOW_TO_BUILD = (
+    "the dataset's feature column as fedge loads it: uint8 images divided by 255 (the graph does "
+    "not do this), laid out (n, C, H, W) float32; other numeric columns as they are"
+)
+DATASET_SCALE = {"digits": 1.0 / 16.0}  # what clients/datasets.py multiplies raw values by
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the exported graph expects and returns (written to metadata_props and the sidecar)."""
+
+    dataset: str
+    shape: tuple[int, ...]  # per sample; the batch axis comes first and is dynamic
+    raw_range: tuple[float, float]  # of the raw inputs the model was trained on
+    class_names: list[str]
+    scale: float = 1.0  # the graph multiplies raw inputs by this first
+    how_to_build: str = ""
+    model: str = ""
+    dtype: str = "float32"
+    input_name: str = "x"
+    output_name: str = "scores"
+    output_meaning: str = (
+        "unnormalised class scores (logits; summed goodness for forward-forward): the predicted "
+        "class is the argmax, class_names[argmax] its name; softmax gives probabilities for "
+        "logits"
+    )
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def sidecar(self, fp32: Path, int8: Path | None, exporter: str) -> dict:
+        d = asdict(self)
+        return {
+            "format": SIDECAR_FORMAT,
+            "model_file": fp32.name,
+            "int8_file": int8.name if int8 is not None else None,
+            "exporter": exporter,
+            "input": {
+                "name": self.input_name,
+                "shape": ["batch", *self.shape],
+                "dtype": self.dtype,
+                "raw_range": list(self.raw_range),
+                "scaling_in_graph": self.scale,
+                "how_to_build": self.how_to_build,
+            },
+            "output": {
+                "name": self.output_name,
+                "shape": ["batch", len(self.class_names)],
+                "meaning": self.output_meaning,
+            },
+            "class_names": d["class_names"],
+            "dataset": self.dataset,
+            "model": self.model,
+            **self.extra,
+        }
+
+    def metadata(self) -> dict[str, str]:
+        """Flat string map for ONNX ``metadata_props`` (values JSON where not plain text)."""
+        return {
+            f"{METADATA_PREFIX}dataset": self.dataset,
+            f"{METADATA_PREFIX}model": self.model,
+            f"{METADATA_PREFIX}input_name": self.input_name,
+            f"{METADATA_PREFIX}input_shape": json.dumps(["batch", *self.shape]),
+            f"{METADATA_PREFIX}input_dtype": self.dtype,
+            f"{METADATA_PREFIX}input_raw_range": json.dumps(list(self.raw_range)),
+            f"{METADATA_PREFIX}input_scaling_in_graph": repr(self.scale),
+            f"{METADATA_PREFIX}input_how_to_build": self.how_to_build,
+            f"{METADATA_PREFIX}output_name": self.output_name,
+            f"{METADATA_PREFIX}output_meaning": self.output_meaning,
+            f"{METADATA_PREFIX}class_names": json.dumps(self.class_names),
+            **{f"{METADATA_PREFIX}{k}": v for k, v in self.extra.items()},
+        }
+
+
+def dataset_input_spec(
+    dataset: str, shape: tuple[int, ...], num_classes: int, x_scaled: np.ndarray, model: str
+) -> InputSpec:
+    """The spec of a fedge dataset; ``x_scaled`` (inputs as fedge's loader gives them) sets the
+    raw range."""
+    scale = DATASET_SCALE.get(dataset, 1.0)
+    raw = np.asarray(x_scaled, dtype=np.float64) / scale
+    return InputSpec(
+        dataset=dataset,
+        shape=tuple(shape),
+        raw_range=(float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0),
+        class_names=[str(c) for c in range(num_classes)],
+        scale=scale,
+        how_to_build=HOW_TO_BUILD.get(dataset, HUB_HOW_TO_BUILD),
+        model=model,
+    )
 
 
 @dataclass(frozen=True)
@@ -28,6 +138,19 @@ class ExportResult:
     fp32_bytes: int
     int8_bytes: int | None
     exporter: str
+    sidecar_path: Path | None = None
+
+
+class ScaledInput(nn.Module):
+    """``model(x · scale)``: the dataset's input scaling as the graph's first op."""
+
+    def __init__(self, model: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale)
 
 
 def plain_model(model: nn.Module) -> nn.Module:
@@ -37,50 +160,51 @@ def plain_model(model: nn.Module) -> nn.Module:
     return model.eval().to("cpu")
 
 
+def _set_metadata(path: Path, metadata: dict[str, str]) -> None:
+    proto = onnx.load(str(path))
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in metadata.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
 def export_onnx(
     model: nn.Module,
     sample: torch.Tensor,
     path: str | Path,
     quantize: bool = True,
-    dynamo: bool = True,
+    spec: InputSpec | None = None,
 ) -> ExportResult:
     """Write ``path`` (fp32, input ``x`` and output ``scores`` with a dynamic batch axis) and
-    ``<stem>.int8.onnx``; both pass ``onnx.checker``. ``dynamo=False`` goes straight to the legacy
-    exporter (10-100× faster to export small models; same graph semantics)."""
+    ``<stem>.int8.onnx``; both pass ``onnx.checker``. With ``spec``, the graph takes raw inputs
+    (it multiplies by ``spec.scale`` first; ``sample`` is then raw too), both files carry the spec
+    in ``metadata_props`` and ``<stem>.json`` is written beside them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = plain_model(model)
+    if spec is not None and spec.scale != 1.0:
+        model = ScaledInput(model, spec.scale).eval()
     sample = sample.to(torch.float32).cpu()
-    exporter = "dynamo"
-    try:
-        if not dynamo:
-            raise NotImplementedError("legacy exporter requested")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (sample,),
-                str(path),
-                input_names=["x"],
-                output_names=["scores"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-    except Exception:  # the legacy exporter handles what dynamo cannot (and vice versa)
-        exporter = "torchscript"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (sample,),
             str(path),
             input_names=["x"],
             output_names=["scores"],
-            dynamic_axes={"x": {0: "batch"}, "scores": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
+    exporter = f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {OPSET}"
+    if spec is not None:
+        _set_metadata(path, spec.metadata())
     onnx.checker.check_model(onnx.load(str(path)))
     int8_path = int8_bytes = None
     if quantize:
@@ -88,9 +212,27 @@ def export_onnx(
 
         int8_path = path.with_name(path.stem + ".int8.onnx")
         quantize_dynamic(str(path), str(int8_path), weight_type=QuantType.QInt8)
+        if spec is not None:
+            _set_metadata(int8_path, spec.metadata())
         onnx.checker.check_model(onnx.load(str(int8_path)))
         int8_bytes = int8_path.stat().st_size
-    return ExportResult(path, int8_path, path.stat().st_size, int8_bytes, exporter)
+    sidecar = None
+    if spec is not None:
+        sidecar = path.with_suffix(".json")
+        sidecar.write_text(
+            json.dumps(spec.sidecar(path, int8_path, exporter), indent=2) + "\n", encoding="utf-8"
+        )
+    return ExportResult(path, int8_path, path.stat().st_size, int8_bytes, exporter, sidecar)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``fedge.*`` metadata of an exported file (empty for files fedge did not write)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return {
+        p.key.removeprefix(METADATA_PREFIX): p.value
+        for p in proto.metadata_props
+        if p.key.startswith(METADATA_PREFIX)
+    }
 
 
 def session(path: str | Path):

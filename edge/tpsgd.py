@@ -10,7 +10,9 @@ How it works (DRTP generalised, after "Learning with Local Gradients at the Edge
   against a local target built from the label: ``t_l = B_l · onehot(y)`` where ``B_l`` (width_l × C)
   is drawn once from the scenario seed. ``B_l`` is part of the model *definition*: every client
   derives the same matrices, nothing is communicated.
-  - ``loss="mse"``: ``ℓ_l = ||pool(h_l) − t_l||² / width_l``
+  - ``loss="mse"``: ``ℓ_l = ½||pool(h_l) − t_l||²`` with ``t_l = ReLU(√C · B_l · onehot(y))`` (the
+    target passed through the layer's non-linearity and scaled to unit variance; the raw
+    ``B_l · y`` target, half negative and ~0.3 in size, collapsed ReLU activations to ~0.03)
   - ``loss="ce"`` (default): cross-entropy of a fixed random readout, ``ℓ_l = CE(pool(h_l) · B_l, y)``
     (the same ``B_l`` used as a width_l × C readout; gradients flow only into block l).
 * **Conv layers**: the target lives in the *channel* dimension (width_l = out_channels) and the
@@ -112,12 +114,20 @@ def _pool(h: torch.Tensor) -> torch.Tensor:
     return h.flatten(2).mean(2) if h.dim() > 2 else h
 
 
+def mse_target(proj: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """t = f(√C · B·onehot(y)) with f = ReLU: the projection passed through the layer's
+    non-linearity (a ReLU layer cannot reach negative targets, so raw B·y drives half its units to
+    zero) and scaled to unit variance per entry (B is N(0, 1/C)), the scale of ReLU activations."""
+    return F.relu(proj[:, y].T * proj.shape[1] ** 0.5)
+
+
 def local_loss(h: torch.Tensor, y: torch.Tensor, proj: torch.Tensor, kind: str) -> torch.Tensor:
-    """Hidden-block loss: MSE to t = B·onehot(y), or CE of the fixed random readout pool(h)·B."""
+    """Hidden-block loss: ``mse`` = ½‖pool(h) − t‖² per sample (summed over units, averaged over
+    the batch) with t = :func:`mse_target`; ``ce`` = CE of the fixed random readout pool(h)·B."""
     pooled = _pool(h)
     if kind == "mse":
-        target = proj[:, y].T  # (B, width) = (B_l · onehot(y))^T
-        return F.mse_loss(pooled, target)
+        target = mse_target(proj, y)
+        return 0.5 * (pooled - target).pow(2).sum(1).mean()
     return F.cross_entropy(pooled @ proj, y)
 
 

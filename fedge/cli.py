@@ -199,7 +199,13 @@ app.add_typer(edge_app, name="edge")
 @edge_app.command("infer")
 def edge_infer(
     model: Annotated[Path, typer.Argument(help="an exported .onnx model (e.g. <run>/model.onnx)")],
-    inputs: Annotated[Path, typer.Argument(help=".npy array of inputs, batch first")],
+    inputs: Annotated[
+        Path,
+        typer.Argument(
+            help=".npy array of raw inputs, batch first (how to build them: the model's "
+            "sidecar JSON, input.how_to_build)"
+        ),
+    ],
     repeats: Annotated[int, typer.Option(min=1, help="timed repetitions (median reported)")] = 5,
 ) -> None:
     """Classify INPUTS with onnxruntime; print the predictions and the latency."""
@@ -209,7 +215,13 @@ def edge_infer(
         result = infer(model, load_inputs(inputs), repeats=repeats)
     except ValueError as err:
         fail(str(err))
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print("predictions: " + " ".join(str(int(p)) for p in result.predictions))
+    if result.class_names is not None:
+        console.print(
+            "classes: " + " ".join(result.class_names[int(p)] for p in result.predictions)
+        )
     console.print(
         f"latency: {result.batch_latency_ms:.3f} ms for {len(result.predictions)} inputs "
         f"({result.per_sample_ms:.4f} ms/input, median of {repeats})"

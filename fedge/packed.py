@@ -6,7 +6,8 @@ per node, shaped exactly like ``clients/app.py::train``'s. Clients it cannot pac
 ClientApp as in the ``inprocess`` engine, with the reason logged once:
 
 - the scenario has ``[devices]`` (the virtual clock fails, caps and times each client on its own);
-- the ClientApp carries mods other than the virtual clock;
+- the ClientApp carries mods other than the virtual clock (and the attack mod, a no-op without
+  ``[attack]``), or the scenario simulates an ``[attack]``;
 - the client's trainer is not fedge's own FedAvg/FedProx (edge trainers, clustered, FedLD, ...);
 - the model has buffers; the client has no training data; the pack itself raised.
 
@@ -27,6 +28,7 @@ from flwr.common import MessageType
 
 from clients.app import _identity as client_identity
 from clients.arrays import received_state_dict, record_from_state_dict
+from clients.attacks import attack_mod
 from clients.clock import MAX_STEPS_KEY, virtual_clock_mod
 from clients.data import dataset_info, load_client_data
 from clients.fedavg import train_fedavg
@@ -37,6 +39,7 @@ from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
 from clients.seeding import derive_seed
 from clients.trainers import get_trainer, trainer_name_for
+from edge.lora_downlink import lora_downlink_mod
 from scenarios.config import Scenario
 
 log = logging.getLogger("fedge.packed")
@@ -65,7 +68,13 @@ class PackedTrainer:
     def _scenario_reason(self, client_mods: list) -> str | None:
         if self.scenario.devices is not None:
             return "[devices] is set: the virtual clock times and fails each client on its own"
-        if any(mod is not virtual_clock_mod for mod in client_mods):
+        if self.scenario.attack.kind != "none":
+            return "[attack] is set: attackers rewrite their own replies in a client mod"
+        # The LoRA downlink mod only touches lora_sparse messages, whose trainer is never packed;
+        # the attack mod passes every message through untouched when no [attack] is set.
+        if any(
+            mod not in (virtual_clock_mod, lora_downlink_mod, attack_mod) for mod in client_mods
+        ):
             return "the ClientApp has mods besides the virtual clock"
         return unpackable_reason(self.model)
 

@@ -16,7 +16,7 @@ from clients.data import load_central_test
 from clients.models import build_model
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
-from scenarios.results import METRICS_FILE, RunWriter, read_jsonl
+from scenarios.results import METRICS_FILE, read_jsonl
 from server.checkpoint import (
     CHECKPOINT_FILE,
     capture_run_state,
@@ -32,6 +32,7 @@ from server.deadline import finalize_virtual_clock
 from server.loop import run_rounds, wait_for_nodes
 from server.outcome import STATUS_FAILED, judge_run
 from server.personalization import evaluate_config_fn, finalize_personalization
+from server.robust import run_writer
 from server.setup import build_run
 
 RUN_DIR_KEY = "run-dir"
@@ -60,18 +61,27 @@ def main(grid: Grid, context: Context) -> None:
 
 def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Path) -> None:
     """Runs with edge clients (``[edge] trainers`` or a LoRA / FF run) also write
-    ``model.onnx`` and ``model.int8.onnx``: the artifact an on-device app loads."""
+    ``model.onnx``, ``model.int8.onnx`` and ``model.json``: the artifact an on-device app loads,
+    taking raw inputs, with its input contract and class names in metadata_props and the JSON."""
     has_edge = bool(scenario.edge.trainers) or scenario.algorithm.name == "lora_sparse"
     if not (scenario.edge.export_onnx and (has_edge or scenario.model.name == "ff_mlp")):
         return
     import torch
 
-    from edge.export import export_onnx
+    from edge.export import dataset_input_spec, export_onnx
 
     model = build_model(scenario.model, info.input_shape, info.num_classes)
     model.load_state_dict(final.to_torch_state_dict())
-    result = export_onnx(model, torch.zeros(2, *info.input_shape), run_dir / "model.onnx")
-    print(f"fedge: exported {result.fp32_path} ({result.fp32_bytes} B) and int8", flush=True)
+    x_test, _ = load_central_test(scenario.data, scenario.seed)
+    spec = dataset_input_spec(
+        info.name, info.input_shape, info.num_classes, x_test, scenario.model.name
+    )
+    sample = torch.from_numpy(x_test[:2] / spec.scale).float()  # raw inputs, as a device has them
+    result = export_onnx(model, sample, run_dir / "model.onnx", spec=spec)
+    print(
+        f"fedge: exported {result.fp32_path} ({result.fp32_bytes} B), int8 and {result.sidecar_path}",
+        flush=True,
+    )
 
 
 def run_server(
@@ -108,7 +118,7 @@ def run_server(
         truncate_logs(run_dir, state.server_round)
         wall_before = wall_time_until(run_dir, state.server_round)
         print(f"fedge: resuming {run_dir} after round {state.server_round}", flush=True)
-    writer = RunWriter(run_dir, resume=resume)
+    writer = run_writer(run_dir, scenario, resume)
     writer.write_scenario(scenario_to_toml(scenario))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:

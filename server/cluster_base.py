@@ -95,6 +95,13 @@ class ClusterStrategy(FedAvg):
         """Form / change clusters from this round's replies (``bases``: node id -> the model it
         started from). May rewrite ``self.models`` and ``self.assignment``."""
 
+    def cluster_update(
+        self, server_round: int, cid: int, start: ArrayRecord, members: list[Message]
+    ) -> ArrayRecord:
+        """The cluster's new model from its members' replies (``start``: the model they trained
+        from). Default: their sample-weighted mean (FedAvg inside the cluster)."""
+        return aggregate_arrayrecords([m.content for m in members], self.weighted_by_key)
+
     def extra_state(self) -> dict[str, Any]:
         return {}
 
@@ -226,9 +233,7 @@ class ClusterStrategy(FedAvg):
                 if cid is not None and cid in self.models:
                     by_cluster[cid].append(msg)
             for cid, msgs in by_cluster.items():
-                self.models[cid] = aggregate_arrayrecords(
-                    [m.content for m in msgs], self.weighted_by_key
-                )
+                self.models[cid] = self.cluster_update(server_round, cid, self.models[cid], msgs)
                 self.cluster_weight[cid] = float(
                     sum(reply_metrics(m)[self.weighted_by_key] for m in msgs)
                 )

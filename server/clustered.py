@@ -1,6 +1,11 @@
 """Clustered personalization server (Yeganeh et al. 2022): FedAvg warm-up, then agglomerative
 clustering of the warm-up round's updates with an adaptive cut, one model per cluster, optional
-re-clustering every R rounds; clients absent at clustering time join by the IFCA rule."""
+re-clustering every R rounds; clients absent at clustering time join by the IFCA rule.
+
+Meta-learning inside clusters (``meta = "reptile"``, the default), as the paper's code does it:
+each member adapts the cluster model with k inner SGD steps (its task); the server then takes the
+Reptile outer step per cluster, across its members, θ_c ← θ_c + ε (mean_k θ_k − θ_c)
+(:func:`algorithms.meta.reptile_meta_step`). Per-FedAvg's meta step stays on the client."""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import Strategy
 
 from algorithms.clustering import Clustering, agglomerative_clusters, client_signatures
+from algorithms.meta import reptile_meta_step
 from clients.clustered import WARMUP_KEY
 from scenarios.results import new_figure, save_figure
-from server.cluster_base import ClusterStrategy, to_numpy
+from server.cluster_base import ClusterStrategy, from_numpy, reply_metrics, to_numpy
 from server.strategies import ServerSetup, fedavg_kwargs
 
 
@@ -99,6 +105,17 @@ class ClusteredPersonalization(ClusterStrategy):
                 self.run_dir / f"dendrogram-r{server_round}.png",
                 f"round {server_round}: {clustering.num_clusters} cluster(s) ({clustering.rule})",
             )
+
+    def cluster_update(
+        self, server_round: int, cid: int, start: ArrayRecord, members: list[Message]
+    ) -> ArrayRecord:
+        if self.algo.meta != "reptile" or server_round <= self.algo.warmup_rounds:
+            return super().cluster_update(server_round, cid, start, members)
+        adapted = [to_numpy(next(iter(m.content.array_records.values()))) for m in members]
+        weights = [float(reply_metrics(m)[self.weighted_by_key]) for m in members]
+        return from_numpy(
+            reptile_meta_step(to_numpy(start), adapted, weights, self.algo.reptile_epsilon)
+        )
 
     def extra_state(self) -> dict[str, Any]:
         return {"last_clustering_round": self.last_clustering_round}

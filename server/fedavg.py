@@ -2,8 +2,9 @@
 
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from server.strategies import ServerSetup, fedavg_kwargs
+from server.robust import defended_strategy
+from server.strategies import ServerSetup
 
 
 def make_fedavg(setup: ServerSetup) -> Strategy:
-    return FedAvg(**fedavg_kwargs(setup.scenario))
+    return defended_strategy(setup, FedAvg)

@@ -2,8 +2,9 @@
 
 from flwr.serverapp.strategy import FedProx, Strategy
 
-from server.strategies import ServerSetup, fedavg_kwargs
+from server.robust import defended_strategy
+from server.strategies import ServerSetup
 
 
 def make_fedprox(setup: ServerSetup) -> Strategy:
-    return FedProx(proximal_mu=setup.scenario.algorithm.mu, **fedavg_kwargs(setup.scenario))
+    return defended_strategy(setup, FedProx, proximal_mu=setup.scenario.algorithm.mu)

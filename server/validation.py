@@ -10,7 +10,8 @@ A reply is excluded, with a logged reason, when it
 - has array keys other than the ones it was sent                                  -> ``keys``
 - has an array whose shape or dtype differs from the one it was sent              -> ``shape``
 - holds NaN or ±Inf anywhere (arrays or metrics)                                   -> ``nonfinite``
-- moved the model further than ``robustness.max_update_norm``: ``||w_client - w_sent||_2``  -> ``norm``
+- moved the model further than ``robustness.max_update_norm``: ``||w_client - w_sent||_2``, or
+  (``robustness.relative_norm_bound`` = c > 0) further than c × the round's median update norm  -> ``norm``
 - is more than ``robustness.max_reply_factor`` times the size of what it was sent   -> ``oversized``
 
 Each round records ``num_invalid`` and ``num_invalid_<reason>``. If fewer than
@@ -20,9 +21,10 @@ Each round records ``num_invalid`` and ``num_invalid_<reason>``. If fewer than
 The rule: a reply can fail its own node, never the server. ``check`` never raises (anything it
 cannot read is ``malformed``), and what it passes is what every strategy can aggregate: one
 ArrayRecord per record sent, the same keys, and shapes/dtypes of the *decoded* arrays equal to
-what was sent. The packed sparse encoding (``adapters.values`` + ``adapters.indices``) is accepted
-only from runs whose algorithm aggregates it (``lora_sparse``), with every index inside the
-adapters' size; elsewhere a stray ``*.indices`` key is just an unexpected key.
+what was sent. The LoRA packet encoding (one ``lora.packet`` array, see ``algorithms/lora_sparse.py``)
+is accepted only from runs whose algorithm aggregates it (``lora_sparse``), when it decodes to
+exactly the adapters' size with finite values; elsewhere a stray packet key is an unexpected key.
+A LoRA reply's size is bounded by the dense adapters, since its downlink can be nearly empty.
 
 Client extras are optional: when valid replies carry different metric keys (e.g. a stock Flower
 client next to fedge's own), only the keys common to all are kept, and that is logged once.
@@ -40,7 +42,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from algorithms.lora_sparse import PACKED_INDICES, PACKED_VALUES, is_sparse_encoded
+from algorithms.lora_sparse import (
+    PACKET_KEY,
+    decode_packet,
+    dense_packet_bytes,
+    is_sparse_encoded,
+)
 from clients.arrays import as_numpy, records_of  # in-process replies are read without parsing
 from server.plugins import Metrics, RoundPlugin
 from server.strategies import ServerSetup
@@ -85,15 +92,14 @@ def _reference_pairs(
 
 
 def _sparse_problem(name: str, tensors: dict[str, np.ndarray], size: int) -> tuple[str, str] | None:
-    """Structure of a packed sparse reply: 1-D float32 values and integer indices of one length,
-    every index in ``0..size-1`` (``size``: the adapters' total number of entries)."""
-    values, indices = tensors[PACKED_VALUES], tensors[PACKED_INDICES]
-    if values.ndim != 1 or indices.shape != values.shape or values.size > size:
-        return "shape", f"{name}: values {list(values.shape)} vs indices {list(indices.shape)}"
-    if not np.issubdtype(indices.dtype, np.integer) or values.dtype != np.float32:
-        return "shape", f"{name}: indices {indices.dtype}, values {values.dtype}"
-    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= size):
-        return "shape", f"{name}: sparse indices outside 0..{size - 1}"
+    """Structure of a LoRA packet reply: it decodes (header, sizes, indices) to ``size`` entries
+    (the adapters' total) with finite values (bytes are always finite; the values they encode not)."""
+    try:
+        values = decode_packet(tensors[PACKET_KEY], size)
+    except ValueError as err:
+        return "shape", f"{name}: {err}"
+    if not bool(values.isfinite().all()):
+        return "nonfinite", f"{name}: the LoRA packet's values hold NaN or Inf"
     return None
 
 
@@ -130,8 +136,8 @@ def _metric_problem(metrics: MetricRecord) -> tuple[str, str] | None:
 
 
 def _sparse_update_sq(tensors: dict[str, np.ndarray]) -> float:
-    """Squared norm of a sparse update: its values *are* the (adapter) update entries."""
-    return float(np.sum(tensors[PACKED_VALUES].astype(np.float64) ** 2))
+    """Squared norm of a LoRA packet: its decoded values *are* the (adapter) update entries."""
+    return float(decode_packet(tensors[PACKET_KEY]).double().pow(2).sum())
 
 
 def _content_bytes(content: RecordDict) -> int:
@@ -152,6 +158,7 @@ class ReplyValidator(RoundPlugin):
         min_valid: int,
         sparse_size: int | None = None,
         array_records_per_reply: int | None = 1,
+        relative_norm_bound: float = 0.0,
     ) -> None:
         """``sparse_size``: total adapter entries when the strategy aggregates packed sparse
         replies (``lora_sparse``); None refuses the sparse encoding. ``array_records_per_reply``:
@@ -159,6 +166,9 @@ class ReplyValidator(RoundPlugin):
         as Flower's FedAvg demands); None allows one per record sent, matched by name."""
         self.sparse_size = sparse_size
         self.array_records_per_reply = array_records_per_reply
+        # > 0: also exclude updates longer than this multiple of the round's median update norm
+        self.relative_norm_bound = relative_norm_bound
+        self._norms: dict[int, float] = {}
         self.max_update_norm = max_update_norm
         self.max_reply_factor = max_reply_factor
         self.min_valid = min_valid
@@ -182,11 +192,13 @@ class ReplyValidator(RoundPlugin):
             rob.max_reply_factor,
             setup.scenario.federation.min_train_clients,
             sparse_size,
+            relative_norm_bound=rob.relative_norm_bound,
         )
 
     # RoundPlugin -----------------------------------------------------------------------------
     def observe_train_instructions(self, server_round: int, instructions: list[Message]) -> None:
         self._sent = {m.metadata.dst_node_id: m.content for m in instructions}
+        self._norms = {}
         # By id(): strategies send one shared RecordDict to many nodes; decode and size it once.
         self._sent_numpy: dict[int, dict[str, np.ndarray]] = {}
         self._sent_bytes: dict[int, int] = {}
@@ -216,6 +228,8 @@ class ReplyValidator(RoundPlugin):
                 kind,
                 detail,
             )
+        kept, outliers = self._relative_norm_outliers(server_round, kept)
+        invalid["norm"] += outliers
         self.total_invalid.update(invalid)
         metrics: Metrics = {"num_invalid": sum(invalid.values())}
         metrics.update({f"num_invalid_{k}": invalid[k] for k in REASONS})
@@ -233,6 +247,32 @@ class ReplyValidator(RoundPlugin):
             return [], metrics
         metrics["round_skipped"] = 0
         return self._common_metric_keys([self._canonical(r) for r in kept]), metrics
+
+    def _relative_norm_outliers(
+        self, server_round: int, kept: list[Message]
+    ) -> tuple[list[Message], int]:
+        r"""Drop updates with :math:`\|\Delta_k\| > c \cdot \mathrm{median}_j \|\Delta_j\|`
+        (``c = robustness.relative_norm_bound``): a bound that follows the round, unlike an
+        absolute one that either misses small attacks or rejects every honest update of a model
+        already thrown off course. The median needs honest majority: with 3+ replies only."""
+        if self.relative_norm_bound <= 0 or len(kept) < 3:
+            return kept, 0
+        norms = [self._norms[r.metadata.src_node_id] for r in kept]
+        limit = self.relative_norm_bound * float(np.median(norms))
+        out = [r for r, n in zip(kept, norms, strict=True) if n <= limit]
+        for r, n in zip(kept, norms, strict=True):
+            if n > limit:
+                log(
+                    WARNING,
+                    "round %d: excluded reply from node %d (norm): ||update||=%.3g > "
+                    "robustness.relative_norm_bound=%g × the round's median %.3g",
+                    server_round,
+                    r.metadata.src_node_id,
+                    n,
+                    self.relative_norm_bound,
+                    limit / self.relative_norm_bound,
+                )
+        return out, len(kept) - len(out)
 
     def state(self) -> dict:
         return {"total_invalid": dict(self.total_invalid)}
@@ -275,6 +315,8 @@ class ReplyValidator(RoundPlugin):
         if id(sent_content) not in self._sent_bytes:
             self._sent_bytes[id(sent_content)] = _content_bytes(sent_content)
         size, sent_size = _content_bytes(content), self._sent_bytes[id(sent_content)]
+        if self.sparse_size is not None:  # a synced LoRA node's downlink is nearly empty
+            sent_size = max(sent_size, dense_packet_bytes(self.sparse_size))
         if size > self.max_reply_factor * sent_size:
             return "oversized", (
                 f"{size} bytes > robustness.max_reply_factor={self.max_reply_factor:g} "
@@ -286,8 +328,8 @@ class ReplyValidator(RoundPlugin):
             values, reference = as_numpy(arrays), self._numpy_of_sent(sent)
             sparse = self.sparse_size is not None and is_sparse_encoded(values)
             if sparse:
-                # A sparse update (values + indices) has its own keys by design and the strategy
-                # decodes it; its values *are* the update entries.
+                # A LoRA packet has its own key by design and the strategy decodes it; its
+                # values *are* the update entries.
                 problem = _sparse_problem(name, values, self.sparse_size)
                 if problem is not None:
                     return problem
@@ -316,6 +358,7 @@ class ReplyValidator(RoundPlugin):
                 f"||update||={math.sqrt(squared):.3g} > "
                 f"robustness.max_update_norm={self.max_update_norm:g}"
             )
+        self._norms[reply.metadata.src_node_id] = math.sqrt(squared)
         return None
 
     def _canonical(self, reply: Message) -> Message:

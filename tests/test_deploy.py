@@ -3,8 +3,11 @@ started exactly as the README's "Deploy on real machines" tells a user to."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -185,17 +188,44 @@ def test_private_keys_are_created_0600_not_chmod_ed_later(
     assert public.stat().st_mode & 0o777 == 0o644  # public halves stay readable
 
 
-def non_loopback_address() -> str | None:
-    """This machine's address on its default route (no packet is sent), or None."""
-    import socket
+@contextmanager
+def outsider_namespace() -> Iterator[tuple[list[str], str] | None]:
+    """A network namespace made by this test, joined to this machine by a veth pair: a process
+    started with the yielded command prefix is a peer that is *not* on loopback, and it dials the
+    yielded host address. No packet leaves the machine. Yields None where namespaces cannot be
+    made (not root, no iproute2)."""
+    import shutil
 
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 9))
-            address = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") else address
+    tag = f"fx{os.getpid() % 100000}"
+    host_if, ns_if = f"{tag}h", f"{tag}n"
+    host_ip, ns_ip = "10.213.77.1", "10.213.77.2"
+    steps = [
+        ["ip", "netns", "add", tag],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+        ["ip", "link", "set", ns_if, "netns", tag],
+        ["ip", "addr", "add", f"{host_ip}/30", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        ["ip", "netns", "exec", tag, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if],
+        ["ip", "netns", "exec", tag, "ip", "link", "set", ns_if, "up"],
+        ["ip", "netns", "exec", tag, "ip", "link", "set", "lo", "up"],
+    ]
+    made = False
+    try:
+        if shutil.which("ip") is None or os.geteuid() != 0:
+            yield None
+            return
+        for step in steps:
+            if subprocess.run(step, capture_output=True, timeout=10).returncode != 0:
+                break
+            made = True
+        else:
+            yield ["ip", "netns", "exec", tag], host_ip
+            return
+        yield None
+    finally:
+        if made:
+            subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=10)
+            subprocess.run(["ip", "netns", "del", tag], capture_output=True, timeout=10)
 
 
 def test_guard_lets_remote_peers_reach_the_fleet_api_only() -> None:
@@ -216,13 +246,18 @@ def test_guard_lets_remote_peers_reach_the_fleet_api_only() -> None:
 def test_ca_cert_alone_cannot_register_a_key_or_join(tmp_path: Path) -> None:
     """An outsider with only ca.crt who reaches the SuperLink over the network cannot register a
     key of its own, so its SuperNode is refused; the operator on the SuperLink host registers a
-    key and that SuperNode (dialling the network address, as an edge machine does) joins."""
+    key and that SuperNode joins. The outsider runs in a network namespace of its own, so its
+    requests reach the SuperLink from a non-loopback address, as from another machine."""
+    with outsider_namespace() as outside:
+        if outside is None:
+            pytest.skip("cannot make a network namespace to play the outsider from (needs root)")
+        _outsider_is_refused(tmp_path, *outside)
+
+
+def _outsider_is_refused(tmp_path: Path, netns: list[str], address: str) -> None:
     import json
     import shutil
 
-    address = non_loopback_address()
-    if address is None:
-        pytest.skip("no non-loopback address to play the outsider from")
     certs = make_certs(tmp_path / "certs", hosts=[address])
     (op_private, op_public), (in_private, in_public) = make_keys(tmp_path / "keys", 2)
     port = free_port()
@@ -245,7 +280,7 @@ def test_ca_cert_alone_cannot_register_a_key_or_join(tmp_path: Path) -> None:
         _wait_for_port(port, link, "superlink", group)
         outsider_env = {**group.env, "FLWR_HOME": str(outsider_home)}
         outsider = subprocess.run(
-            register_args(_exe("flwr"), in_public, name="intruder"),
+            [*netns, *register_args(_exe("flwr"), in_public, name="intruder")],
             env=outsider_env,
             capture_output=True,
             text=True,
@@ -265,12 +300,16 @@ def test_ca_cert_alone_cannot_register_a_key_or_join(tmp_path: Path) -> None:
         )
         assert operator.returncode == 0, operator.stdout + operator.stderr
         assert "registered successfully" in operator.stdout
-        for name, key in (("intruder", in_private), ("edge-0", op_private)):
+        for name, key, prefix, dial in (
+            ("intruder", in_private, netns, address),
+            ("edge-0", op_private, [], "127.0.0.1"),
+        ):
             group.start(
                 name,
-                supernode_args(
+                prefix
+                + supernode_args(
                     _exe("flower-supernode"),
-                    f"{address}:{port}",
+                    f"{dial}:{port}",
                     0,
                     2,
                     root_cert=certs["ca.crt"],
@@ -298,7 +337,7 @@ def test_ca_cert_alone_cannot_register_a_key_or_join(tmp_path: Path) -> None:
         assert len(nodes) == 1  # only the operator's key was ever registered
         # the outsider cannot even list nodes
         peek = subprocess.run(
-            [_exe("flwr"), "supernode", "ls", "fedge"],
+            [*netns, _exe("flwr"), "supernode", "ls", "fedge"],
             env=outsider_env,
             capture_output=True,
             text=True,

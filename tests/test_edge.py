@@ -11,27 +11,16 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from typer.testing import CliRunner
 
-from algorithms.lora_sparse import (
-    PACKED_INDICES,
-    PACKED_VALUES,
-    LoraSparseConfig,
-    densify,
-    pack_sparse,
-    sparsify_with_feedback,
-    topk_sparsify,
-    unpack_sparse,
-)
 from clients.data import dataset_info, load_central_test, load_client_data
 from clients.models import build_model
 from clients.trainers import get_trainer, trainer_name_for
 from clients.training import TrainJob, evaluate
 from edge.export import export_onnx, run_onnx, session
 from edge.forward_forward import FFMLP, ff_step
-from edge.lora import initial_factors, linear_names, wrap_lora
+from edge.lora import wrap_lora
 from edge.memory import measure_training_memory
 from edge.tpsgd import block_optimizers, projection_matrices, split_blocks, tpsgd_step
 from scenarios.config import ModelConfig, validate_scenario
-from server.lora_sparse import lora_weight_deltas
 
 CPU = torch.device("cpu")
 
@@ -166,17 +155,6 @@ def test_trainer_selection_per_client() -> None:
 
 
 # -- LoRA sparse ------------------------------------------------------------------------------
-def test_topk_and_error_feedback_on_hand_made_tensor() -> None:
-    u = torch.tensor([[0.1, -3.0], [2.0, 0.5]])
-    values, idx = topk_sparsify(u, 0.5)
-    assert idx.dtype == torch.int32 and idx.tolist() == [1, 2]
-    assert values.tolist() == [-3.0, 2.0]
-    values, idx, residual = sparsify_with_feedback(u, torch.tensor([[1.0, 0.0], [0.0, 0.0]]), 0.25)
-    assert idx.tolist() == [1] and values.tolist() == [-3.0]
-    torch.testing.assert_close(residual, torch.tensor([[1.1, 0.0], [2.0, 0.5]]))
-    torch.testing.assert_close(densify(values, idx, u.shape), torch.tensor([[0.0, -3.0], [0, 0]]))
-
-
 def lora_scenario(density: float):
     return scenario(
         data={"dataset": "digits", "num_clients": 1, "proxy_fraction": 0.05},
@@ -185,77 +163,9 @@ def lora_scenario(density: float):
     )
 
 
-def test_pack_and_unpack_sparse_round_trip() -> None:
-    shapes = {"a": torch.Size([2, 3]), "b": torch.Size([4])}
-    dense = {
-        "a": torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, -1.0]]),
-        "b": torch.tensor([0.0, 0.0, 2.0, 0.0]),
-    }
-    parts = {
-        "a": (torch.tensor([5.0, -1.0]), torch.tensor([1, 5], dtype=torch.int32)),
-        "b": (torch.tensor([2.0]), torch.tensor([2], dtype=torch.int32)),
-    }
-    packed = pack_sparse(parts, shapes)
-    assert packed[PACKED_INDICES].tolist() == [1, 5, 8]  # b's index 2 is offset by a's 6 entries
-    assert packed[PACKED_INDICES].dtype == torch.int32
-    out = unpack_sparse(packed[PACKED_VALUES], packed[PACKED_INDICES], shapes)
-    for key in dense:
-        torch.testing.assert_close(out[key], dense[key])
-    with pytest.raises(ValueError, match="outside 0..9"):
-        unpack_sparse(torch.ones(1), torch.tensor([10], dtype=torch.int32), shapes)
-
-
-def test_lora_sparse_reply_is_smaller_and_carries_residual() -> None:
-    state = RecordDict()
-    _, _, sparse = train_alone(lora_scenario(0.05), "lora", 1, state)
-    _, _, dense = train_alone(lora_scenario(1.0), "lora", 1)
-    sparse_bytes, dense_bytes = sparse.reply_arrays.count_bytes(), dense.reply_arrays.count_bytes()
-    assert sparse_bytes < 0.2 * dense_bytes
-    first = state["lora-residual"].to_torch_state_dict()
-    assert sparse.metrics["lora_residual_norm"] > 0
-    # the next round adds the residual before choosing the top-k again
-    _, _, again = train_alone(lora_scenario(0.05), "lora", 1, state)
-    second = state["lora-residual"].to_torch_state_dict()
-    assert again.metrics["lora_residual_norm"] > sparse.metrics["lora_residual_norm"] * 0.5
-    assert any(not torch.equal(first[k], second[k]) for k in first)
-
-
-def test_server_decode_equals_peft_merge() -> None:
-    """A dense (ρ = 1) LoRA reply decodes to exactly merge_and_unload's weight change."""
-    sc = lora_scenario(1.0)
-    model, _, result = train_alone(sc, "lora", 1)
-    cfg = sc.algorithm
-    assert isinstance(cfg, LoraSparseConfig)
-    deltas = lora_weight_deltas(
-        result.reply_arrays,
-        initial_factors(model, cfg, sc.seed),
-        linear_names(model),
-        cfg.alpha / cfg.rank,
-    )
-    assert max(float(d.abs().max()) for d in deltas.values()) > 0
-    # rebuild the trained peft model from the reply and merge it with peft
-    peft_model = wrap_lora(model, cfg, sc.seed)
-    tensors = result.reply_arrays.to_torch_state_dict()
-    assert set(tensors) == {PACKED_VALUES, PACKED_INDICES}  # one flat pair, not one per adapter
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        start = initial_factors(model, cfg, sc.seed)
-        factor_deltas = unpack_sparse(
-            tensors[PACKED_VALUES],
-            tensors[PACKED_INDICES],
-            {k: v.shape for k, v in start.items()},
-        )
-        for key, factor_delta in factor_deltas.items():
-            name, part = key.rsplit(".", 1)
-            getattr(inner.get_submodule(name), part)["default"].weight += factor_delta
-    merged = peft_model.merge_and_unload().state_dict()
-    for key, delta in deltas.items():
-        torch.testing.assert_close(merged[key] - model.state_dict()[key], delta, atol=1e-6, rtol=0)
-
-
 # -- ONNX ---------------------------------------------------------------------------------------
-def assert_parity(model: torch.nn.Module, x: torch.Tensor, tmp_path: Path, dynamo: bool = False):
-    result = export_onnx(model, x[:2], tmp_path / "m.onnx", dynamo=dynamo)
+def assert_parity(model: torch.nn.Module, x: torch.Tensor, tmp_path: Path):
+    result = export_onnx(model, x[:2], tmp_path / "m.onnx")
     ort_scores = run_onnx(session(result.fp32_path), x.numpy())
     torch_scores = model.eval()(x).detach().numpy()
     assert np.abs(ort_scores - torch_scores).max() <= 1e-4
@@ -289,7 +199,7 @@ def test_onnx_parity_lora_merged_dynamo(tmp_path: Path) -> None:
                 p.normal_()
     x = torch.randn(9, *info.input_shape)
     expected = peft_model(x).detach()
-    result = export_onnx(peft_model, x[:2], tmp_path / "m.onnx", dynamo=True)
+    result = export_onnx(peft_model, x[:2], tmp_path / "m.onnx")
     got = run_onnx(session(result.fp32_path), x.numpy())
     assert np.abs(got - expected.numpy()).max() <= 1e-4
 

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from algorithms.lora_sparse import PACKET_KEY, decode_packet, encode_packet
 from clients.app import app as fedge_client_app
 from clients.data import DataError, load_client_data
 from clients.models import build_model
@@ -103,7 +104,12 @@ def _corrupt(reply: Message, fault: str) -> Message:
     name, arrays = next(iter(reply.content.array_records.items()))
     tensors = {k: v.numpy().copy() for k, v in arrays.items()}
     first = next(iter(tensors))
-    if fault == "nan":
+    if first == PACKET_KEY and fault in ("nan", "huge_norm"):  # corrupt the values a packet holds
+        values = decode_packet(tensors[first])
+        sent = values.nonzero().reshape(-1)  # keep it sparse: same entries, one of them broken
+        values[sent[0]] = np.nan if fault == "nan" else 1e6
+        tensors[first] = encode_packet(values, sent, "float32")[0]
+    elif fault == "nan":
         tensors[first].flat[0] = np.nan
     elif fault == "shape":
         tensors[first] = np.zeros((3, 3), dtype=tensors[first].dtype)
@@ -111,7 +117,7 @@ def _corrupt(reply: Message, fault: str) -> Message:
         tensors[first] = tensors[first].astype(np.float64)
     elif fault == "missing_key":
         del tensors[first]
-    elif fault == "huge_norm":
+    elif fault == "huge_norm" and first != PACKET_KEY:
         tensors[first] = tensors[first] + 1e6
     metrics = next(iter(reply.content.metric_records.values()))
     content = RecordDict({name: ArrayRecord({k: Array(v) for k, v in tensors.items()})})

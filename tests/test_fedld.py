@@ -111,8 +111,9 @@ def test_agreement_with_mean_diagnostic() -> None:
     cos, ratio = agreement_with_mean(base, same, clients, skip={"running_mean"})
     assert cos == pytest.approx(1.0) and ratio == pytest.approx(2.0)
     # Label skew on a 3-class bias, one client per class, each raising its own class: the mean is
-    # nearly zero, (0, 0, 0.07), and the majority vote on every principal direction sides with
-    # the two clients that push that class *down*.
+    # nearly zero, (0, 0, 0.07). Each principal direction's coefficient is a norm-weighted count of
+    # signs, mean_i sign(C_ij)·||Δ_i||, not the mean's projection (the majority sign flip itself
+    # cannot matter: sign(C_ij)·w_j does not change when w_j flips; see test_methods_notice.py).
     updates = torch.tensor([[2.0, -1.0, -1.0], [-1.0, 2.0, -1.0], [-1.0, -1.0, 2.2]])
     out = principal_gradient_aggregate(updates, k_prop=1.0)
     mean = updates.mean(0)

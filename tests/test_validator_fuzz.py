@@ -24,7 +24,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from algorithms.lora_sparse import PACKED_INDICES, PACKED_VALUES
+from algorithms.lora_sparse import PACKET_KEY, decode_packet, encode_packet
 from clients.app import app as fedge_client_app
 from clients.data import dataset_info
 from clients.models import build_model
@@ -174,6 +174,15 @@ def corrupt(reply: Message, corruption: tuple) -> None:
     keys = sorted(tensors)
     pick = keys[args[0] % len(keys)] if args and isinstance(args[0], int) else keys[0]
     dense = {k: Array(v) for k, v in tensors.items()}
+    if keys == [PACKET_KEY] and kind in ("nonfinite", "huge_update"):
+        # a LoRA packet's bytes are always finite: break the values it encodes instead
+        values = decode_packet(tensors[PACKET_KEY])
+        sent = values.nonzero().reshape(-1)
+        sent = sent if sent.numel() else torch.tensor([0])
+        values[sent[args[0] % sent.numel()]] = args[1] if kind == "nonfinite" else 1e6
+        packet = encode_packet(values, sent, "float32")[0]
+        reply.content = _with(reply, {PACKET_KEY: Array(packet)})
+        return
     if kind == "stray_key":
         key = args[0] if args[0] not in tensors else args[0] + ".x.indices"
         dense[key] = Array(np.zeros(args[1], dtype=np.int32))
@@ -226,19 +235,18 @@ def corrupt(reply: Message, corruption: tuple) -> None:
     elif kind == "extra_array_record":
         content = _with(reply, dense)
         content[f"extra-{args[0]}"] = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
-    elif kind == "sparse":
-        n = 1 + args[0]
-        indices = np.arange(n, dtype=np.int32)
-        values = np.full(n, 1e-3, dtype=np.float32)
-        if args[1] == "out_of_range":
-            indices[-1] = np.iinfo(np.int32).max
-        elif args[1] == "negative":
-            indices[0] = -1
+    elif kind == "sparse":  # a LoRA packet, broken in one of four ways
+        n = 17 + args[0]  # > 16 entries: one sent entry is coded as a uint16 position, not a bitmap
+        packet, _ = encode_packet(torch.full((n,), 1e-3), torch.tensor([0]), "float32")
+        if args[1] == "out_of_range":  # a position past the vector (uint16 positions here)
+            packet[14:16] = np.frombuffer(np.uint16(n).tobytes(), np.uint8)
+        elif args[1] == "negative":  # a header that promises more entries than it carries
+            packet[6:10] = np.frombuffer(np.uint32(n).tobytes(), np.uint8)
         elif args[1] == "length":
-            values = values[:-1] if n > 1 else np.zeros(2, dtype=np.float32)
+            packet = packet[:-1]
         else:
-            indices = indices.astype(np.float32)
-        content = _with(reply, {PACKED_VALUES: Array(values), PACKED_INDICES: Array(indices)})
+            packet = packet.astype(np.float32)
+        content = _with(reply, {PACKET_KEY: Array(packet)})
     elif kind == "huge_update":
         arr = tensors[next(k for k in keys if tensors[k].dtype.kind == "f")]
         arr += 1e6
@@ -316,11 +324,8 @@ def test_a_well_formed_sparse_reply_passes_only_where_sparse_is_aggregated(
     rnd = honest_round
     rnd.validator.observe_train_instructions(1, rnd.instructions)
     replies = rnd.fresh()
-    n = 8
-    sparse = {
-        PACKED_VALUES: Array(np.full(n, 1e-3, dtype=np.float32)),
-        PACKED_INDICES: Array(np.arange(n, dtype=np.int32)),
-    }
+    n = rnd.validator.sparse_size or 8
+    sparse = {PACKET_KEY: Array(encode_packet(torch.full((n,), 1e-3), None, "float16")[0])}
     replies[0].content = _with(replies[0], sparse)
     verdict = rnd.validator.check(replies[0])
     if rnd.algorithm == "lora_sparse":
@@ -333,9 +338,9 @@ def test_a_well_formed_sparse_reply_passes_only_where_sparse_is_aggregated(
         assert verdict is not None and verdict[0] == "keys"
 
 
-def test_only_the_packed_pair_is_sparse() -> None:
+def test_only_the_lone_packet_is_sparse() -> None:
     from algorithms.lora_sparse import is_sparse_encoded
 
-    assert is_sparse_encoded([PACKED_VALUES, PACKED_INDICES])
+    assert is_sparse_encoded([PACKET_KEY])
     assert not is_sparse_encoded(["fc.weight", "fc.bias", "x.indices"])
-    assert not is_sparse_encoded([PACKED_VALUES, PACKED_INDICES, "fc.weight"])
+    assert not is_sparse_encoded([PACKET_KEY, "fc.weight"])

@@ -1,0 +1,133 @@
+"""Simulated poisoning: a Flower client mod that turns the ``[attack]`` clients into attackers.
+
+Being a mod, it wraps every trainer without touching any. For the partition ids in
+``attack.clients`` and training messages only:
+
+================  ==================================================================================
+``sign_flip``     train honestly, reply the update flipped:  w_sent − s·Δ  (s = ``strength``,
+                  default 1)
+``scale``         train honestly, reply  w_sent + s·Δ  (default s = 10): a boosted update
+``gaussian``      reply  w_sent + N(0, s²) per entry (default s = 1): noise instead of an update
+``label_flip``    train with plain local SGD on labels y → C − 1 − y (data poisoning)
+``free_rider``    reply the model it was sent (+ N(0, s²) noise, default s = 0), claiming its usual
+                  ``num-examples`` and metrics
+================  ==================================================================================
+
+with Δ = w_trained − w_sent over the floating-point tensors (integer buffers are left alone). The
+noise is seeded from (scenario seed, round, partition id), so attacked runs are reproducible.
+The server marks attackers in ``clients.jsonl`` (``attacker = 1``, see ``server/robust.py``).
+For label_flip the attacker trains with plain SGD whatever the algorithm's own trainer is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from clients.data import dataset_info, load_client_data
+from clients.identity import IDENTITY_RECORD, PARTITION_ID, TRAINER
+from clients.models import build_model
+from clients.node import node_scenario, resolve_device
+from clients.seeding import derive_seed
+from clients.training import TrainJob, local_sgd
+from scenarios.config import Scenario
+
+DEFAULT_STRENGTH = {
+    "sign_flip": 1.0,
+    "scale": 10.0,
+    "gaussian": 1.0,
+    "free_rider": 0.0,
+    "label_flip": 0.0,
+}
+ATTACK_SEED_TAG = 0xA77AC
+
+
+def strength_of(scenario: Scenario) -> float:
+    attack = scenario.attack
+    return DEFAULT_STRENGTH[attack.kind] if attack.strength is None else attack.strength
+
+
+def poison_arrays(
+    kind: str,
+    strength: float,
+    trained: dict[str, np.ndarray],
+    sent: dict[str, np.ndarray],
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """The attacker's reply from its honest result ``trained`` and the model ``sent`` to it."""
+    out = {}
+    for key, value in trained.items():
+        base = sent.get(key)
+        if base is None or base.shape != value.shape or value.dtype.kind != "f":
+            out[key] = value
+            continue
+        update = value - base
+        if kind == "sign_flip":
+            new = base - strength * update
+        elif kind == "scale":
+            new = base + strength * update
+        elif kind in ("gaussian", "free_rider"):
+            new = base + rng.normal(0.0, strength, size=base.shape) if strength > 0 else base
+        else:
+            new = value
+        out[key] = np.asarray(new, dtype=value.dtype)
+    return out
+
+
+def _label_flip_train(msg: Message, context: Context, scenario: Scenario, pid: int) -> Message:
+    """Plain local SGD on this client's data with every label y replaced by C − 1 − y."""
+    info = dataset_info(scenario.data)
+    data = load_client_data(scenario.data, scenario.seed, pid)
+    flipped = dataclasses.replace(data, y_train=(info.num_classes - 1 - data.y_train))
+    config = msg.content.get("config", ConfigRecord())
+    server_round = int(config.get("server-round", 0))
+    device = resolve_device(scenario.engine.device)
+    model = build_model(scenario.model, info.input_shape, info.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    generator = torch.Generator().manual_seed(derive_seed(scenario.seed, server_round, pid))
+    result = local_sgd(
+        TrainJob(model.to(device), flipped, scenario, config, context.state, generator, device)
+    )
+    metrics = MetricRecord(
+        {
+            "train_loss": result.train_loss,
+            "num-examples": result.num_examples,
+            "num-steps": result.num_steps,
+        }
+    )
+    arrays = ArrayRecord(model.to("cpu").state_dict())
+    identity = ConfigRecord({PARTITION_ID: pid, TRAINER: "local_sgd (label_flip attacker)"})
+    content = RecordDict({"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity})
+    return Message(content, reply_to=msg)
+
+
+def attack_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower client mod: attackers (``attack.clients``) poison their training replies."""
+    if msg.metadata.message_type.split(".")[0] != "train":
+        return call_next(msg, context)
+    scenario = node_scenario(context)
+    attack = scenario.attack
+    pid = int(context.node_config.get("partition-id", -1))
+    if attack.kind == "none" or pid not in attack.clients:
+        return call_next(msg, context)
+    if attack.kind == "label_flip":
+        return _label_flip_train(msg, context, scenario, pid)
+
+    reply = call_next(msg, context)
+    if reply.has_error() or "arrays" not in msg.content.array_records:
+        return reply
+    config = msg.content.get("config", ConfigRecord())
+    rng = np.random.default_rng(
+        derive_seed(scenario.seed, int(config.get("server-round", 0)), pid, ATTACK_SEED_TAG)
+    )
+    sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    content = RecordDict(dict(reply.content.items()))
+    for name, record in reply.content.array_records.items():
+        trained = {k: v.numpy() for k, v in record.items()}
+        poisoned = poison_arrays(attack.kind, strength_of(scenario), trained, sent, rng)
+        content[name] = ArrayRecord({k: Array(v) for k, v in poisoned.items()})
+    reply.content = content
+    return reply
