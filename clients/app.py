@@ -128,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
         if result.reply_arrays is not None
         else record_from_state_dict(model.state_dict())  # tensors are moved to the CPU there
     )
-    identity = _identity(context, data.partition_id)
+    identity = client_identity(context, data.partition_id)
     identity[TRAINER] = trainer_name_for(scenario, data.partition_id)
     content = RecordDict({"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity})
     attach_state(content, context, config)  # for the server's checkpoint (clients/state.py)
@@ -140,10 +140,10 @@ def node_state(msg: Message, context: Context) -> Message:
     """After a resume: say who this node is; then take back the state it had at the checkpoint."""
     restore_state(msg, context)
     pid = partition_id(context)
-    return Message(RecordDict({IDENTITY_RECORD: _identity(context, pid)}), reply_to=msg)
+    return Message(RecordDict({IDENTITY_RECORD: client_identity(context, pid)}), reply_to=msg)
 
 
-def _identity(context: Context, pid: int) -> ConfigRecord:
+def client_identity(context: Context, pid: int) -> ConfigRecord:
     """Who this client is, kept out of the metrics that strategies average (clients/identity.py)."""
     identity = ConfigRecord({PARTITION_ID: pid})
     profile = context.node_config.get(DEVICE_PROFILE)  # `fedge deploy supernode --device-profile`
@@ -173,6 +173,6 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict(
-        {"metrics": metrics, IDENTITY_RECORD: _identity(context, data.partition_id)}
+        {"metrics": metrics, IDENTITY_RECORD: client_identity(context, data.partition_id)}
     )
     return Message(content, reply_to=msg)

@@ -26,7 +26,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from clients.app import _identity as client_identity
+from clients.app import client_identity
 from clients.arrays import received_state_dict, record_from_state_dict
 from clients.attacks import attack_mod
 from clients.clock import MAX_STEPS_KEY, virtual_clock_mod
