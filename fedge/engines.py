@@ -33,8 +33,6 @@ import tomli_w
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 from flwr.supercore.run import Run
@@ -171,19 +169,6 @@ class InProcessGrid(Grid):
                         timeout,
                     )
         return self.pull_messages(ids)
-
-    # Client state, for checkpoints: each node's Context.state as serialized bytes.
-    def node_states(self) -> dict[int, bytes]:
-        return {
-            nid: recorddict_to_proto(ctx.state).SerializeToString()
-            for nid, ctx in self.contexts.items()
-        }
-
-    def load_node_states(self, states: dict[int, bytes]) -> None:
-        for nid, raw in states.items():
-            proto = ProtoRecordDict()
-            proto.ParseFromString(raw)
-            self.contexts[nid].state = recorddict_from_proto(proto)
 
     # ------------------------------------------------------------------------------------------
     def _deliver(self, msg: Message) -> Message:

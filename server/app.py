@@ -111,7 +111,7 @@ def run_server(
     elif resume:
         state = load_checkpoint(run_dir)
         initial, start_round = state.arrays, state.server_round + 1
-        restore_run_state(state, strategy, plugins, grid)
+        restore_run_state(state, strategy, plugins)
         for plugin in plugins:  # clients' Context.state, on every engine (clients/state.py)
             if isinstance(plugin, ClientStateKeeper):
                 plugin.send_back(grid, timeout=scenario.federation.round_timeout_s)
@@ -122,7 +122,7 @@ def run_server(
     writer.write_scenario(scenario_to_toml(scenario))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
-        save_checkpoint(run_dir, capture_run_state(server_round, arrays, strategy, plugins, grid))
+        save_checkpoint(run_dir, capture_run_state(server_round, arrays, strategy, plugins))
 
     final = run_rounds(
         grid,

@@ -12,7 +12,7 @@ killed at any instant leaves either the previous checkpoint or the new one, neve
 
 A checkpoint can never run code: it is ``torch.save`` of ``{"format", "meta", "tensors"}`` where
 ``meta`` is a JSON string (the plain data: numbers, strings, lists, dicts) and ``tensors`` a dict
-of torch tensors (the model arrays, RNG states, node states, as raw bytes in uint8 tensors), and it
+of torch tensors (the model arrays, RNG states, clients' state, as raw bytes in uint8 tensors), and it
 is read back with ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain
 containers. Anything else (a crafted pickle, a file from an older fedge) is refused with a clear
 error instead of being executed.
@@ -52,7 +52,6 @@ class RunState:
     strategy_state: Any = None
     plugin_states: list[dict] = field(default_factory=list)
     rng_states: dict[str, Any] = field(default_factory=dict)
-    node_states: dict[int, bytes] | None = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -162,7 +161,6 @@ def save_checkpoint(run_dir: Path, state: RunState) -> Path:
             "strategy_state": state.strategy_state,
             "plugin_states": state.plugin_states,
             "rng_states": state.rng_states,
-            "node_states": state.node_states,
         }
     )
     # allow_nan: Python's json round-trips NaN/inf exactly, and floats via repr bit-exactly
@@ -220,7 +218,6 @@ def load_checkpoint(run_dir: Path) -> RunState:
             strategy_state=data["strategy_state"],
             plugin_states=data["plugin_states"],
             rng_states=data["rng_states"],
-            node_states=data["node_states"],
         )
     except Exception as err:  # a well-formed zip with the wrong inside
         raise _unreadable(path, f"has a damaged layout ({type(err).__name__}: {err})") from None
@@ -263,22 +260,20 @@ def wall_time_until(run_dir: Path, last_round: int) -> float:
 
 
 def capture_run_state(
-    server_round: int, arrays: ArrayRecord, strategy: Any, plugins: list[Any], grid: Any
+    server_round: int, arrays: ArrayRecord, strategy: Any, plugins: list[Any]
 ) -> RunState:
-    """Snapshot after ``server_round``: strategies/grids without state hooks contribute nothing."""
+    """Snapshot after ``server_round``: strategies without state hooks contribute nothing; the
+    clients' ``Context.state`` travels in the plugin states (``server/client_state.py``)."""
     return RunState(
         server_round=server_round,
         arrays=arrays,
         strategy_state=strategy.state_dict() if hasattr(strategy, "state_dict") else None,
         plugin_states=[p.state() for p in plugins],
         rng_states=capture_rng(),
-        # clients' Context.state travels in the plugin states (server/client_state.py) on every
-        # engine; node_states is only read back from checkpoints that carry it
-        node_states=None,
     )
 
 
-def restore_run_state(state: RunState, strategy: Any, plugins: list[Any], grid: Any) -> None:
+def restore_run_state(state: RunState, strategy: Any, plugins: list[Any]) -> None:
     """Inverse of :func:`capture_run_state` (the arrays are returned by :func:`load_checkpoint`)."""
     if state.strategy_state is not None:
         if not hasattr(strategy, "load_state_dict"):
@@ -294,6 +289,4 @@ def restore_run_state(state: RunState, strategy: Any, plugins: list[Any], grid: 
         )
     for plugin, plugin_state in zip(plugins, state.plugin_states, strict=True):
         plugin.load_state(plugin_state)
-    if state.node_states is not None and hasattr(grid, "load_node_states"):
-        grid.load_node_states(state.node_states)
     restore_rng(state.rng_states)

@@ -52,9 +52,12 @@ def good_state() -> RunState:
         server_round=2,
         arrays=arrays,
         strategy_state={"models": {"0": arrays}, "meta": {"gamma": [0.5, float("nan")]}},
-        plugin_states=[{"total_invalid": {"norm": 1}}],
+        # the second plugin state is ClientStateKeeper's: each client's Context.state as bytes
+        plugin_states=[
+            {"total_invalid": {"norm": 1}},
+            {"states": {123456789012: b"\x00\x01state", 7: b""}},
+        ],
         rng_states=capture_rng(),
-        node_states={123456789012: b"\x00\x01state", 7: b""},
     )
 
 
@@ -86,8 +89,10 @@ def test_round_trip_keeps_every_kind_of_state(tmp_path: Path) -> None:
     )
     assert got.strategy_state["meta"]["gamma"][0] == 0.5
     assert np.isnan(got.strategy_state["meta"]["gamma"][1])
-    assert got.node_states == {123456789012: b"\x00\x01state", 7: b""}
-    assert got.plugin_states == [{"total_invalid": {"norm": 1}}]
+    assert got.plugin_states == [
+        {"total_invalid": {"norm": 1}},
+        {"states": {123456789012: b"\x00\x01state", 7: b""}},
+    ]
     py, npy, tch = state.rng_states["python"], state.rng_states["numpy"], state.rng_states["torch"]
     assert got.rng_states["python"] == py
     assert got.rng_states["numpy"][0] == npy[0]

@@ -285,7 +285,7 @@ def test_strategy_state_survives_a_checkpoint_and_resyncs_nodes(tmp_path: Path) 
     assert strategy.version == 1
     before = strategy.model_state()
     arrays = ArrayRecord(torch_state_dict=before)
-    save_checkpoint(tmp_path, capture_run_state(1, arrays, strategy, [], grid=object()))
+    save_checkpoint(tmp_path, capture_run_state(1, arrays, strategy, []))
 
     fresh = make_lora_sparse(
         ServerSetup(sc, info, build_model(sc.model, info.input_shape, 10), CPU)

@@ -122,33 +122,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert len(clients) == len(load_run(reference).clients)
 
 
-def test_inprocess_node_states_round_trip() -> None:
-    """Client-side ``Context.state`` (e.g. error-feedback residuals) survives a checkpoint."""
-    import numpy as np
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
-    from flwr.clientapp import ClientApp
-
-    from fedge.engines import InProcessGrid
-
-    grid = InProcessGrid(ClientApp(), num_nodes=3, run_config={})
-    first = next(iter(grid.contexts))
-    state = grid.contexts[first].state
-    state["residual"] = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))})
-    state["stats"] = MetricRecord({"rounds_seen": 4, "loss": 0.25})
-    state["cfg"] = ConfigRecord({"cluster": "b"})
-    saved = grid.node_states()
-
-    restored = InProcessGrid(ClientApp(), num_nodes=3, run_config={})
-    restored.load_node_states(saved)
-    got = restored.contexts[first].state
-    assert np.array_equal(
-        got["residual"]["w"].numpy(), np.arange(6, dtype=np.float32).reshape(2, 3)
-    )
-    assert dict(got["stats"]) == {"rounds_seen": 4, "loss": 0.25}
-    assert dict(got["cfg"]) == {"cluster": "b"}
-    assert all(len(restored.contexts[n].state) == 0 for n in restored.contexts if n != first)
-
-
 def test_checkpoint_carries_strategy_and_plugin_state(tmp_path: Path) -> None:
     """Strategies with ``state_dict``/``load_state_dict`` (FedLAW weights, cluster assignments...)
     and plugins' ``state()`` are saved atomically and handed back on resume."""
@@ -178,7 +151,7 @@ def test_checkpoint_carries_strategy_and_plugin_state(tmp_path: Path) -> None:
     plugin.total_invalid.update({"norm": 2})
     arrays = ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))})
     random.seed(5)
-    save_checkpoint(tmp_path, capture_run_state(3, arrays, strategy, [plugin], grid=object()))
+    save_checkpoint(tmp_path, capture_run_state(3, arrays, strategy, [plugin]))
     expected_next = random.random()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
 
@@ -186,7 +159,7 @@ def test_checkpoint_carries_strategy_and_plugin_state(tmp_path: Path) -> None:
     fresh_strategy.state = {}
     random.seed(99)
     state = load_checkpoint(tmp_path)
-    restore_run_state(state, fresh_strategy, [fresh_plugin], grid=object())
+    restore_run_state(state, fresh_strategy, [fresh_plugin])
     assert state.server_round == 3
     assert np.array_equal(state.arrays["w"].numpy(), np.ones(3, dtype=np.float32))
     assert fresh_strategy.state == {"assignments": [0, 1, 1], "gamma": 0.7}
