@@ -63,6 +63,22 @@ def test_command_lines_refuse_auth_without_tls(tmp_path: Path) -> None:
     assert node_config(1, 3, "jetson") == "partition-id=1 num-partitions=3 device-profile='jetson'"
 
 
+def start_auth_superlink(group, certs_dir: Path, host: str, port: int) -> None:
+    """A SuperLink with TLS (``certs_dir``) and SuperNode authentication, ready on ``port``."""
+    link = group.start(
+        "superlink",
+        superlink_args(
+            _exe("flower-superlink"),
+            certs_dir,
+            auth=True,
+            host=host,
+            port=port,
+            database=FLWR_IN_MEMORY_DB_NAME,
+        ),
+    )
+    _wait_for_port(port, link, "superlink", group)
+
+
 @pytest.mark.slow
 def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "certs")
@@ -72,18 +88,7 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
     with flower_processes(tmp_path / "logs") as group:
-        link = group.start(
-            "superlink",
-            superlink_args(
-                _exe("flower-superlink"),
-                tmp_path / "certs",
-                auth=True,
-                host="127.0.0.1",
-                port=port,
-                database=FLWR_IN_MEMORY_DB_NAME,
-            ),
-        )
-        _wait_for_port(port, link, "superlink", group)
+        start_auth_superlink(group, tmp_path / "certs", "127.0.0.1", port)
         write_connection(group.flwr_home, address, certs["ca.crt"])
         registrations = [  # the three `flwr supernode register` calls run side by side
             subprocess.Popen(
@@ -266,18 +271,7 @@ def _outsider_is_refused(tmp_path: Path, netns: list[str], address: str) -> None
     outsider_ca = Path(shutil.copy(certs["ca.crt"], outsider_home / "ca.crt"))
     write_connection(outsider_home, f"{address}:{port}", outsider_ca)
     with flower_processes(tmp_path / "logs") as group:
-        link = group.start(
-            "superlink",
-            superlink_args(
-                _exe("flower-superlink"),
-                tmp_path / "certs",
-                auth=True,
-                host="0.0.0.0",
-                port=port,
-                database=FLWR_IN_MEMORY_DB_NAME,
-            ),
-        )
-        _wait_for_port(port, link, "superlink", group)
+        start_auth_superlink(group, tmp_path / "certs", "0.0.0.0", port)
         outsider_env = {**group.env, "FLWR_HOME": str(outsider_home)}
         outsider = subprocess.run(
             [*netns, *register_args(_exe("flwr"), in_public, name="intruder")],
