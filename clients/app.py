@@ -80,7 +80,8 @@ def _reused_model(
         # state_dict()'s tensors share the model's storage: copying into them loads the model
         held = _REUSED["model"] = (scenario, device, model, model.state_dict())
     model, targets = held[2], held[3]
-    model.train()  # as a newly built model is
+    if not model.training:  # as a newly built model is (evaluation leaves it in eval mode)
+        model.train()
     return model, targets
 
 
