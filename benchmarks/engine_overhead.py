@@ -2,7 +2,9 @@
 
     python benchmarks/engine_overhead.py [--scenario scenarios/quickstart.toml] [--set key=value ...]
 
-Prints both wall times and their ratio (engine / bare), measured in this one run. The bare loop does
+Prints the wall times of the bare loop, the in-process and the packed engine (whole runs, results
+folder included; ``benchmarks/engines.py`` times the round loop alone) and their ratios, measured
+in this one run. The bare loop does
 the same work with no Flower records, no messages and no results folder: the ratio is what fedge's
 machinery costs on top of the training itself.
 """
@@ -87,16 +89,26 @@ def main() -> None:
     t0 = time.perf_counter()
     bare_acc = bare_fedavg(scenario)
     bare_s = time.perf_counter() - t0
+    packed = scenario.model_copy(
+        update={"engine": scenario.engine.model_copy(update={"name": "packed"})}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         summary = run_engine(scenario, Path(tmp) / "run", show_progress=False)
         engine_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        packed_summary = run_engine(packed, Path(tmp) / "packed", show_progress=False)
+        packed_s = time.perf_counter() - t0
     print(
         f"scenario: {scenario.name} ({scenario.data.num_clients} clients x {scenario.num_rounds} rounds, {scenario.model.name})"
     )
     print(f"bare PyTorch loop : {bare_s:7.2f} s   final accuracy {bare_acc:.4f}")
     print(f"in-process engine : {engine_s:7.2f} s   final accuracy {summary['final_accuracy']:.4f}")
+    print(
+        f"packed engine     : {packed_s:7.2f} s   final accuracy {packed_summary['final_accuracy']:.4f}"
+    )
     print(f"overhead ratio (engine / bare): {engine_s / bare_s:.2f}x")
+    print(f"packed speedup vs bare: {bare_s / packed_s:.2f}x")
 
 
 if __name__ == "__main__":

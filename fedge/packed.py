@@ -11,8 +11,10 @@ ClientApp as in the ``inprocess`` engine, with the reason logged once:
 - the client's trainer is not fedge's own FedAvg/FedProx (edge trainers, clustered, FedLD, ...);
 - the model has buffers; the client has no training data; the pack itself raised.
 
-Memory is bounded by training at most ``engine.pack_size`` clients at a time; the peak (stacked
-state, process RSS, CUDA when used) is printed at the end of the run. ``engine.device = "cuda"``
+Memory is bounded by training at most ``engine.pack_size`` clients at a time; the largest pack's
+stacked state, the process's peak RSS (which also holds the pack's activations: ~2 MiB per client
+for the quickstart's cnn1d, a few KiB for a small MLP) and CUDA's peak when used are printed at the
+end of the run. ``engine.device = "cuda"``
 puts the pack on the GPU.
 """
 
@@ -179,8 +181,9 @@ class PackedTrainer:
         line = (
             f"fedge: packed engine: {self.packed_updates} client updates packed "
             f"({self.sequential_updates} sequential), {self.train_seconds:.2f} s of packed "
-            f"training, peak pack memory {self.peak_pack_bytes / 2**20:.1f} MiB "
-            f"(engine.pack_size={self.scenario.engine.pack_size}), peak RSS {rss_mib:.0f} MiB"
+            f"training, largest pack state {self.peak_pack_bytes / 2**20:.1f} MiB (parameters, "
+            f"gradients, momentum, data; engine.pack_size={self.scenario.engine.pack_size}), "
+            f"peak RSS {rss_mib:.0f} MiB (with the activations, which grow with the pack too)"
         )
         if self.device.type == "cuda":
             line += f", peak CUDA {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
