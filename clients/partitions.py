@@ -24,7 +24,6 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from clients.datasets import (
     Source,
     atomic_savez,
     cache_dir,
+    installed_version,
     load_source,
     norm_seed,
     source_key,
@@ -162,14 +162,6 @@ def _partition(cfg: DataConfig, seed: int, src: Source) -> tuple[np.ndarray, Par
 
 
 # -- the disk cache -----------------------------------------------------------------------------
-def _version(package: str) -> str:
-    """Installed version without importing the package (importing is what the cache avoids)."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "missing"
-
-
 def _cache_path(cfg_json: str, seed: int, src: Source) -> Path:
     """``partitions-<hash>.npz``: the hash covers everything the rows depend on."""
     labels = hashlib.sha256(np.ascontiguousarray(src.y_train, dtype=np.int64).tobytes())
@@ -182,8 +174,8 @@ def _cache_path(cfg_json: str, seed: int, src: Source) -> Path:
         "seed": seed,
         "labels": labels.hexdigest(),
         "versions": {
-            "flwr-datasets": _version("flwr-datasets"),
-            "datasets": _version("datasets"),
+            "flwr-datasets": installed_version("flwr-datasets"),
+            "datasets": installed_version("datasets"),
             "numpy": np.__version__,
         },
     }
