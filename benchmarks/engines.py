@@ -9,7 +9,9 @@
 
 Each client holds ``--samples-per-client`` mnist1d samples (80% train); 1 local epoch, batch 32,
 ``--rounds`` rounds. Before timing, every client's data split is loaded (the bare loop needs it
-too) and one tiny run of each engine pays the one-time imports. Two times per engine:
+too), one tiny run of each engine pays the one-time imports, and one round of the very scenario
+measured warms each in-process engine up (first-call costs of kernels at that size). Two times
+per engine:
 
 - ``run``: ``run_engine`` end to end (rounds + writing the results folder and its plot);
 - ``rounds``: the ServerApp's round loop alone (broadcast, training, reply validation,
@@ -135,24 +137,38 @@ def compare(args: argparse.Namespace) -> None:
                 f"bare PyTorch loop : {bare_s:8.2f} s run                    "
                 f"acc {bare_acc:.4f}   cpu {bare_cpu:6.2f} s"
             )
-            for engine in engines:
+            runs = [(engine, []) for engine in engines]
+            if args.pack_threads > 1:  # the pack on every core (the bare loop is best on one)
+                runs.append(("packed", [f"engine.client_threads={args.pack_threads}"]))
+            for engine, extra in runs:
                 if engine == "ray" and clients > args.ray_max_clients:
                     continue
-                total, rounds, cpu, acc = timed_run(scenario_for(args, clients, engine), tmp)
+                scenario = scenario_for(args, clients, engine, extra)
+                label = engine + (f" x{args.pack_threads} thr" if extra else "")
+                folder = tmp / label.replace(" ", "-")
+                if engine != "ray":  # warm-up: one round at this very size (first-call costs)
+                    timed_run(scenario.model_copy(update={"num_rounds": 1}), folder / "warmup")
+                total, rounds, cpu, acc = timed_run(scenario, folder)
                 cpu_part = (
                     f"cpu {cpu:6.2f} s   rounds/bare cpu {cpu / bare_cpu:5.2f}x"
                     if cpu is not None
                     else "cpu (other processes)"
                 )
                 print(
-                    f"{engine:<18}: {total:8.2f} s run, {rounds:7.2f} s rounds   acc {acc:.4f}   "
+                    f"{label:<18}: {total:8.2f} s run, {rounds:7.2f} s rounds   acc {acc:.4f}   "
                     f"{cpu_part}   rounds/bare {rounds / bare_s:5.2f}x, run/bare "
                     f"{total / bare_s:5.2f}x",
                     flush=True,
                 )
-                if engine == "packed":  # whole rounds: broadcast, training, validation, aggregation
+                if engine == "packed" and not extra:  # whole rounds: broadcast, training,
+                    # validation, aggregation; one thread like the bare loop
                     print(f"packed speedup vs bare: {bare_s / rounds:.2f}x")
                     print(f"packed speedup vs bare (CPU seconds): {bare_cpu / cpu:.2f}x")
+                elif engine == "packed":
+                    print(
+                        f"packed speedup vs bare, pack on {args.pack_threads} threads, bare on 1: "
+                        f"{bare_s / rounds:.2f}x"
+                    )
 
 
 def pool_child(engine: str, clients: int, per_round: int, rounds: int) -> None:
@@ -216,6 +232,9 @@ def main() -> None:
     parser.add_argument("--quickstart", action="store_true", help="scenarios/quickstart.toml as is")
     parser.add_argument("--ray", action="store_true", help="also the Ray engine (slow)")
     parser.add_argument("--ray-max-clients", type=int, default=10)
+    parser.add_argument(
+        "--pack-threads", type=int, default=0, help="also the packed engine on this many threads"
+    )
     parser.add_argument("--pool", type=int, default=0, help="peak RSS of a pool this large")
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--pool-child", nargs=4, help=argparse.SUPPRESS)

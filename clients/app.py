@@ -46,21 +46,70 @@ app = ClientApp(mods=MODS)
 
 
 def _load(
-    msg: Message, context: Context
+    msg: Message, context: Context, reuse_model: bool = False
 ) -> tuple[Scenario, ClientData, torch.nn.Module, torch.device]:
+    """The scenario, this client's data and the model the server sent. ``reuse_model``: the
+    process's one model of the scenario (see ``clients/training.py::updates_parameters_only``)."""
     scenario = node_scenario(context)
     torch.set_num_threads(scenario.engine.client_threads)
     data = load_client_data(scenario.data, scenario.seed, partition_id(context))
-    info = dataset_info(scenario.data)
     device = resolve_device(scenario.engine.device)
-    model = build_model(scenario.model, info.input_shape, info.num_classes)
-    load_server_arrays(model, msg, context, scenario)
+    if reuse_model:
+        model, targets = _reused_model(scenario, device)
+    else:
+        info = dataset_info(scenario.data)
+        model, targets = build_model(scenario.model, info.input_shape, info.num_classes), None
+    load_server_arrays(model, msg, context, scenario, targets)
     # Module.to walks every submodule even when nothing moves: skip it for the CPU (built there).
     return scenario, data, (model if device.type == "cpu" else model.to(device)), device
 
 
+# Per process, the model of the last scenario (``node_scenario`` caches one Scenario object per
+# run config) and device, for trainers that only change parameter values. Flower's runtimes call
+# a process's ClientApp one message at a time, so it is never shared by two updates at once.
+_REUSED: dict[str, tuple[Scenario, torch.device, torch.nn.Module, dict[str, torch.Tensor]]] = {}
+
+
+def _reused_model(
+    scenario: Scenario, device: torch.device
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    held = _REUSED.get("model")
+    if held is None or held[0] is not scenario or held[1] != device:
+        info = dataset_info(scenario.data)
+        model = build_model(scenario.model, info.input_shape, info.num_classes).to(device)
+        # state_dict()'s tensors share the model's storage: copying into them loads the model
+        held = _REUSED["model"] = (scenario, device, model, model.state_dict())
+    model, targets = held[2], held[3]
+    if not model.training:  # as a newly built model is (evaluation leaves it in eval mode)
+        model.train()
+    return model, targets
+
+
+def _copy_state(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor] | None,
+) -> None:
+    """``model.load_state_dict(state)``; a plain copy into ``targets`` (the model's own state
+    tensors) when every name and shape matches, which skips load_state_dict's module walk."""
+    if (
+        targets is not None
+        and targets.keys() == state.keys()
+        and all(t.shape == state[k].shape for k, t in targets.items())
+    ):
+        with torch.no_grad():
+            for key, tensor in targets.items():
+                tensor.copy_(state[key])
+        return
+    model.load_state_dict(state)  # checks names and shapes, and raises what the caller explains
+
+
 def load_server_arrays(
-    model: torch.nn.Module, msg: Message, context: Context, scenario: Scenario
+    model: torch.nn.Module,
+    msg: Message,
+    context: Context,
+    scenario: Scenario,
+    targets: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Load the model the server sent into ``model`` (built from the run's scenario).
 
@@ -76,7 +125,7 @@ def load_server_arrays(
         )
     try:
         # Decoded once per round and process, not per client (load_state_dict copies them).
-        model.load_state_dict(received_state_dict(arrays))
+        _copy_state(model, received_state_dict(arrays), targets)
     except RuntimeError as err:
         raw = context.run_config.get(RUN_CONFIG_KEY)
         why = (
@@ -100,7 +149,9 @@ def load_server_arrays(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    scenario, data, model, device = _load(msg, context)
+    trainer = trainer_for(node_scenario(context), partition_id(context))
+    reuse = getattr(trainer, "updates_parameters_only", False)
+    scenario, data, model, device = _load(msg, context, reuse_model=reuse)
     config = msg.content.get("config", ConfigRecord())
     server_round = int(config.get("server-round", 0))
     generator = torch.Generator().manual_seed(
@@ -109,7 +160,6 @@ def train(msg: Message, context: Context) -> Message:
     # Trainers get `generator`; the global CPU generator is reseeded too, as before, for any
     # library code that draws from it (results stay bit-identical across engines).
     seed_global_torch(derive_seed(scenario.seed, server_round, data.partition_id, 1))
-    trainer = trainer_for(scenario, data.partition_id)
     result = trainer(
         TrainJob(
             model, data, scenario, config, context.state, generator, device, received=msg.content
@@ -159,7 +209,8 @@ def client_identity(context: Context, pid: int) -> ConfigRecord:
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Accuracy of the received model on this client's local test split (and, when the config asks
     for fine-tuning, after fine-tuning it on the local train split: ``personalized_accuracy``)."""
-    scenario, data, model, device = _load(msg, context)
+    # Evaluation and fine-tuning (local SGD) only change parameter values.
+    scenario, data, model, device = _load(msg, context, reuse_model=True)
     loss, acc = evaluate(model, data.x_test, data.y_test, device)
     tuned = finetune_metrics(
         model, data, scenario, msg.content.get("config", ConfigRecord()), device

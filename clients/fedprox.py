@@ -9,9 +9,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from algorithms.fedprox import proximal_term
-from clients.training import TrainJob, TrainResult, local_sgd
+from clients.training import TrainJob, TrainResult, local_sgd, updates_parameters_only
 
 
+@updates_parameters_only
 def train_fedprox(job: TrainJob) -> TrainResult:
     mu = float(job.config.get("proximal-mu", getattr(job.scenario.algorithm, "mu", 0.0)))
     global_params = [p.detach().clone() for p in job.model.parameters()]

@@ -63,15 +63,13 @@ def unpackable_reason(model: nn.Module) -> str | None:
 
 def _batch_plan(
     n: int, batch_size: int, epochs: int, generator: torch.Generator, max_steps: int | None
-) -> torch.Tensor:
+) -> np.ndarray:
     """(steps, batch_size) sample indices, -1 = padding; the same shuffles as ``batches()``."""
     per_epoch = math.ceil(n / batch_size)
-    rows = []
-    for _ in range(epochs):
-        padded = torch.full((per_epoch * batch_size,), -1, dtype=torch.long)
-        padded[:n] = torch.randperm(n, generator=generator)
-        rows.append(padded.view(per_epoch, batch_size))
-    plan = torch.cat(rows)
+    plan = np.full((epochs, per_epoch * batch_size), -1, dtype=np.int64)
+    for epoch in range(epochs):
+        plan[epoch, :n] = torch.randperm(n, generator=generator).numpy()
+    plan = plan.reshape(epochs * per_epoch, batch_size)
     # local_sgd checks its cap after a step: a cap of 0 still trains one step
     return plan if max_steps is None else plan[: max(max_steps, 1)]
 
@@ -97,20 +95,21 @@ def train_packed(
     ]
     # Longest first: at step s the clients still training are a prefix of the pack.
     order = sorted(range(len(clients)), key=lambda i: -len(plans[i]))
-    num_steps = torch.tensor([len(plans[i]) for i in order])
+    num_steps = np.array([len(plans[i]) for i in order])
     total_steps = int(num_steps[0])
+    active = [int((num_steps > s).sum()) for s in range(total_steps)]  # clients with step s
 
     # All clients' samples in one tensor; a plan's local indices become global row numbers.
-    offsets = np.cumsum([0] + [len(clients[i].data.x_train) for i in order])
+    sizes = np.array([len(clients[i].data.x_train) for i in order])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     x_all = torch.from_numpy(np.concatenate([clients[i].data.x_train for i in order])).to(device)
     y_all = torch.from_numpy(np.concatenate([clients[i].data.y_train for i in order])).to(device)
-    index = torch.zeros((len(order), total_steps, batch), dtype=torch.long)
-    valid = torch.zeros((len(order), total_steps, batch), dtype=torch.bool)
+    index_np = np.full((len(order), total_steps, batch), -1, dtype=np.int64)
     for row, i in enumerate(order):
-        plan = plans[i]
-        valid[row, : len(plan)] = plan >= 0
-        index[row, : len(plan)] = torch.where(plan >= 0, plan + int(offsets[row]), 0)
-    index, valid = index.to(device), valid.to(device)
+        index_np[row, : len(plans[i])] = plans[i]
+    valid_np = index_np >= 0
+    index = torch.from_numpy(np.where(valid_np, index_np + offsets[:, None, None], 0)).to(device)
+    valid = torch.from_numpy(valid_np).to(device, torch.float32)
 
     names = [k for k, _ in model.named_parameters()]
     params = {
@@ -138,37 +137,38 @@ def train_packed(
 
     loss_sum = torch.zeros(len(order), dtype=torch.float64, device=device)
     seen = torch.zeros(len(order), dtype=torch.float64, device=device)
-    for s in range(total_steps):
-        k = int((num_steps > s).sum())  # clients with a step left: a prefix
+    for s, k in enumerate(active):  # the clients with a step left are a prefix
         mask = valid[:k, s]
         rows = index[:k, s]
         p_k = {name: v[:k] for name, v in params.items()}
         g_k = {name: v[:k] for name, v in anchor.items()} if anchor is not None else None
-        grads, losses = step_fn(p_k, x_all[rows], y_all[rows], mask.to(torch.float32), mus[:k], g_k)
+        grads, losses = step_fn(p_k, x_all[rows], y_all[rows], mask, mus[:k], g_k)
         counts = mask.sum(1).to(torch.float64)
         loss_sum[:k] += losses.detach().to(torch.float64) * counts
         seen[:k] += counts
-        with torch.no_grad():
-            for name in names:
-                w, d = params[name][:k], grads[name]
-                if cfg.weight_decay:
-                    d = d.add(w, alpha=cfg.weight_decay)
-                if momentum is not None:
-                    buf = momentum[name][:k]
-                    if s == 0:
-                        buf.copy_(d)
-                    else:
-                        buf.mul_(cfg.momentum).add_(d)
-                    d = buf
-                w.add_(d, alpha=-cfg.lr)
+        with torch.no_grad():  # torch.optim.SGD's update, on every client's tensors at once
+            weights = [p_k[name] for name in names]
+            steps = [grads[name] for name in names]
+            if cfg.weight_decay:
+                steps = torch._foreach_add(steps, weights, alpha=cfg.weight_decay)
+            if momentum is not None:
+                bufs = [momentum[name][:k] for name in names]
+                if s == 0:
+                    torch._foreach_copy_(bufs, steps)
+                else:
+                    torch._foreach_mul_(bufs, cfg.momentum)
+                    torch._foreach_add_(bufs, steps)
+                steps = bufs
+            torch._foreach_add_(weights, steps, alpha=-cfg.lr)
 
     cpu_params = {k: v.detach().cpu() for k, v in params.items()}
+    train_loss = (loss_sum / seen.clamp(min=1)).tolist()
     results: list[PackedResult | None] = [None] * len(clients)
     for row, i in enumerate(order):
         results[i] = PackedResult(
             state={k: cpu_params[k][row] for k in names},
-            num_examples=len(clients[i].data.x_train),
-            train_loss=float(loss_sum[row] / seen[row].clamp(min=1)),
+            num_examples=int(sizes[row]),
+            train_loss=train_loss[row],
             num_steps=int(num_steps[row]),
         )
     return results  # type: ignore[return-value]

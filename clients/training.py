@@ -44,6 +44,16 @@ class TrainJob:
     received: RecordDict | None = None  # the whole instruction content (e.g. several models)
 
 
+def updates_parameters_only(trainer: Callable) -> Callable:
+    """Marks a local trainer that changes nothing of its model but parameter values (it may set
+    ``.grad``, and train/eval mode): no new modules, hooks, ``requires_grad`` flags or references
+    kept after it returns. The ClientApp may then hand it the process's one model of the scenario,
+    reloaded for each client, instead of a new one: building a small model costs ~0.2 ms, more than
+    a quarter of its local epoch."""
+    trainer.updates_parameters_only = True  # type: ignore[attr-defined]
+    return trainer
+
+
 def cross_entropy(model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 

@@ -8,6 +8,7 @@ evaluate) exactly as ``Strategy.start`` does, but owns the loop so that every ro
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -172,6 +173,10 @@ def run_rounds(
     from there rather than restarting at 0).
     """
     log(INFO, "fedge: starting %s for %d rounds", type(strategy).__name__, num_rounds)
+    # Everything built so far (torch, Flower, the data, the model) lives for the whole run. Frozen,
+    # the cyclic garbage collector's full passes skip it: they used to land in random places of
+    # every round (e.g. ~0.35 ms per client update with 500 clients in-process).
+    gc.freeze()
     progress = RoundProgress(num_rounds) if show_progress else None
     start = time.perf_counter() - wall_time_before
     if start_round == 1:
@@ -234,6 +239,7 @@ def run_rounds(
             if progress:
                 progress.update(server_round, record)
     finally:
+        gc.unfreeze()  # a process running several runs (tests, notebooks) frees them as usual
         if progress:
             progress.close()
     return arrays
