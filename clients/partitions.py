@@ -7,8 +7,8 @@ the source's train arrays -- is cached on disk as ``partitions-<hash>.npz`` unde
 labels (and synthetic device ids) and the installed flwr-datasets / datasets / numpy versions,
 so a cached file is exactly what a fresh computation would give. A process that finds the file
 never imports flwr-datasets or Hugging Face ``datasets`` (~1.7 s of imports: flwr-datasets'
-package ``__init__`` pulls in seaborn and scipy.stats); that is most of a Ray actor's cold start
-and of ``fedge validate``. A corrupt file is recomputed and rewritten; a read-only cache folder
+package ``__init__`` pulls in seaborn and scipy.stats): about half of ``fedge validate`` and
+~3 s of each Ray actor's cold start on a 2-core machine (docs/results/engine-speed.md). A corrupt file is recomputed and rewritten; a read-only cache folder
 only costs the recomputation. Federations of more than :data:`EAGER_LIMIT` clients are not
 cached: resolving every client up front costs ~1 ms per client in ``datasets`` overhead, which
 a large pool sampled a few clients per round would pay for nothing; their clients are split on
