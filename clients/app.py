@@ -7,6 +7,8 @@ scenario carried in ``context.run_config``. The local trainer is chosen by ``alg
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,9 +47,19 @@ MODS: list = [
 app = ClientApp(mods=MODS)
 
 
-def _load(
-    msg: Message, context: Context, reuse_model: bool = False
-) -> tuple[Scenario, ClientData, torch.nn.Module, torch.device]:
+class Loaded(NamedTuple):
+    scenario: Scenario
+    data: ClientData
+    model: torch.nn.Module  # holding the weights the server sent
+    device: torch.device
+    state: dict[str, torch.Tensor] | None  # the reused model's state tensors (None: a new model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict; the reused model's without walking its modules again."""
+        return self.state if self.state is not None else self.model.state_dict()
+
+
+def _load(msg: Message, context: Context, reuse_model: bool = False) -> Loaded:
     """The scenario, this client's data and the model the server sent. ``reuse_model``: the
     process's one model of the scenario (see ``clients/training.py::updates_parameters_only``)."""
     scenario = node_scenario(context)
@@ -61,7 +73,8 @@ def _load(
         model, targets = build_model(scenario.model, info.input_shape, info.num_classes), None
     load_server_arrays(model, msg, context, scenario, targets)
     # Module.to walks every submodule even when nothing moves: skip it for the CPU (built there).
-    return scenario, data, (model if device.type == "cpu" else model.to(device)), device
+    model = model if device.type == "cpu" else model.to(device)
+    return Loaded(scenario, data, model, device, targets)
 
 
 # Per process, the model of the last scenario (``node_scenario`` caches one Scenario object per
@@ -151,7 +164,8 @@ def load_server_arrays(
 def train(msg: Message, context: Context) -> Message:
     trainer = trainer_for(node_scenario(context), partition_id(context))
     reuse = getattr(trainer, "updates_parameters_only", False)
-    scenario, data, model, device = _load(msg, context, reuse_model=reuse)
+    loaded = _load(msg, context, reuse_model=reuse)
+    scenario, data, model, device, _ = loaded
     config = msg.content.get("config", ConfigRecord())
     server_round = int(config.get("server-round", 0))
     generator = torch.Generator().manual_seed(
@@ -176,7 +190,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = (
         result.reply_arrays
         if result.reply_arrays is not None
-        else record_from_state_dict(model.state_dict())  # tensors are moved to the CPU there
+        else record_from_state_dict(loaded.state_dict())  # tensors are moved to the CPU there
     )
     identity = client_identity(context, data.partition_id)
     identity[TRAINER] = trainer_name_for(scenario, data.partition_id)
@@ -210,7 +224,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Accuracy of the received model on this client's local test split (and, when the config asks
     for fine-tuning, after fine-tuning it on the local train split: ``personalized_accuracy``)."""
     # Evaluation and fine-tuning (local SGD) only change parameter values.
-    scenario, data, model, device = _load(msg, context, reuse_model=True)
+    scenario, data, model, device, _ = _load(msg, context, reuse_model=True)
     loss, acc = evaluate(model, data.x_test, data.y_test, device)
     tuned = finetune_metrics(
         model, data, scenario, msg.content.get("config", ConfigRecord()), device

@@ -71,8 +71,9 @@ def _own_view(arr: Array) -> np.ndarray | None:
 
 
 @lru_cache(maxsize=512)
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The header ``np.save`` writes for a C-contiguous array of this dtype and shape."""
+def _layout(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, str, tuple[int, ...]]:
+    """The header ``np.save`` writes for a C-contiguous array of this dtype and shape, and the
+    ``Array`` fields for them (``str(dtype)`` alone costs microseconds: numpy builds it in Python)."""
     fmt = np.lib.format
     header = {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     buf = BytesIO()
@@ -81,25 +82,25 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     except ValueError:  # header over 64 KiB (a very long shape): np.save moves to version 2.0
         buf = BytesIO()
         fmt.write_array_header_2_0(buf, header)
-    return buf.getvalue()
+    return buf.getvalue(), str(dtype), tuple(int(d) for d in shape)
 
 
 def encode(ndarray: np.ndarray) -> Array:
     """``Array.from_numpy_ndarray(ndarray)`` (byte for byte), keeping a view of the bytes."""
     if ndarray.dtype.hasobject or ndarray.dtype.names or not ndarray.flags.c_contiguous:
         return Array.from_numpy_ndarray(ndarray)  # unusual dtypes and layouts: Flower's own path
-    header = _npy_header(ndarray.dtype, tuple(ndarray.shape))
+    header, dtype_name, shape = _layout(ndarray.dtype, ndarray.shape)
     data = header + ndarray.tobytes()
     decoded = np.frombuffer(data, dtype=ndarray.dtype, count=ndarray.size, offset=len(header))
     # The fields Array(dtype=, shape=, stype=, data=) sets, without its argument dispatch (a
     # third of a small reply's encoding time); tests/test_arrays.py checks the object id matches.
     out = DecodedArray.__new__(DecodedArray)
     out.__dict__.update(
-        dtype=str(ndarray.dtype),
-        shape=tuple(int(d) for d in ndarray.shape),
+        dtype=dtype_name,
+        shape=shape,
         stype=SType.NUMPY,
         data=data,
-        _fedge_decoded=(data, decoded.reshape(ndarray.shape)),  # a read-only view of data
+        _fedge_decoded=(data, decoded.reshape(shape)),  # a read-only view of data
     )
     return out
 

@@ -65,12 +65,14 @@ def update_norm(reply: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> fl
     total = 0.0
     for key, values in reply.items():
         if values.dtype.kind == "f":  # cast-and-subtract in one ufunc call: same float64 values
-            diff = np.subtract(values, sent[key], dtype=np.float64).ravel()
+            diff = np.subtract(values, sent[key], dtype=np.float64)
         elif values.dtype.kind == "c":
-            diff = (values.astype(np.float64) - sent[key].astype(np.float64)).ravel()
+            diff = values.astype(np.float64) - sent[key].astype(np.float64)
         else:
             continue
-        total += float(np.sum(diff * diff))  # np.dot goes to a threaded BLAS: 30x slower here
+        # np.sum's sum, minus its Python wrapper (a third of the time for small arrays); np.dot
+        # goes to a threaded BLAS: 30x slower on a busy machine
+        total += float(np.add.reduce(np.multiply(diff, diff, out=diff), axis=None))
     return float(np.sqrt(total))
 
 
