@@ -34,7 +34,9 @@ The pipeline is one straight line, and every step is a pure function of ``(DataC
 
 Both the source arrays and the partitioned object are cached in memory (``functools.lru_cache``
 keyed by the config's JSON and the seed), so loading all clients of a federation in one process
-partitions once. Seeds are used modulo 2**32 (what numpy and ``datasets`` accept). Every problem
+partitions once; every client's rows are also cached on disk (``clients/partitions.py``), so a
+later process -- a Ray actor, ``fedge validate``, the next run -- reads them without importing
+flwr-datasets or Hugging Face ``datasets`` at all. Seeds are used modulo 2**32 (what numpy and ``datasets`` accept). Every problem
 with the data section raises :class:`DataError`, whose message names the key and the fix.
 """
 
@@ -44,7 +46,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from flwr_datasets.metrics import compute_counts
 
 from clients.datasets import (
     SYNTHETIC_CLASSES,
@@ -52,10 +53,9 @@ from clients.datasets import (
     DataError,
     DatasetInfo,
     load_source,
-    norm_seed,
     source_key,
 )
-from clients.partitions import check_partition_id, federation, local_split
+from clients.partitions import check_partition_id, federation
 from scenarios.config import DataConfig
 
 __all__ = [
@@ -105,11 +105,8 @@ def load_client_data(cfg: DataConfig, seed: int, partition_id: int) -> ClientDat
 
 @lru_cache(maxsize=1024)
 def _client_data(cfg_json: str, seed: int, partition_id: int) -> ClientData:
-    cfg = DataConfig.model_validate_json(cfg_json)
     fed = federation(cfg_json, seed)
-    train_rows, test_rows = local_split(
-        fed.partitioner.load_partition(partition_id), cfg.local_test_fraction, norm_seed(seed)
-    )
+    train_rows, test_rows = fed.client_rows(partition_id)
     src = fed.source
     return ClientData(
         partition_id=partition_id,
@@ -140,8 +137,4 @@ def load_proxy(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def partition_label_counts(cfg: DataConfig, seed: int) -> np.ndarray:
     """``(num_clients, num_classes)`` label counts of each client's partition (train + test)."""
-    fed = federation(cfg.model_dump_json(), seed)
-    counts = compute_counts(fed.partitioner, column_name="label")
-    classes = range(fed.source.info.num_classes)
-    counts = counts.reindex(columns=list(classes), fill_value=0)
-    return counts.to_numpy(dtype=np.int64)
+    return federation(cfg.model_dump_json(), seed).label_counts()

@@ -3,7 +3,7 @@
 * ``mnist1d`` -- generated with ``mnist1d.data.make_dataset`` (``args.seed`` fixed at 42, so
   the dataset never changes; ``args.num_samples`` from ``data.num_samples``, default 5000 ->
   4000 train / 1000 test). Generation takes seconds, so the arrays are cached on disk as
-  ``mnist1d-<hash of args>.npz`` under ``$FEDGE_CACHE`` (default ``~/.cache/fedge``).
+  ``mnist1d-<hash of its version and num_samples>.npz`` under ``$FEDGE_CACHE`` (default ``~/.cache/fedge``).
 * ``digits`` -- scikit-learn's 8x8 digits, ``x / 16`` shaped ``(1, 8, 8)``, a fixed stratified
   80/20 split (``random_state=0``).
 * ``synthetic`` -- LEAF / FedProx Synthetic(alpha, beta) (Li et al., 2020): for device ``k``,
@@ -25,21 +25,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict
-from datasets import Image as HFImage
 
 from scenarios.config import DataConfig
+
+if TYPE_CHECKING:  # Hugging Face datasets is imported by the hub loader only (~0.6 s)
+    from datasets import Dataset
 
 MNIST1D_DEFAULT_SAMPLES = 5000
 MNIST1D_DATA_SEED = 42
@@ -117,22 +121,29 @@ def load_source(key: tuple[Any, ...]) -> Source:
 
 
 def _mnist1d(num_samples: int) -> Source:
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.num_samples = num_samples
-    args.seed = MNIST1D_DATA_SEED
-    recipe = {k: v for k, v in vars(args).items() if k != "url"}
+    # Keyed by the installed mnist1d version (read without importing it: `mnist1d.data` pulls in
+    # scipy and matplotlib, ~0.75 s that every Ray actor and `fedge validate` would pay) and the
+    # two arguments fedge sets; the generator's defaults and code only change with its version.
+    recipe = {
+        "mnist1d": installed_version("mnist1d"),
+        "num_samples": num_samples,
+        "seed": MNIST1D_DATA_SEED,
+    }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"mnist1d-{digest}.npz"
+    path = cache_dir() / f"mnist1d-{digest}.npz"
     arrays: dict[str, np.ndarray] | None = None
     if path.is_file():
         try:
             with np.load(path) as f:
                 arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError):
-            arrays = None  # a corrupt cache file is regenerated below
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            arrays = None  # a corrupt or truncated cache file is regenerated below
     if arrays is None:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples = num_samples
+        args.seed = MNIST1D_DATA_SEED
         py_state, np_state = random.getstate(), np.random.get_state()
         try:  # make_dataset reseeds the global RNGs; leave the caller's streams untouched
             raw = make_dataset(args)
@@ -140,7 +151,7 @@ def _mnist1d(num_samples: int) -> Source:
             random.setstate(py_state)
             np.random.set_state(np_state)
         arrays = {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
-        _atomic_savez(path, arrays)
+        atomic_savez(path, arrays)
     return Source(
         info=DatasetInfo("mnist1d", (40,), 10),
         x_train=arrays["x"].astype(np.float32),
@@ -150,12 +161,22 @@ def _mnist1d(num_samples: int) -> Source:
     )
 
 
-def _cache_dir() -> Path:
+def installed_version(package: str) -> str:
+    """A package's installed version, read from its metadata without importing it."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def cache_dir() -> Path:
     return Path(os.environ.get("FEDGE_CACHE") or Path.home() / ".cache" / "fedge").expanduser()
 
 
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Best effort: a read-only cache folder only costs regeneration next time."""
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Best effort: a read-only cache folder only costs regeneration next time. Written to a
+    temporary file and renamed, so concurrent writers (Ray actors) never expose a partial file."""
+    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
@@ -163,7 +184,9 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.savez(f, **arrays)
         os.replace(tmp, path)
     except OSError:
-        pass
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _fixed_split(
@@ -233,6 +256,7 @@ def _synthetic(num_devices: int, total: int, alpha: float, beta: float, seed: in
 
 def _hub(path: str, files_json: str, feature_key: str, label_key: str) -> Source:
     import datasets
+    from datasets import DatasetDict
 
     data_files = json.loads(files_json)
     try:
@@ -275,6 +299,8 @@ def _hub(path: str, files_json: str, feature_key: str, label_key: str) -> Source
 
 def _hub_features(ds: Dataset, key: str, path: str) -> np.ndarray:
     """Features as float32 ``(n, ...)``; images become ``(n, C, H, W)`` in [0, 1]."""
+    from datasets import Image as HFImage
+
     feature = ds.features[key]
     try:
         if isinstance(feature, HFImage):
@@ -309,6 +335,8 @@ def _hub_labels(
     train: Dataset, test: Dataset | None, key: str, path: str
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Integer labels 0..C-1 for train and test, and C."""
+    from datasets import ClassLabel
+
     feature = train.features[key]
     y_tr = np.asarray(train[key])
     y_te = np.asarray(test[key]) if test is not None else np.empty(0, dtype=y_tr.dtype)

@@ -1,53 +1,129 @@
 """Partitioning: the server's proxy carve-out, flwr-datasets partitioners over an index table,
-and each client's local train/test split (see ``clients/data.py`` for the whole pipeline)."""
+and each client's local train/test split (see ``clients/data.py`` for the whole pipeline).
+
+What a federation resolves to -- the proxy rows and every client's train/test rows, indices into
+the source's train arrays -- is cached on disk as ``partitions-<hash>.npz`` under ``$FEDGE_CACHE``
+(next to the mnist1d arrays). The hash covers the data config's JSON, the seed, the source's
+labels (and synthetic device ids) and the installed flwr-datasets / datasets / numpy versions,
+so a cached file is exactly what a fresh computation would give. A process that finds the file
+never imports flwr-datasets or Hugging Face ``datasets`` (~1.7 s of imports: flwr-datasets'
+package ``__init__`` pulls in seaborn and scipy.stats): about half of ``fedge validate`` and
+~3 s of each Ray actor's cold start on a 2-core machine (docs/results/engine-speed.md). A corrupt file is recomputed and rewritten; a read-only cache folder
+only costs the recomputation. Federations of more than :data:`EAGER_LIMIT` clients are not
+cached: resolving every client up front costs ~1 ms per client in ``datasets`` overhead, which
+a large pool sampled a few clients per round would pay for nothing; their clients are split on
+first use, as before.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import ClassLabel, Dataset, Features, Value
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    ExponentialPartitioner,
-    IidPartitioner,
-    LinearPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-    ShardPartitioner,
-    SquarePartitioner,
-)
 
-from clients.datasets import DataError, DatasetInfo, Source, load_source, norm_seed, source_key
+from clients.datasets import (
+    DataError,
+    DatasetInfo,
+    Source,
+    atomic_savez,
+    cache_dir,
+    installed_version,
+    load_source,
+    norm_seed,
+    source_key,
+)
 from scenarios.config import DataConfig
 
+if TYPE_CHECKING:  # imported lazily: a cached federation needs neither
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
+
 _PROXY_STREAM = 1  # independent numpy streams derived from the run seed
+EAGER_LIMIT = 2000  # federations up to this many clients are resolved at once and cached on disk
+_CACHE_FORMAT = 1  # bump when the file's layout or the way rows are computed changes
+_CACHE_KEYS = ("proxy_rows", "train_rows", "train_offsets", "test_rows", "test_offsets")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Federation:
-    """The partitioned train set: the partitioner (dataset assigned, indices determined)."""
+    """The partitioned train set: the proxy rows and each client's local train/test rows.
+
+    Small federations hold every client's rows (``resolved``, from the disk cache or computed at
+    once); large ones keep the flwr-datasets partitioner and split a client on first use.
+    """
 
     source: Source
-    partitioner: Partitioner
     proxy_rows: np.ndarray  # indices into source.x_train held by the server
+    num_partitions: int
+    test_fraction: float
+    seed: int
+    resolved: list[tuple[np.ndarray, np.ndarray]] | None = None
+    partitioner: Partitioner | None = None
+    _lazy: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def client_rows(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of client ``partition_id``'s local train and test splits."""
+        if self.resolved is not None:
+            return self.resolved[partition_id]
+        if partition_id not in self._lazy:
+            assert self.partitioner is not None
+            rows = _rows(self.partitioner.load_partition(partition_id))
+            self._lazy[partition_id] = local_split(rows, self.test_fraction, self.seed)
+        return self._lazy[partition_id]
+
+    def label_counts(self) -> np.ndarray:
+        """``(num_partitions, num_classes)`` label counts of each partition (train + test)."""
+        y, num_classes = self.source.y_train, self.source.info.num_classes
+        counts = np.zeros((self.num_partitions, num_classes), dtype=np.int64)
+        for pid in range(self.num_partitions):
+            train, test = self.client_rows(pid)
+            counts[pid] = np.bincount(y[train], minlength=num_classes)
+            counts[pid] += np.bincount(y[test], minlength=num_classes)
+        return counts
 
 
 # -- partitioning -------------------------------------------------------------------------------
 @lru_cache(maxsize=4)
 def federation(cfg_json: str, seed: int) -> Federation:
-    """Proxy carve-out + partitioner for one (config, seed); computed once per process."""
+    """Proxy carve-out + partitions + local splits for one (config, seed); computed once per
+    process, and (up to :data:`EAGER_LIMIT` clients) once per machine thanks to the disk cache."""
     cfg = DataConfig.model_validate_json(cfg_json)
     seed = norm_seed(seed)
     src = load_source(source_key(cfg, seed))
+    eager = cfg.num_clients <= EAGER_LIMIT
+    path = _cache_path(cfg_json, seed, src) if eager else None
+    if path is not None:
+        cached = _read_cache(path, cfg.num_clients, len(src.y_train))
+        if cached is not None:
+            proxy_rows, resolved = cached
+            return Federation(
+                src, proxy_rows, cfg.num_clients, cfg.local_test_fraction, seed, resolved
+            )
+    proxy_rows, partitioner = _partition(cfg, seed, src)
+    fed = Federation(
+        src, proxy_rows, cfg.num_clients, cfg.local_test_fraction, seed, partitioner=partitioner
+    )
+    if path is None:
+        return fed
+    resolved = [fed.client_rows(pid) for pid in range(cfg.num_clients)]
+    _write_cache(path, proxy_rows, resolved)
+    return Federation(src, proxy_rows, cfg.num_clients, cfg.local_test_fraction, seed, resolved)
+
+
+def _partition(cfg: DataConfig, seed: int, src: Source) -> tuple[np.ndarray, Partitioner]:
+    """The proxy rows and the partitioner, its indices determined (flwr-datasets' work)."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
     num_classes = src.info.num_classes
     n_train = len(src.y_train)
-
     proxy_rows = np.empty(0, dtype=np.int64)
     if cfg.proxy_fraction > 0:
         n_proxy = max(1, round(cfg.proxy_fraction * n_train))
@@ -82,10 +158,85 @@ def federation(cfg_json: str, seed: int) -> Federation:
             f"training data after the proxy carve-out (data.proxy_fraction={cfg.proxy_fraction}); "
             "raise data.num_samples or lower data.proxy_fraction"
         )
-    return Federation(source=src, partitioner=partitioner, proxy_rows=proxy_rows)
+    return proxy_rows, partitioner
+
+
+# -- the disk cache -----------------------------------------------------------------------------
+def _cache_path(cfg_json: str, seed: int, src: Source) -> Path:
+    """``partitions-<hash>.npz``: the hash covers everything the rows depend on."""
+    labels = hashlib.sha256(np.ascontiguousarray(src.y_train, dtype=np.int64).tobytes())
+    if src.device is not None:
+        labels.update(b"device")
+        labels.update(np.ascontiguousarray(src.device, dtype=np.int64).tobytes())
+    recipe = {
+        "format": _CACHE_FORMAT,
+        "data": json.loads(cfg_json),
+        "seed": seed,
+        "labels": labels.hexdigest(),
+        "versions": {
+            "flwr-datasets": installed_version("flwr-datasets"),
+            "datasets": installed_version("datasets"),
+            "numpy": np.__version__,
+        },
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"partitions-{digest}.npz"
+
+
+def _write_cache(
+    path: Path, proxy_rows: np.ndarray, resolved: list[tuple[np.ndarray, np.ndarray]]
+) -> None:
+    arrays = {"proxy_rows": proxy_rows.astype(np.int64)}
+    for i, name in enumerate(("train", "test")):
+        parts = [pair[i].astype(np.int64) for pair in resolved]
+        arrays[f"{name}_rows"] = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        arrays[f"{name}_offsets"] = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+    atomic_savez(path, arrays)  # best effort: a read-only folder only costs recomputation
+
+
+def _read_cache(
+    path: Path, num_clients: int, n_train: int
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
+    """The cached rows, or ``None`` when the file is missing, unreadable or inconsistent (a
+    truncated or corrupt file is recomputed and overwritten, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k]) for k in _CACHE_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    for name, arr in arrays.items():
+        if arr.ndim != 1 or arr.dtype != np.int64:
+            return None
+        if name.endswith("_rows") and arr.size and (arr.min() < 0 or arr.max() >= n_train):
+            return None
+    split = []
+    for name in ("train", "test"):
+        rows, offsets = arrays[f"{name}_rows"], arrays[f"{name}_offsets"]
+        if (
+            len(offsets) != num_clients + 1
+            or offsets[0] != 0
+            or offsets[-1] != len(rows)
+            or (np.diff(offsets) < 0).any()
+        ):
+            return None
+        split.append(np.split(rows, offsets[1:-1]))
+    return arrays["proxy_rows"], list(zip(split[0], split[1], strict=True))
 
 
 def _make_partitioner(cfg: DataConfig, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        ExponentialPartitioner,
+        IidPartitioner,
+        LinearPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+        SquarePartitioner,
+    )
+
     n = cfg.num_clients
     if cfg.dataset == "synthetic":
         return NaturalIdPartitioner(partition_by="device")
@@ -195,18 +346,30 @@ def _partition_failure(cfg: DataConfig, info: DatasetInfo, n_rows: int, err: Exc
     )
 
 
-def local_split(
-    partition: Dataset, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of a partition's local train and test splits (``datasets.train_test_split``)."""
-    n = len(partition)
+def local_split(rows: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A partition's rows split into local train and test rows (``datasets.train_test_split``)."""
+    train_pos, test_pos = _split_positions(len(rows), test_fraction, seed)
+    return rows[train_pos], rows[test_pos]
+
+
+@lru_cache(maxsize=4096)
+def _split_positions(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the local train and test rows in a partition of ``n`` rows.
+
+    ``Dataset.train_test_split`` (unstratified, in memory) draws ``default_rng(seed)
+    .permutation(n)``: the split depends only on the partition's length, so it is computed once
+    per length on a table of positions (partitions of equal size share it; tests/test_data.py
+    checks it against splitting the partition itself)."""
     if n < 2:
-        return _rows(partition), np.empty(0, dtype=np.int64)
+        return np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
+    from datasets import Dataset
+
+    table = Dataset.from_dict({"row": np.arange(n, dtype=np.int64)})
     try:
-        split = partition.train_test_split(test_size=test_fraction, seed=seed)
+        split = table.train_test_split(test_size=test_fraction, seed=seed)
     except ValueError:  # tiny partition where the fraction rounds train or test to zero
         n_test = min(max(1, math.ceil(test_fraction * n)), n - 1)
-        split = partition.train_test_split(test_size=n_test, seed=seed)
+        split = table.train_test_split(test_size=n_test, seed=seed)
     return _rows(split["train"]), _rows(split["test"])
 
 
