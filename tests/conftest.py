@@ -14,5 +14,9 @@ os.environ.update(
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
         "RAY_DEDUP_LOGS": "0",
+        # Every Ray runtime a test starts is private: unset, ray.init() joins whatever cluster
+        # `ray start` last left on the machine (its address file outlives the cluster, and a dead
+        # one hangs the run). Tests of engine.ray_address pass their own.
+        "RAY_ADDRESS": "local",
     }
 )
