@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -140,6 +141,12 @@ def _mnist1d(num_samples: int) -> Source:
             arrays = None  # a corrupt or truncated cache file is regenerated below
     if arrays is None:
         from mnist1d.data import get_dataset_args, make_dataset
+
+        print(  # seconds (tens of seconds for 100k+ samples) of silence otherwise
+            f"fedge: generating mnist1d ({num_samples} samples) once; cached as {path}",
+            file=sys.stderr,
+            flush=True,
+        )
 
         args = get_dataset_args()
         args.num_samples = num_samples

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # imported lazily: a cached federation needs neither
 
 _PROXY_STREAM = 1  # independent numpy streams derived from the run seed
 EAGER_LIMIT = 2000  # federations up to this many clients are resolved at once and cached on disk
+NOTE_FROM_CLIENTS = 100  # resolving this many clients takes seconds: say so on stderr
 _CACHE_FORMAT = 1  # bump when the file's layout or the way rows are computed changes
 _CACHE_KEYS = ("proxy_rows", "train_rows", "train_offsets", "test_rows", "test_offsets")
 
@@ -113,6 +115,13 @@ def federation(cfg_json: str, seed: int) -> Federation:
     )
     if path is None:
         return fed
+    if cfg.num_clients >= NOTE_FROM_CLIENTS:  # seconds of silence otherwise, on a first run
+        print(
+            f"fedge: splitting {cfg.dataset} into {cfg.num_clients} clients once; "
+            f"cached in {path.parent}",
+            file=sys.stderr,
+            flush=True,
+        )
     resolved = [fed.client_rows(pid) for pid in range(cfg.num_clients)]
     _write_cache(path, proxy_rows, resolved)
     return Federation(src, proxy_rows, cfg.num_clients, cfg.local_test_fraction, seed, resolved)

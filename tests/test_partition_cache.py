@@ -256,3 +256,27 @@ def test_corrupt_mnist1d_cache_is_regenerated(fresh: Path) -> None:
     np.testing.assert_array_equal(D.load_central_test(cfg, 0)[0], x_test)
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None
+
+
+def test_first_runs_long_work_is_announced_once(
+    fresh: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Generating mnist1d and splitting a federation of 100+ clients take seconds on a machine's
+    first run: each says so on stderr, once; a cached run is silent."""
+    cfg = CFG.model_copy(
+        update={
+            "num_clients": partitions.NOTE_FROM_CLIENTS,
+            "num_samples": 1200,
+            "partitioner": "iid",
+        }
+    )
+    D.load_client_data(cfg, SEED, 0)
+    err = capsys.readouterr().err
+    assert "generating mnist1d (1200 samples) once" in err
+    assert f"splitting mnist1d into {cfg.num_clients} clients once" in err
+    clear_memory()
+    D.load_client_data(cfg, SEED, 0)
+    assert capsys.readouterr().err == ""
+    small = CFG.model_copy(update={"num_samples": 1200})  # 6 clients: quick, nothing to announce
+    D.load_client_data(small, SEED, 0)
+    assert "splitting" not in capsys.readouterr().err
