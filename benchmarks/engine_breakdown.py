@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -45,6 +46,9 @@ from clients.models import build_model
 from fedge.engines import run_engine
 from scenarios.config import load_scenario
 from server.validation import ReplyValidator
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_overhead import bare_local_training  # noqa: E402  (same folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS: Counter[str] = Counter()
@@ -141,17 +145,9 @@ def floor(args: argparse.Namespace, cores: int) -> None:
     model = build_model(scenario.model, info.input_shape, info.num_classes)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def bare() -> None:
+    def bare() -> None:  # the bare loop's training alone (no averaging, no evaluation)
         for c in data:
-            model.load_state_dict(state)
-            opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum)
-            x, y = torch.from_numpy(c.x_train), torch.from_numpy(c.y_train)
-            order = torch.randperm(len(x))
-            for s in range(0, len(x), batch):
-                idx = order[s : s + batch]
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
+            bare_local_training(model, state, c, tc, torch.Generator().manual_seed(1))
 
     from clients.packed import PackedClient, train_packed
 

@@ -26,6 +26,22 @@ from fedge.engines import run_engine
 from scenarios.config import load_scenario
 
 
+def bare_local_training(model, global_state, client, tc, generator: torch.Generator) -> None:
+    """One client's local epochs in plain PyTorch, from ``global_state``, into ``model``."""
+    model.load_state_dict(global_state)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
+    )
+    x, y = torch.from_numpy(client.x_train), torch.from_numpy(client.y_train)
+    for _ in range(tc.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for s in range(0, len(x), tc.batch_size):
+            idx = order[s : s + tc.batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+
 def bare_fedavg(scenario) -> float:
     """FedAvg in plain PyTorch; returns the final central accuracy."""
     torch.set_num_threads(scenario.engine.client_threads)
@@ -41,21 +57,10 @@ def bare_fedavg(scenario) -> float:
     for rnd in range(1, scenario.num_rounds + 1):
         states, weights = [], []
         for c in clients:
-            model.load_state_dict(global_state)
-            opt = torch.optim.SGD(
-                model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
-            )
             gen = torch.Generator().manual_seed(rnd * 1000 + c.partition_id)
-            x, y = torch.from_numpy(c.x_train), torch.from_numpy(c.y_train)
-            for _ in range(tc.epochs):
-                order = torch.randperm(len(x), generator=gen)
-                for s in range(0, len(x), tc.batch_size):
-                    idx = order[s : s + tc.batch_size]
-                    opt.zero_grad()
-                    F.cross_entropy(model(x[idx]), y[idx]).backward()
-                    opt.step()
+            bare_local_training(model, global_state, c, tc, gen)
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            weights.append(len(x))
+            weights.append(len(c.x_train))
         total = sum(weights)
         global_state = {
             k: sum(w / total * s[k] for w, s in zip(weights, states, strict=True))

@@ -47,9 +47,9 @@ class TrainJob:
 def updates_parameters_only(trainer: Callable) -> Callable:
     """Marks a local trainer that changes nothing of its model but parameter values, in place
     (as ``torch.optim`` does; it may set ``.grad`` and train/eval mode): no new modules, hooks,
-    ``requires_grad`` flags, replaced tensors or references kept after it returns. The ClientApp may then hand it the process's one model of the scenario,
-    reloaded for each client, instead of a new one: building a small model costs ~0.2 ms, more than
-    a quarter of its local epoch."""
+    ``requires_grad`` flags, replaced tensors or references kept after it returns. The ClientApp
+    may then hand it the process's one model of the scenario, reloaded for each client, instead of
+    a new one: building a small model costs ~0.2 ms, more than a quarter of its local epoch."""
     trainer.updates_parameters_only = True  # type: ignore[attr-defined]
     return trainer
 

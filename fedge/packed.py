@@ -14,8 +14,7 @@ ClientApp as in the ``inprocess`` engine, with the reason logged once:
 Memory is bounded by training at most ``engine.pack_size`` clients at a time; the largest pack's
 stacked state, the process's peak RSS (which also holds the pack's activations: ~2 MiB per client
 for the quickstart's cnn1d, a few KiB for a small MLP) and CUDA's peak when used are printed at the
-end of the run. ``engine.device = "cuda"``
-puts the pack on the GPU.
+end of the run. ``engine.device = "cuda"`` puts the pack on the GPU.
 """
 
 from __future__ import annotations
