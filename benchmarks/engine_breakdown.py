@@ -38,7 +38,7 @@ from torch.nn import functional as F
 import clients.fedavg as client_fedavg
 import clients.training as training
 import fedge.engines as engines
-import fedge.packed as packed_engine
+import fedge.engines.packed as packed_engine
 import server.app as server_app
 import server.loop as loop
 from clients.data import dataset_info, load_client_data

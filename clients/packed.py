@@ -15,7 +15,7 @@ own step count and its own SGD momentum buffers, so the result is the sequential
 - SGD is ``torch.optim.SGD``'s update written out: d = g + wd * w; buf = d (first step) or
   momentum * buf + d; w -= lr * buf.
 
-Which clients can be packed is decided by the engine (``fedge/packed.py``); this module only trains.
+Which clients can be packed is decided by the engine (``fedge/engines/packed.py``); this module only trains.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def deploy_superlink(
     from anywhere; key registration and run submission only from this machine unless
     --expose-control-api."""
     from fedge.deploy import run_foreground, superlink_args
-    from fedge.engines import _exe
+    from fedge.engines import find_executable
 
     if certs is not None and not (certs / "server.pem").is_file():
         fail(f"{certs}/server.pem not found; make it with `fedge deploy certs --out {certs}`")
@@ -100,7 +100,13 @@ def deploy_superlink(
         )
     try:
         args = superlink_args(
-            _exe("flower-superlink"), certs, auth, host, port, database, expose_control_api
+            find_executable("flower-superlink"),
+            certs,
+            auth,
+            host,
+            port,
+            database,
+            expose_control_api,
         )
     except ValueError as err:
         fail(str(err))
@@ -119,14 +125,14 @@ def deploy_supernode(
 ) -> None:
     """Start one SuperNode in the foreground (edge machine)."""
     from fedge.deploy import run_foreground, supernode_args
-    from fedge.engines import _exe
+    from fedge.engines import find_executable
 
     for path in (root_cert, key):
         if path is not None and not path.is_file():
             fail(f"{path} not found")
     try:
         args = supernode_args(
-            _exe("flower-supernode"),
+            find_executable("flower-supernode"),
             superlink,
             partition_id,
             num_partitions,
@@ -161,11 +167,11 @@ def deploy_register(
 ) -> None:
     """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
     from fedge.deploy import register_args, run_foreground
-    from fedge.engines import _exe
+    from fedge.engines import find_executable
 
     if not public_key.is_file():
         fail(f"{public_key} not found")
-    raise typer.Exit(run_foreground(register_args(_exe("flwr"), public_key, name)))
+    raise typer.Exit(run_foreground(register_args(find_executable("flwr"), public_key, name)))
 
 
 @deploy_app.command("submit")
@@ -202,7 +208,7 @@ def deploy_submit(
     from clients.data import DataError
     from fedge import deploy
     from fedge.apps import APP_DIR, app_config_keys, stage_app
-    from fedge.engines import _exe
+    from fedge.engines import find_executable
     from scenarios.config import RUN_CONFIG_KEY
 
     staging = Path(tempfile.mkdtemp(prefix="fedge-submit-"))
@@ -247,4 +253,6 @@ def deploy_submit(
     if values:
         config = staging / "run_config.toml"
         config.write_text(tomli_w.dumps(values))
-    raise typer.Exit(deploy.run_foreground(deploy.submit_args(_exe("flwr"), submit_dir, config)))
+    raise typer.Exit(
+        deploy.run_foreground(deploy.submit_args(find_executable("flwr"), submit_dir, config))
+    )

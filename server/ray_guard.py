@@ -26,7 +26,7 @@ LOST_NODE_ERRORS = (
     "ray.exceptions.ActorUnavailableError",
     "ray.exceptions.NodeDiedError",
 )
-STOP_PREFIX = "Ray node lost"  # fedge/engines.py finds the message in the flwr log by this
+STOP_PREFIX = "Ray node lost"  # fedge/engines/submit.py finds the message in the flwr log by this
 
 
 class RayNodeLostError(RuntimeError):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
 
 from fedge.deploy import (
     make_certs,
@@ -23,14 +24,8 @@ from fedge.deploy import (
     supernode_args,
     write_connection,
 )
-from fedge.engines import (
-    FLWR_IN_MEMORY_DB_NAME,
-    _exe,
-    _submit,
-    _wait_for_port,
-    flower_processes,
-    free_port,
-)
+from fedge.engines import find_executable, flower_processes, free_port, wait_for_port
+from fedge.engines.submit import submit_app
 from scenarios.results import load_run
 from tests.test_engines import tiny
 
@@ -68,7 +63,7 @@ def start_auth_superlink(group, certs_dir: Path, host: str, port: int) -> None:
     link = group.start(
         "superlink",
         superlink_args(
-            _exe("flower-superlink"),
+            find_executable("flower-superlink"),
             certs_dir,
             auth=True,
             host=host,
@@ -76,7 +71,7 @@ def start_auth_superlink(group, certs_dir: Path, host: str, port: int) -> None:
             database=FLWR_IN_MEMORY_DB_NAME,
         ),
     )
-    _wait_for_port(port, link, "superlink", group)
+    wait_for_port(port, link, "superlink", group)
 
 
 @pytest.mark.slow
@@ -92,7 +87,7 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
         write_connection(group.flwr_home, address, certs["ca.crt"])
         registrations = [  # the three `flwr supernode register` calls run side by side
             subprocess.Popen(
-                register_args(_exe("flwr"), keys[i][1], name=f"edge-{i}"),
+                register_args(find_executable("flwr"), keys[i][1], name=f"edge-{i}"),
                 env=group.env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -107,7 +102,7 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
             group.start(
                 f"supernode-{i}",
                 supernode_args(
-                    _exe("flower-supernode"),
+                    find_executable("flower-supernode"),
                     address,
                     i,
                     3,
@@ -122,7 +117,7 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
         group.start(
             "intruder",
             supernode_args(
-                _exe("flower-supernode"),
+                find_executable("flower-supernode"),
                 address,
                 0,
                 3,
@@ -131,7 +126,7 @@ def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
                 port=free_port(),
             ),
         )
-        summary = _submit(scenario, run_dir, group, address, None, root_cert=certs["ca.crt"])
+        summary = submit_app(scenario, run_dir, group, address, None, root_cert=certs["ca.crt"])
         deadline = time.time() + 60  # refused at activation, before any work (exit code 305)
         while "Failed to activate SuperNode" not in group.log_tail("intruder", 200):
             assert time.time() < deadline, group.log_tail("intruder")
@@ -274,7 +269,7 @@ def _outsider_is_refused(tmp_path: Path, netns: list[str], address: str) -> None
         start_auth_superlink(group, tmp_path / "certs", "0.0.0.0", port)
         outsider_env = {**group.env, "FLWR_HOME": str(outsider_home)}
         outsider = subprocess.run(
-            [*netns, *register_args(_exe("flwr"), in_public, name="intruder")],
+            [*netns, *register_args(find_executable("flwr"), in_public, name="intruder")],
             env=outsider_env,
             capture_output=True,
             text=True,
@@ -286,7 +281,7 @@ def _outsider_is_refused(tmp_path: Path, netns: list[str], address: str) -> None
 
         write_connection(group.flwr_home, f"127.0.0.1:{port}", certs["ca.crt"])
         operator = subprocess.run(
-            register_args(_exe("flwr"), op_public, name="edge-0"),
+            register_args(find_executable("flwr"), op_public, name="edge-0"),
             env=group.env,
             capture_output=True,
             text=True,
@@ -302,7 +297,7 @@ def _outsider_is_refused(tmp_path: Path, netns: list[str], address: str) -> None
                 name,
                 prefix
                 + supernode_args(
-                    _exe("flower-supernode"),
+                    find_executable("flower-supernode"),
                     f"{dial}:{port}",
                     0,
                     2,
@@ -319,7 +314,7 @@ def _outsider_is_refused(tmp_path: Path, netns: list[str], address: str) -> None
         while not online:  # the operator sees its node online
             assert time.time() < deadline, group.log_tail("edge-0")
             listing = subprocess.run(
-                [_exe("flwr"), "supernode", "ls", "fedge", "--format", "json"],
+                [find_executable("flwr"), "supernode", "ls", "fedge", "--format", "json"],
                 env=group.env,
                 capture_output=True,
                 text=True,
@@ -331,7 +326,7 @@ def _outsider_is_refused(tmp_path: Path, netns: list[str], address: str) -> None
         assert len(nodes) == 1  # only the operator's key was ever registered
         # the outsider cannot even list nodes
         peek = subprocess.run(
-            [*netns, _exe("flwr"), "supernode", "ls", "fedge"],
+            [*netns, find_executable("flwr"), "supernode", "ls", "fedge"],
             env=outsider_env,
             capture_output=True,
             text=True,

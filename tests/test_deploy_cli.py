@@ -211,7 +211,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @pytest.mark.slow
 def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
-    from fedge.engines import ProcessGroup, _exe, _wait_for_port, free_port
+    from fedge.engines import ProcessGroup, find_executable, free_port, wait_for_port
 
     user = _user_app(tmp_path / "userapp", {"num-server-rounds": "1", "out": '""'})
     (user / "userapp").mkdir()
@@ -225,12 +225,12 @@ def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
         link = group.start(
             "superlink",
             [
-                _exe("flower-superlink"), "--insecure", "--simulation",
+                find_executable("flower-superlink"), "--insecure", "--simulation",
                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
                 "--port", str(port), "--database", ":flwr-in-memory:",
             ],
         )  # fmt: skip
-        _wait_for_port(port, link, "superlink", group)
+        wait_for_port(port, link, "superlink", group)
         cli = [sys.executable, "-m", "fedge.cli", "deploy"]
         env = {**group.env, "PYTHONPATH": str(ROOT)}
         connect = subprocess.run(

@@ -121,7 +121,7 @@ def test_unpackable_clients_go_through_the_client_app(tmp_path: Path, caplog) ->
         "edge": {"trainers": {"0": "tpsgd", "1": "forward_forward"}, "export_onnx": False},
     }
     sequential = _run(raw, "inprocess", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="fedge.packed"):
+    with caplog.at_level(logging.WARNING, logger="fedge.engines.packed"):
         packed = _run(raw, "packed", tmp_path)
     assert "trainer 'tpsgd' is not FedAvg/FedProx local SGD" in caplog.text
     _assert_same_training(sequential, packed)
@@ -133,7 +133,7 @@ def test_devices_clock_falls_back_to_sequential_bit_identically(tmp_path: Path, 
         "devices": {"assign": "mix", "mix": {"t4": 1, "jetson_nano": 1}, "dropout_prob": 0.2},
     }
     seq_rounds, seq_model = _run(raw, "inprocess", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="fedge.packed"):
+    with caplog.at_level(logging.WARNING, logger="fedge.engines.packed"):
         packed_rounds, packed_model = _run(raw, "packed", tmp_path)
     assert "[devices] is set" in caplog.text
     for key in seq_model:
@@ -144,14 +144,14 @@ def test_devices_clock_falls_back_to_sequential_bit_identically(tmp_path: Path, 
 
 
 def test_a_failing_pack_falls_back_to_the_client_app(tmp_path: Path, caplog, monkeypatch) -> None:
-    import fedge.packed
+    import fedge.engines.packed
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(fedge.packed, "train_packed", broken)
+    monkeypatch.setattr(fedge.engines.packed, "train_packed", broken)
     seq_rounds, seq_model = _run(BASE, "inprocess", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="fedge.packed"):
+    with caplog.at_level(logging.WARNING, logger="fedge.engines.packed"):
         packed_rounds, packed_model = _run(BASE, "packed", tmp_path, pack_size=4)
     assert "the pack raised RuntimeError: out of memory (simulated)" in caplog.text
     for key in seq_model:  # every client went through the ClientApp: the very same model
