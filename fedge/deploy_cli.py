@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from fedge.cli_common import SetOpt, console, fail, preflight
+from fedge.api import check_scenario
+from fedge.cli_common import SetOpt, console, fail
 from scenarios.config import ScenarioError, load_scenario, parse_override
 
 deploy_app = typer.Typer(
@@ -231,7 +232,7 @@ def deploy_submit(
                 )
         if scenario is not None:
             sc = load_scenario(scenario, set_ or [])
-            preflight(sc)
+            check_scenario(sc)
             values.update(sc.to_run_config())
             if "run-dir" in declared:
                 values["run-dir"] = run_dir or ""
