@@ -20,4 +20,3 @@ def fail(message: str) -> None:
     # escaped: messages quote TOML tables ("[tool.flwr.app]") that rich would take for markup
     console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
-

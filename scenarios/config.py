@@ -324,6 +324,21 @@ class AttackConfig(_Strict):
     )
 
 
+class TrackingConfig(_Strict):
+    """Experiment trackers that receive every round's metrics (all numbers of the round's
+    ``metrics.jsonl`` record) and the scenario as hyperparameters. Optional extras:
+    ``pip install 'fedge[tracking]'``; neither package is imported unless its switch is on."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run>/tensorboard")
+    mlflow: bool = Field(False, description="an MLflow run, with the run folder as its artifacts")
+    mlflow_uri: str = Field(
+        "",
+        description="MLflow tracking URI; empty = the file store mlruns/ next to the run folder "
+        "(in <output_dir>, so the runs of one output_dir or sweep share one store)",
+    )
+    mlflow_experiment: str = Field("fedge", min_length=1, description="MLflow experiment name")
+
+
 class Scenario(_Strict):
     """A whole run. ``num_rounds``, ``seed`` and ``output_dir`` exist in every scenario."""
 
@@ -348,6 +363,7 @@ class Scenario(_Strict):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("name")
     @classmethod
@@ -567,7 +583,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> dict[str, Any]
     if isinstance(overrides, str):  # one "k=v", not a sequence of one-letter overrides
         overrides = [overrides]
     if isinstance(overrides, typing.Mapping):
-        pairs = [(str(key).split("."), value, f"{key}={value!r}") for key, value in overrides.items()]
+        pairs = [
+            (str(key).split("."), value, f"{key}={value!r}") for key, value in overrides.items()
+        ]
     else:
         pairs = [(*parse_override(item), item) for item in overrides]
     for path, value, item in pairs:
