@@ -8,7 +8,7 @@ client at the last round before and after fine-tuning (the scenario's ``[persona
 "FedAvg" is the FedAvg run's accuracy of the received global model on each client's local test
 split; "FedAvg + fine-tune" is the same run after fine-tuning. Every other method is reported
 after the same fine-tuning. Per run, the numbers are unweighted means over clients (and the mean
-of the worst 10% of clients); the table gives mean ± std (population) over seeds.
+of the worst 10% of clients); the table gives mean ± sample std (n − 1) over seeds.
 
 Writes ``personalization.md`` (the table) and, via ``scenarios/report.py``, ``comparison.md/png``
 for the sample-weighted ``personalized_accuracy`` column of every run.
@@ -25,6 +25,7 @@ from pathlib import Path
 from fedge.engines import run_engine
 from fedge.report import compare_runs
 from scenarios.config import load_scenario
+from scenarios.stats import format_mean_std, std_caption
 
 DEFAULT_SETS = ["data.num_clients=12", "num_rounds=20", "personalization.evaluate_every=10"]
 ALGORITHMS = {
@@ -39,9 +40,7 @@ ALGORITHMS = {
 
 
 def fmt(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.pstdev(values):.2f}"
+    return format_mean_std(values, scale=100, digits=2)
 
 
 def main() -> None:
@@ -120,7 +119,7 @@ def main() -> None:
         f"{base.num_rounds} rounds, model {base.model.name} {base.model.hidden}, seeds {seeds}; "
         f"fine-tune: {finetune} at lr {base.train.lr}. "
         "Accuracy (%) on each client's local test split at the last round, unweighted mean over "
-        "clients; mean ± std over seeds.",
+        f"clients; {std_caption(len(seeds))}.",
         "",
         "| method | accuracy (%) | worst-10% clients (%) | before fine-tune (%) | wall (s) |",
         "|---|---|---|---|---|",

@@ -39,6 +39,9 @@ def format_mean_std(
     return f"{format(scale * mean, fmt)} ± {format(scale * std, fmt)}"
 
 
-def std_caption(n: int | str, over: str = "seeds") -> str:
-    """The words every table's caption carries: ``mean ± sample std (n − 1) over n = 3 seeds``."""
+def std_caption(n: int | str | None = None, over: str = "seeds") -> str:
+    """The words every table's caption carries: ``mean ± sample std (n − 1) over n = 3 seeds``;
+    without ``n`` (it differs between rows, which then state it): ``... over seeds``."""
+    if n is None:
+        return f"mean ± sample std (n − 1) over {over}"
     return f"mean ± sample std (n − 1) over n = {n} {over}"
