@@ -170,3 +170,20 @@ def test_a_failed_run_raises_run_failed_with_its_results(tmp_path: Path) -> None
     frame = failed.to_pandas()
     assert isinstance(frame, pandas.DataFrame) and list(frame["round"]) == [0, 1, 2]
     assert len(failed.to_pandas("clients")) == len(failed.clients)
+
+
+def test_sweep_grid_as_dict_or_cli_strings_gives_the_same_axes() -> None:
+    from fedge.api import _axes, _label
+
+    as_strings = _axes(["algorithm.name=fedavg,fedprox", "data.alpha=0.1,0.5", "seed=[1, 2]"])
+    as_dict = _axes(
+        {"algorithm.name": ["fedavg", "fedprox"], "data.alpha": [0.1, 0.5], "seed": [1, 2]}
+    )
+    assert as_strings == as_dict
+    assert as_dict[1] == (
+        "data.alpha",
+        [(0.1, "0.1"), (0.5, "0.5")],
+    )  # values typed, as --set reads
+    labels = [_label(key, text) for key, values in as_dict for _, text in values]
+    assert labels == ["fedavg", "fedprox", "alpha-0.1", "alpha-0.5", "seed-1", "seed-2"]
+    assert _label("data.hub_path", "a/b") == "hub_path-a_b"  # a value never makes a subfolder
