@@ -180,10 +180,8 @@ def test_sweep_grid_as_dict_or_cli_strings_gives_the_same_axes() -> None:
         {"algorithm.name": ["fedavg", "fedprox"], "data.alpha": [0.1, 0.5], "seed": [1, 2]}
     )
     assert as_strings == as_dict
-    assert as_dict[1] == (
-        "data.alpha",
-        [(0.1, "0.1"), (0.5, "0.5")],
-    )  # values typed, as --set reads
+    # values are typed as `--set` reads them; the text names the run
+    assert as_dict[1] == ("data.alpha", [(0.1, "0.1"), (0.5, "0.5")])
     labels = [_label(key, text) for key, values in as_dict for _, text in values]
     assert labels == ["fedavg", "fedprox", "alpha-0.1", "alpha-0.5", "seed-1", "seed-2"]
     assert _label("data.hub_path", "a/b") == "hub_path-a_b"  # a value never makes a subfolder
