@@ -23,36 +23,25 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"wall_time_s", "cumulative_wall_time_s"}
 
 
-def tiny_raw(name: str, **extra) -> dict:
-    return {
-        "name": name,
-        "seed": 3,
-        "num_rounds": 2,
-        "data": {"dataset": "mnist1d", "num_clients": 3, "num_samples": 600},
-        "model": {"name": "mlp", "hidden": [16]},
-        "train": {"epochs": 1, "batch_size": 32, "lr": 0.1},
-        **extra,
-    }
+TRAIN = {"epochs": 1, "batch_size": 32, "lr": 0.1}
 
 
 def learning(rounds: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rounds]
 
 
-def test_two_runs_in_one_process_equal_their_cli_runs(tmp_path: Path) -> None:
+def test_two_runs_in_one_process_equal_their_cli_runs(tmp_path: Path, tiny_scenario) -> None:
     scenarios = {
-        "fedavg": tiny_raw("fedavg"),
-        "fedprox": tiny_raw(
-            "fedprox",
-            algorithm={"name": "fedprox", "mu": 0.1},
-            data={"dataset": "mnist1d", "num_clients": 4, "num_samples": 600, "alpha": 0.3,
-                  "partitioner": "dirichlet"},
-        ),
-    }  # fmt: skip
-    paths = {}
-    for name, raw in scenarios.items():
-        paths[name] = tmp_path / f"{name}.toml"
-        paths[name].write_text(tomli_w.dumps(raw))
+        "fedavg": {},
+        "fedprox": {
+            "algorithm": {"name": "fedprox", "mu": 0.1},
+            "data": {"num_clients": 4, "alpha": 0.3, "partitioner": "dirichlet"},
+        },
+    }
+    paths = {
+        name: tiny_scenario.toml(tmp_path / f"{name}.toml", name=name, seed=3, train=TRAIN, **extra)
+        for name, extra in scenarios.items()
+    }
     # the CLI runs, each in its own process, side by side
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cli = {
@@ -83,7 +72,7 @@ def test_two_runs_in_one_process_equal_their_cli_runs(tmp_path: Path) -> None:
         assert api_run.scenario == cli_run.scenario
 
 
-def test_run_restores_the_callers_process_state(tmp_path: Path) -> None:
+def test_run_restores_the_callers_process_state(tmp_path: Path, tiny_scenario) -> None:
     caller_threads = 2 if torch.get_num_threads() != 2 else 3  # a run trains with 1 thread
     flwr_logger = logging.getLogger("flwr")
     before = {
@@ -103,9 +92,7 @@ def test_run_restores_the_callers_process_state(tmp_path: Path) -> None:
     torch.manual_seed(11)
     try:
         result = fedge.run(
-            tomli_w.dumps(tiny_raw("state", num_rounds=1)),
-            run_dir=tmp_path / "run",
-            progress=False,
+            tiny_scenario(name="state", num_rounds=1), run_dir=tmp_path / "run", progress=False
         )
         assert result.summary["status"] == "ok"
         assert torch.get_num_threads() == caller_threads
@@ -145,8 +132,8 @@ def test_preserved_process_state_puts_back_environment_and_logging() -> None:
         root.setLevel(level)
 
 
-def test_overrides_as_dict_or_strings_and_typed_errors(tmp_path: Path) -> None:
-    text = tomli_w.dumps(tiny_raw("over"))
+def test_overrides_as_dict_or_strings_and_typed_errors(tmp_path: Path, tiny_scenario) -> None:
+    text = tomli_w.dumps(tiny_scenario.raw(name="over"))
     as_dict = fedge.resolve_scenario(text, {"data.alpha": 0.2, "num_rounds": 5, "name": "x"})
     as_strings = fedge.resolve_scenario(text, ["data.alpha=0.2", "num_rounds=5", "name=x"])
     assert as_dict == as_strings and as_dict.num_rounds == 5
@@ -158,9 +145,9 @@ def test_overrides_as_dict_or_strings_and_typed_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_failed_run_raises_run_failed_with_its_results(tmp_path: Path) -> None:
+def test_a_failed_run_raises_run_failed_with_its_results(tmp_path: Path, tiny_scenario) -> None:
     # every honest update is longer than 1e-9: the validator excludes all, every round skips
-    text = tomli_w.dumps(tiny_raw("fails", robustness={"max_update_norm": 1e-9}))
+    text = tomli_w.dumps(tiny_scenario.raw(name="fails", robustness={"max_update_norm": 1e-9}))
     with pytest.raises(fedge.RunFailed, match="aggregated nothing") as caught:
         fedge.run(text, run_dir=tmp_path / "run", progress=False)
     failed = caught.value.run

@@ -15,30 +15,16 @@ from server import tracking
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny(tmp_path: Path, **tracking_switches: bool) -> str:
-    import tomli_w
-
-    return tomli_w.dumps(
-        {
-            "name": "tracked",
-            "seed": 5,
-            "num_rounds": 2,
-            "data": {"dataset": "mnist1d", "num_clients": 3, "num_samples": 600},
-            "model": {"name": "mlp", "hidden": [16]},
-            "tracking": tracking_switches,
-        }
-    )
-
-
-def test_tensorboard_and_mlflow_receive_every_round_and_the_scenario(tmp_path: Path) -> None:
+def test_tensorboard_and_mlflow_receive_every_round_and_the_scenario(
+    tmp_path: Path, tiny_scenario
+) -> None:
     pytest.importorskip("tensorboard")
     mlflow_tracking = pytest.importorskip("mlflow.tracking")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    run = fedge.run(
-        tiny(tmp_path, tensorboard=True, mlflow=True), run_dir=tmp_path / "run", progress=False
-    )
+    tracked = tiny_scenario(seed=5, tracking={"tensorboard": True, "mlflow": True})
+    run = fedge.run(tracked, run_dir=tmp_path / "run", progress=False)
     accuracy = [(r["round"], r["central_accuracy"]) for r in run.rounds]
     bytes_up = [(r["round"], r["bytes_up"]) for r in run.rounds if "bytes_up" in r]
     assert len(accuracy) == 3 and bytes_up
