@@ -136,7 +136,8 @@ def check_scenario(scenario: Scenario) -> None:
     folder or process exists. Raises ScenarioError, DataError or ValueError naming the problem."""
     from server.setup import build_run
 
-    build_run(scenario)
+    with preserved_process_state():  # building seeds the global RNGs, as a run does
+        build_run(scenario)
 
 
 def validate(scenario: ScenarioSource, overrides: Overrides | None = None) -> Scenario:
