@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from fedge.api import check_scenario
 from fedge.cli_common import SetOpt, console, fail
 from scenarios.config import ScenarioError, load_scenario, parse_override
 
@@ -232,6 +231,8 @@ def deploy_submit(
                 )
         if scenario is not None:
             sc = load_scenario(scenario, set_ or [])
+            from fedge.api import check_scenario
+
             check_scenario(sc)
             values.update(sc.to_run_config())
             if "run-dir" in declared:
