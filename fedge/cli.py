@@ -36,14 +36,22 @@ def _run_one(
 ) -> Path:
     from clients.data import DataError
     from fedge.engines import EngineError, run_engine
-    from server.app import default_run_dir
+    from server.app import check_resume, default_run_dir
 
     try:
         scenario = load_scenario(path, overrides)
         run_dir = run_dir or default_run_dir(scenario)
-        if scenario.engine.name != "inprocess":  # fail before Flower processes start
+        summary = None
+        if scenario.engine.name == "inprocess":
+            pass  # the ServerApp checks everything in this process before it writes
+        elif resume:  # fail (or find the run finished) before Flower processes write logs
+            summary = check_resume(scenario, run_dir)
+            if summary is not None:
+                console.print(f"{run_dir} already finished: nothing to resume, no file changed")
+        else:  # fail before Flower processes start
             preflight(scenario)
-        summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
+        if summary is None:
+            summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
     except (
         ScenarioError,
         DataError,

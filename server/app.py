@@ -6,6 +6,7 @@ absolute results folder; an empty scenario means the default one, so ``flwr run 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -16,14 +17,17 @@ from clients.data import load_central_test
 from clients.models import build_model
 from clients.training import evaluate
 from scenarios.config import Scenario, scenario_to_toml
-from scenarios.results import METRICS_FILE, read_jsonl
+from scenarios.results import METRICS_FILE, SUMMARY_FILE, read_jsonl
 from server.checkpoint import (
     CHECKPOINT_FILE,
+    RunState,
     capture_run_state,
+    check_resume_fits,
     load_checkpoint,
     logged_rounds,
     restore_run_state,
     save_checkpoint,
+    scenario_identity,
     truncate_logs,
     wall_time_until,
 )
@@ -84,6 +88,34 @@ def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Pa
     )
 
 
+def resume_state(scenario: Scenario, run_dir: Path, arrays: ArrayRecord) -> RunState | None:
+    """The checkpoint ``run_dir`` resumes from, checked against this scenario and its model
+    ``arrays`` (``CheckpointError`` naming what differs otherwise); None when the run was killed
+    before its first checkpoint. Reads only: a refused resume leaves the folder as it was."""
+    if not (run_dir / CHECKPOINT_FILE).exists() and not logged_rounds(run_dir):
+        return None
+    state = load_checkpoint(run_dir)
+    check_resume_fits(run_dir, state, scenario, arrays)
+    return state
+
+
+def finished_summary(scenario: Scenario, run_dir: Path, state: RunState | None) -> dict | None:
+    """``summary.json`` of a run that already ended at its checkpoint (resuming it does nothing)."""
+    summary_file = run_dir / SUMMARY_FILE
+    if state is None or state.server_round < scenario.num_rounds or not summary_file.is_file():
+        return None
+    return json.loads(summary_file.read_text(encoding="utf-8"))
+
+
+def check_resume(scenario: Scenario, run_dir: Path) -> dict | None:
+    """Everything ``run_server(resume=True)`` checks before it changes anything, for the engines
+    that start Flower processes (which write logs into ``run_dir``) first; returns the summary of
+    a run that is already finished. Builds the run without a folder, as ``fedge validate`` does."""
+    built = build_run(scenario)
+    state = resume_state(scenario, run_dir, ArrayRecord(built.setup.model.state_dict()))
+    return finished_summary(scenario, run_dir, state)
+
+
 def run_server(
     grid: Grid, scenario: Scenario, run_dir: Path, show_progress: bool = True, resume: bool = False
 ) -> dict:
@@ -102,14 +134,21 @@ def run_server(
         loss, acc = evaluate(eval_model, x_test, y_test, device)
         return MetricRecord({"central_loss": loss, "central_accuracy": acc})
 
+    state = resume_state(scenario, run_dir, initial) if resume else None
+    if (done := finished_summary(scenario, run_dir, state)) is not None:
+        print(
+            f"fedge: {run_dir} already finished its {scenario.num_rounds} rounds: nothing to "
+            "resume, no file changed (raise num_rounds in its scenario.toml to train on)",
+            flush=True,
+        )
+        return done
     wait_for_nodes(grid, scenario.data.num_clients, scenario.federation.wait_for_nodes_s)
     start_round, wall_before = 1, 0.0
-    if resume and not (run_dir / CHECKPOINT_FILE).exists() and not logged_rounds(run_dir):
+    if resume and state is None:
         # killed before its first round ended: nothing to lose, so the folder is simply reused
         truncate_logs(run_dir, -1)
         print(f"fedge: {run_dir} has no checkpoint yet; starting it again from round 1", flush=True)
-    elif resume:
-        state = load_checkpoint(run_dir)
+    elif state is not None:
         initial, start_round = state.arrays, state.server_round + 1
         restore_run_state(state, strategy, plugins)
         for plugin in plugins:  # clients' Context.state, on every engine (clients/state.py)
@@ -121,8 +160,12 @@ def run_server(
     writer = run_writer(run_dir, scenario, resume)
     writer.write_scenario(scenario_to_toml(scenario))
 
+    identity = scenario_identity(scenario)
+
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
-        save_checkpoint(run_dir, capture_run_state(server_round, arrays, strategy, plugins))
+        save_checkpoint(
+            run_dir, capture_run_state(server_round, arrays, strategy, plugins, identity)
+        )
 
     final = run_rounds(
         grid,
