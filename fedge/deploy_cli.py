@@ -253,6 +253,4 @@ def deploy_submit(
     if values:
         config = staging / "run_config.toml"
         config.write_text(tomli_w.dumps(values))
-    raise typer.Exit(
-        deploy.run_foreground(deploy.submit_args(find_executable("flwr"), submit_dir, config))
-    )
+    raise typer.Exit(deploy.submit_and_wait(find_executable("flwr"), submit_dir, config))

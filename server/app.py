@@ -55,12 +55,21 @@ def default_run_dir(scenario: Scenario) -> Path:
     return run_dir
 
 
+class RunFailedError(RuntimeError):
+    """The run ended with ``"status": "failed"`` in its summary (e.g. every reply rejected)."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     scenario = Scenario.from_run_config(context.run_config)
     run_dir = str(context.run_config.get(RUN_DIR_KEY, "")) or str(default_run_dir(scenario))
     resume = bool(context.run_config.get(RESUME_KEY, False))
-    run_server(grid, scenario, Path(run_dir), resume=resume)
+    summary = run_server(grid, scenario, Path(run_dir), resume=resume)
+    if summary["status"] == STATUS_FAILED:
+        # Raising is how a ServerApp tells Flower: the run ends "finished:failed" with this
+        # message as its details (`flwr ls`), which `fedge deploy submit` turns into exit 1.
+        # `flwr run --stream` itself exits 0 whatever the status (flwr 1.42).
+        raise RunFailedError(f"run FAILED: {summary['failure']} (results in {run_dir})")
 
 
 def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Path) -> None:

@@ -105,11 +105,46 @@ def _user_app(path: Path, config: dict[str, str] | None = None) -> Path:
     return path
 
 
+RUN_STATUS = {"status": "finished:completed"}  # what the stand-in `flwr ls` reports
+
+
 @pytest.fixture
 def submitted(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """`flwr run` stand-in: records its arguments and says it started run 7, as flwr does."""
     calls: list[list[str]] = []
-    monkeypatch.setattr(fedge.deploy, "run_foreground", lambda args: calls.append(args) or 0)
+
+    def fake_flwr_run(args: list[str], on_line=None) -> int:
+        calls.append(args)
+        if on_line is not None:
+            on_line("Successfully started run 7\n")
+        return 0
+
+    monkeypatch.setattr(fedge.deploy, "run_foreground", fake_flwr_run)
+    monkeypatch.setattr(
+        fedge.deploy, "run_status", lambda exe, run_id: (RUN_STATUS["status"], "details")
+    )
     return calls
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [("finished:completed", 0), ("finished:failed", 1), ("finished:stopped", 1), ("unknown", 1)],
+)
+def test_submit_exits_with_the_runs_final_status(
+    tmp_path: Path,
+    submitted: list[list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    status: str,
+    code: int,
+) -> None:
+    """`flwr run --stream` exits 0 even when the ServerApp failed; `submit` asks for the run's
+    status and exits 1 unless it completed."""
+    monkeypatch.setitem(RUN_STATUS, "status", status)
+    user = _user_app(tmp_path / "userapp")
+    result = runner.invoke(app, ["deploy", "submit", "--app", str(user)])
+    assert result.exit_code == code, result.output
+    if code:
+        assert f"run 7 ended {status}" in result.output
 
 
 def _run_config(args: list[str]) -> dict:
@@ -209,9 +244,76 @@ def train(msg: Message, context: Context) -> Message:
 """
 
 
+def connected_simulation_superlink(group) -> tuple[list[str], dict[str, str]]:
+    """A loopback simulation SuperLink (2 simulated SuperNodes, Flower's default) in ``group``,
+    saved as the `fedge` connection; returns the `fedge deploy` command and its environment."""
+    from fedge.engines import find_executable, free_port, wait_for_port
+
+    port = free_port()
+    link = group.start(
+        "superlink",
+        [
+            find_executable("flower-superlink"), "--insecure", "--simulation",
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+            "--port", str(port), "--database", ":flwr-in-memory:",
+        ],
+    )  # fmt: skip
+    wait_for_port(port, link, "superlink", group)
+    cli = [sys.executable, "-m", "fedge.cli", "deploy"]
+    env = {**group.env, "PYTHONPATH": str(ROOT)}
+    connect = subprocess.run(
+        [*cli, "connect", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True
+    )
+    assert connect.returncode == 0, connect.stdout + connect.stderr
+    return cli, env
+
+
+@pytest.mark.slow
+def test_submit_of_a_failed_fedge_run_exits_1(tmp_path: Path) -> None:
+    """Every reply rejected (update-norm bound far below any update): the summary says failed,
+    fedge's ServerApp raises so Flower records `finished:failed`, and `submit` exits 1 (before:
+    0, since `flwr run --stream` reports nothing of the run's status)."""
+    from fedge.engines import ProcessGroup
+
+    scenario = tmp_path / "fails.toml"
+    scenario.write_text(
+        textwrap.dedent(
+            """
+            name = "fails"
+            num_rounds = 1
+            [data]
+            dataset = "mnist1d"
+            num_clients = 2
+            num_samples = 400
+            [model]
+            name = "mlp"
+            hidden = [8]
+            [federation]
+            fraction_evaluate = 0.0
+            [robustness]
+            max_update_norm = 1e-12
+            """
+        )
+    )
+    run_dir = tmp_path / "run"
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        cli, env = connected_simulation_superlink(group)
+        submit = subprocess.run(
+            [*cli, "submit", str(scenario), "--run-dir", str(run_dir)],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 1, out[-3000:]
+        assert "ended finished:failed" in out and "run FAILED" in out, out[-3000:]
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    finally:
+        group.stop_all()
+
+
 @pytest.mark.slow
 def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
-    from fedge.engines import ProcessGroup, find_executable, free_port, wait_for_port
+    from fedge.engines import ProcessGroup
 
     user = _user_app(tmp_path / "userapp", {"num-server-rounds": "1", "out": '""'})
     (user / "userapp").mkdir()
@@ -221,22 +323,7 @@ def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     group = ProcessGroup(tmp_path / "logs")
     try:
-        port = free_port()
-        link = group.start(
-            "superlink",
-            [
-                find_executable("flower-superlink"), "--insecure", "--simulation",
-                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                "--port", str(port), "--database", ":flwr-in-memory:",
-            ],
-        )  # fmt: skip
-        wait_for_port(port, link, "superlink", group)
-        cli = [sys.executable, "-m", "fedge.cli", "deploy"]
-        env = {**group.env, "PYTHONPATH": str(ROOT)}
-        connect = subprocess.run(
-            [*cli, "connect", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True
-        )
-        assert connect.returncode == 0, connect.stdout + connect.stderr
+        cli, env = connected_simulation_superlink(group)
         submit = subprocess.run(
             [*cli, "submit", "--app", str(user), "--run-config", "num-server-rounds=2",
              "--run-config", f"out='{out}'"],
