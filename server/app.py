@@ -31,7 +31,7 @@ from server.checkpoint import (
     truncate_logs,
     wall_time_until,
 )
-from server.client_state import ClientStateKeeper
+from server.client_state import ClientStateKeeper, query_partitions
 from server.deadline import finalize_virtual_clock
 from server.loop import run_rounds, wait_for_nodes
 from server.outcome import STATUS_FAILED, judge_run
@@ -160,9 +160,14 @@ def run_server(
     elif state is not None:
         initial, start_round = state.arrays, state.server_round + 1
         restore_run_state(state, strategy, plugins)
-        for plugin in plugins:  # clients' Context.state, on every engine (clients/state.py)
+        # this run's node ids are new: which partition each serves, for the strategy (cluster
+        # members) and the clients' Context.state (clients/state.py), on every engine
+        node_pid = query_partitions(grid, timeout=scenario.federation.round_timeout_s)
+        if hasattr(strategy, "adopt_nodes"):
+            strategy.adopt_nodes(node_pid)
+        for plugin in plugins:
             if isinstance(plugin, ClientStateKeeper):
-                plugin.send_back(grid, timeout=scenario.federation.round_timeout_s)
+                plugin.send_back(grid, scenario.federation.round_timeout_s, node_pid)
         truncate_logs(run_dir, state.server_round)
         wall_before = wall_time_until(run_dir, state.server_round)
         print(f"fedge: resuming {run_dir} after round {state.server_round}", flush=True)
