@@ -33,7 +33,8 @@ CHILD = textwrap.dedent(
             open(out + ".signal", "w").write(str(signum))
             sys.exit(7)
         signal.signal(signal.SIGTERM, stop)
-    open(out + ".pid", "w").write(str(os.getpid()))
+    open(out + ".pid.tmp", "w").write(str(os.getpid()))
+    os.replace(out + ".pid.tmp", out + ".pid")  # whole or absent: the test reads it at once
     time.sleep(60)
     """
 )
@@ -48,6 +49,14 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (the SigCgt mask in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("trap", 7), ("plain", 128 + signal.SIGTERM)])
@@ -66,10 +75,11 @@ def test_sigterm_reaches_the_flower_process_and_fedge_exits_with_its_status(
     child_pid = None
     try:
         deadline = time.time() + 30
-        while not (out.with_suffix(".pid")).exists():
+        # the child is up, and fedge forwards SIGTERM (its handler is installed): exactly the
+        # state the signal below needs, read from /proc rather than slept for
+        while not (out.with_suffix(".pid").exists() and _catches_sigterm(parent.pid)):
             assert time.time() < deadline and parent.poll() is None, "child never started"
             time.sleep(0.05)
-        time.sleep(0.2)  # the pid file is written after the handler is set
         child_pid = int(out.with_suffix(".pid").read_text())
         parent.send_signal(signal.SIGTERM)  # what systemd / docker stop send
         assert parent.wait(timeout=20) == expected
@@ -225,7 +235,9 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid, initial_arrays=ArrayRecord([np.zeros(3, dtype=np.float32)]), num_rounds=rounds
     )
     weights = next(iter(result.arrays.values())).numpy().tolist()
-    Path(context.run_config["out"]).write_text(json.dumps({"rounds": rounds, "w": weights}))
+    out = Path(context.run_config["out"])  # whole or absent: the test polls for it
+    out.with_suffix(".tmp").write_text(json.dumps({"rounds": rounds, "w": weights}))
+    out.with_suffix(".tmp").replace(out)
 """
 
 USER_CLIENT = """
