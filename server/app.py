@@ -33,6 +33,7 @@ from server.checkpoint import (
 )
 from server.client_state import ClientStateKeeper, query_partitions
 from server.deadline import finalize_virtual_clock
+from server.identity import IdentityGuard
 from server.loop import run_rounds, wait_for_nodes
 from server.outcome import STATUS_FAILED, judge_run
 from server.personalization import evaluate_config_fn, finalize_personalization
@@ -171,6 +172,9 @@ def run_server(
         truncate_logs(run_dir, state.server_round)
         wall_before = wall_time_until(run_dir, state.server_round)
         print(f"fedge: resuming {run_dir} after round {state.server_round}", flush=True)
+    for plugin in plugins:  # an owner that left can hand its partition id to a newcomer
+        if isinstance(plugin, IdentityGuard):
+            plugin.connected_nodes = grid.get_node_ids
     writer = run_writer(run_dir, scenario, resume)
     writer.write_scenario(scenario_to_toml(scenario))
 
