@@ -156,3 +156,46 @@ def test_a_claim_that_is_no_integer_cannot_crash_the_round_loop() -> None:
 
     replies = [reply_from(11, "abc"), reply_from(12, float("nan")), reply_from(13, 1)]
     assert [r.metadata.src_node_id for r in sort_replies(replies)] == [13, 11, 12]
+
+
+@pytest.mark.slow
+def test_two_supernodes_claiming_one_partition_on_a_loopback_deployment(tmp_path: Path) -> None:
+    """Real SuperNodes on a loopback SuperLink, both started with partition-id 0: each round one
+    reply is refused (the later claimant), partition 0 trains once, the run stays ok."""
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+    from fedge.deploy import superlink_args, supernode_args
+    from fedge.engines import find_executable, flower_processes, free_port, wait_for_port
+    from fedge.engines.submit import submit_app
+
+    scenario = small_scenario(tmp_path, num_clients=2)
+    run_dir = tmp_path / "run"
+    with flower_processes(tmp_path / "logs") as group:
+        port = free_port()
+        link = group.start(
+            "superlink",
+            superlink_args(
+                find_executable("flower-superlink"),
+                certs=None,
+                host="127.0.0.1",
+                port=port,
+                database=FLWR_IN_MEMORY_DB_NAME,
+            ),
+        )
+        wait_for_port(port, link, "superlink", group)
+        for i in range(2):
+            group.start(
+                f"supernode-{i}",
+                supernode_args(
+                    find_executable("flower-supernode"), f"127.0.0.1:{port}", 0, 2, port=free_port()
+                ),
+            )
+        summary = submit_app(scenario, run_dir, group, f"127.0.0.1:{port}", None)
+        server_log = (tmp_path / "logs" / "flwr-run.log").read_text()
+    assert summary["status"] == "ok"
+    run = load_run(run_dir)
+    assert [r["num_identity_refused"] for r in run.rounds[1:]] == [1] * NUM_ROUNDS
+    trained = [c for c in run.clients if "train_loss" in c]
+    assert [c["partition_id"] for c in trained] == [0] * NUM_ROUNDS
+    assert len({c["node_id"] for c in trained}) == 1  # the first claimant, every round
+    assert "(identity): partition-id 0 is held by node" in server_log
