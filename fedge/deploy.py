@@ -277,6 +277,11 @@ def register_args(exe: str, public_key: Path, name: str | None = None) -> list[s
     return [*args, "--name", name] if name else args
 
 
+def running_as_root() -> bool:
+    """Whether this process runs with root's effective user id (False where there is none)."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 def exec_env() -> dict[str, str]:
     """Flower's processes start ``flower-superexec`` & co. by name: put this interpreter's bin first."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

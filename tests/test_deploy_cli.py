@@ -349,3 +349,25 @@ def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
         assert result == {"rounds": 2, "w": [2.0, 2.0, 2.0]}  # each round adds 1 on every client
     finally:
         group.stop_all()
+
+
+# ------------------------------------------------------------------ superlink: never root by accident
+@pytest.mark.parametrize(("root", "flags", "starts"), [
+    (True, [], False), (True, ["--allow-root"], True), (False, [], True),
+])  # fmt: skip
+def test_superlink_refuses_root_unless_allowed(
+    monkeypatch: pytest.MonkeyPatch, root: bool, flags: list[str], starts: bool
+) -> None:
+    """Every submitted ServerApp runs as the SuperLink's user, and any local user can submit
+    one: as root that hands root to every local user (README "Trust model")."""
+    started: list[list[str]] = []
+    monkeypatch.setattr(fedge.deploy.os, "geteuid", lambda: 0 if root else 1000)
+    monkeypatch.setattr(fedge.deploy, "run_foreground", lambda args: started.append(args) or 0)
+    result = runner.invoke(app, ["deploy", "superlink", "--host", "127.0.0.1", *flags])
+    assert bool(started) == starts, result.output
+    if starts:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 2
+        assert "refusing to run the SuperLink as root" in " ".join(result.output.split())
+        assert "--allow-root" in result.output
