@@ -82,13 +82,15 @@ def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Pa
         return
     import torch
 
+    from clients.datasets import load_source, source_key
     from edge.export import dataset_input_spec, export_onnx
 
     model = build_model(scenario.model, info.input_shape, info.num_classes)
     model.load_state_dict(final.to_torch_state_dict())
     x_test, _ = load_central_test(scenario.data, scenario.seed)
+    x_train = load_source(source_key(scenario.data, scenario.seed)).x_train  # the observed range
     spec = dataset_input_spec(
-        info.name, info.input_shape, info.num_classes, x_test, scenario.model.name
+        info.name, info.input_shape, info.num_classes, x_train, scenario.model.name
     )
     sample = torch.from_numpy(x_test[:2] / spec.scale).float()  # raw inputs, as a device has them
     result = export_onnx(model, sample, run_dir / "model.onnx", spec=spec)
