@@ -207,10 +207,12 @@ def load_checkpoint(run_dir: Path) -> RunState:
             "do not load it by other means: unpickling it in full could run code it carries",
         ) from None
     except Exception as err:  # zip/stream errors of a truncated or random file, EOFError, ...
+        said = str(err).splitlines()[0][:200] if str(err) else ""
+        if "weights_only" in said:  # never pass on PyTorch's hint to load the file unsafely
+            said = "refused by the safe loader"
         raise _unreadable(
             path,
-            f"is not a readable checkpoint (truncated or corrupt: {type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else ''})",
+            f"is not a readable checkpoint (truncated or corrupt: {type(err).__name__}: {said})",
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
