@@ -124,4 +124,3 @@ def test_min_valid_bound(min_valid: int, skipped: int) -> None:
     kept, metrics = filtered([1.0, 1.0, 1.0], bound=0.0, min_valid=min_valid)
     assert metrics["round_skipped"] == skipped
     assert len(kept) == (0 if skipped else 3)
-
