@@ -7,7 +7,10 @@ samples, which does not depend on the batch size.
 
 Server side (per state-dict tensor): project every client update onto the top principal directions
 of the K client updates, align their signs by majority vote, rescale, and average. The K x K Gram
-matrix is decomposed, never the d x d covariance, and the K x k projections are one matmul.
+matrix is decomposed, never the d x d covariance, and the K x k projections are one matmul. What
+can turn the aggregate away from the plain mean is the rescale: every projection gets length
+||Delta_i|| s_j / sum(s), whatever its own size. The sign vote cannot: flipping w_j flips every
+C_ij with it, so each p_ij, and the result, is the same either way.
 """
 
 from __future__ import annotations
@@ -111,6 +114,8 @@ def principal_gradient_aggregate(updates: torch.Tensor, k_prop: float = 0.8) -> 
     s, e = evals[keep], evecs[:, keep]
     directions = e.T @ g  # k x d, rows w_j = G^T e_j
     coeffs = g @ directions.T  # K x k, C_ij = Delta_i . w_j
+    # The reference's majority sign vote. It changes no p_ij (sign(C_ij) w_j is invariant under
+    # w_j -> -w_j), so it cannot turn the update away from the mean; the rescale below can.
     flip = (coeffs < 0).sum(0) > (coeffs >= 0).sum(0)
     sign_fix = torch.where(flip, -1.0, 1.0).to(g)
     directions, coeffs = directions * sign_fix[:, None], coeffs * sign_fix[None, :]
@@ -165,8 +170,10 @@ def agreement_with_mean(
     """(cosine, norm ratio) of the applied update ``new - global`` against the plain unweighted mean
     update, over all floating-point tensors not in ``skip``.
 
-    A diagnostic, logged every round: under strong label skew the majority sign vote can point the
-    classifier's update away from the mean (cosine <= 0), which is where FedLD loses to FedAvg.
+    A diagnostic, logged every round: under strong label skew the rescale of each projection to
+    ||Delta_i|| s_j / sum(s) (each client's component keeps only its side of w_j, not its size) can
+    point the classifier's update away from the mean (cosine <= 0), which is where FedLD loses to
+    FedAvg. The majority sign vote plays no part: it leaves every projection unchanged.
     """
     applied, mean = [], []
     for key, base in global_state.items():

@@ -54,7 +54,16 @@ def reply_identity(msg: Message) -> dict[str, int | float | str | bool]:
     return {}
 
 
+def as_partition_id(value: object) -> int | None:
+    """``value`` as a partition id: an int (or an integral float), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():  # also NaN and +-inf
+        return None
+    return int(value)
+
+
 def reply_partition_id(msg: Message) -> int | None:
-    """The partition id a reply names, None when it names none."""
-    pid = reply_identity(msg).get(PARTITION_ID)
-    return None if pid is None else int(pid)
+    """The partition id a reply names, None when it names none or no integer (a claim the
+    server's identity guard refuses; sorting and bookkeeping must not fail on it first)."""
+    return as_partition_id(reply_identity(msg).get(PARTITION_ID))

@@ -46,6 +46,15 @@ HUB_HOW_TO_BUILD = (
     "not do this), laid out (n, C, H, W) float32; other numeric columns as they are"
 )
 DATASET_SCALE = {"digits": 1.0 / 16.0}  # what clients/datasets.py multiplies raw values by
+# How far outside the observed training range an input may go, in observed spans: new mnist1d
+# samples reach ~4% of the span beyond the training set's min (-4.50 vs -4.20); a wrongly built
+# input (pixels scaled twice, another dataset, garbage) is off by whole spans or factors.
+RANGE_TOLERANCE_SPANS = 0.25
+RANGE_NOTE = (
+    "observed_train_range is the min/max of the raw training inputs, not a hard limit: accept "
+    "inputs within range_tolerance of it (accepted_range); far outside, they were not built as "
+    "how_to_build says"
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,9 @@ class InputSpec:
 
     dataset: str
     shape: tuple[int, ...]  # per sample; the batch axis comes first and is dynamic
-    raw_range: tuple[float, float]  # of the raw inputs the model was trained on
+    # min/max of the raw training inputs: what was seen, not a limit (new inputs of the same
+    # source fall a little outside it); inputs within range_tolerance of it are accepted
+    observed_train_range: tuple[float, float]
     class_names: list[str]
     scale: float = 1.0  # the graph multiplies raw inputs by this first
     how_to_build: str = ""
@@ -68,6 +79,18 @@ class InputSpec:
         "logits"
     )
     extra: dict[str, str] = field(default_factory=dict)
+    range_tolerance: float = -1.0  # < 0: RANGE_TOLERANCE_SPANS x the observed span
+
+    def __post_init__(self) -> None:
+        if self.range_tolerance < 0:
+            lo, hi = self.observed_train_range
+            object.__setattr__(self, "range_tolerance", RANGE_TOLERANCE_SPANS * (hi - lo))
+
+    @property
+    def accepted_range(self) -> tuple[float, float]:
+        """The observed training range widened by the tolerance on both sides."""
+        lo, hi = self.observed_train_range
+        return (lo - self.range_tolerance, hi + self.range_tolerance)
 
     def sidecar(self, fp32: Path, int8: Path | None, exporter: str) -> dict:
         d = asdict(self)
@@ -80,7 +103,10 @@ class InputSpec:
                 "name": self.input_name,
                 "shape": ["batch", *self.shape],
                 "dtype": self.dtype,
-                "raw_range": list(self.raw_range),
+                "observed_train_range": list(self.observed_train_range),
+                "range_tolerance": self.range_tolerance,
+                "accepted_range": list(self.accepted_range),
+                "range_note": RANGE_NOTE,
                 "scaling_in_graph": self.scale,
                 "how_to_build": self.how_to_build,
             },
@@ -103,7 +129,10 @@ class InputSpec:
             f"{METADATA_PREFIX}input_name": self.input_name,
             f"{METADATA_PREFIX}input_shape": json.dumps(["batch", *self.shape]),
             f"{METADATA_PREFIX}input_dtype": self.dtype,
-            f"{METADATA_PREFIX}input_raw_range": json.dumps(list(self.raw_range)),
+            f"{METADATA_PREFIX}input_observed_train_range": json.dumps(
+                list(self.observed_train_range)
+            ),
+            f"{METADATA_PREFIX}input_range_tolerance": repr(self.range_tolerance),
             f"{METADATA_PREFIX}input_scaling_in_graph": repr(self.scale),
             f"{METADATA_PREFIX}input_how_to_build": self.how_to_build,
             f"{METADATA_PREFIX}output_name": self.output_name,
@@ -116,14 +145,14 @@ class InputSpec:
 def dataset_input_spec(
     dataset: str, shape: tuple[int, ...], num_classes: int, x_scaled: np.ndarray, model: str
 ) -> InputSpec:
-    """The spec of a fedge dataset; ``x_scaled`` (inputs as fedge's loader gives them) sets the
-    raw range."""
+    """The spec of a fedge dataset; ``x_scaled`` (training inputs as fedge's loader gives them)
+    sets the observed training range."""
     scale = DATASET_SCALE.get(dataset, 1.0)
     raw = np.asarray(x_scaled, dtype=np.float64) / scale
     return InputSpec(
         dataset=dataset,
         shape=tuple(shape),
-        raw_range=(float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0),
+        observed_train_range=(float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0),
         class_names=[str(c) for c in range(num_classes)],
         scale=scale,
         how_to_build=HOW_TO_BUILD.get(dataset, HUB_HOW_TO_BUILD),

@@ -77,18 +77,20 @@ def model_metadata(sess) -> dict[str, str]:
 
 
 def check_contract(x: np.ndarray, meta: dict[str, str]) -> list[str]:
-    """Inputs against what the file declares (raw range, in-graph scaling): ``ValueError`` far
-    outside the raw range the model was trained on, a warning when they look already scaled."""
+    """Inputs against what the file declares (raw range, in-graph scaling): ``ValueError`` beyond
+    the observed training range widened by its tolerance, a warning when they look already
+    scaled."""
     warnings: list[str] = []
-    if "input_raw_range" not in meta or x.size == 0:
+    if "input_observed_train_range" not in meta or x.size == 0:
         return warnings
-    lo, hi = json.loads(meta["input_raw_range"])
-    span = max(hi - lo, 1e-12)
+    lo, hi = json.loads(meta["input_observed_train_range"])
+    tolerance = float(meta.get("input_range_tolerance", repr(hi - lo)))
     how = meta.get("input_how_to_build", "")
-    if float(x.min()) < lo - span or float(x.max()) > hi + span:
+    if float(x.min()) < lo - tolerance or float(x.max()) > hi + tolerance:
         raise ValueError(
             f"inputs span [{float(x.min()):.4g}, {float(x.max()):.4g}], far outside the raw range "
-            f"[{lo:.4g}, {hi:.4g}] the model was trained on; build them as: {how}"
+            f"[{lo:.4g}, {hi:.4g}] observed in training (accepted: ± {tolerance:.4g}); build "
+            f"them as: {how}"
         )
     scale = float(meta.get("input_scaling_in_graph", "1.0"))
     if scale < 1.0 and float(x.max()) <= hi * scale * 1.0001 and hi * scale < hi / 2:

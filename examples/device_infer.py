@@ -30,7 +30,8 @@ def contract(model_path: Path, sess: ort.InferenceSession) -> dict:
             "input_name": d["input"]["name"],
             "shape": d["input"]["shape"][1:],
             "dtype": d["input"]["dtype"],
-            "raw_range": d["input"]["raw_range"],
+            "observed_train_range": d["input"]["observed_train_range"],
+            "range_tolerance": d["input"]["range_tolerance"],
             "output_name": d["output"]["name"],
             "class_names": d["class_names"],
         }
@@ -39,7 +40,8 @@ def contract(model_path: Path, sess: ort.InferenceSession) -> dict:
         "input_name": meta["fedge.input_name"],
         "shape": json.loads(meta["fedge.input_shape"])[1:],
         "dtype": meta["fedge.input_dtype"],
-        "raw_range": json.loads(meta["fedge.input_raw_range"]),
+        "observed_train_range": json.loads(meta["fedge.input_observed_train_range"]),
+        "range_tolerance": float(meta["fedge.input_range_tolerance"]),
         "output_name": meta["fedge.output_name"],
         "class_names": json.loads(meta["fedge.class_names"]),
     }
@@ -54,9 +56,13 @@ def classify(model_path: str | Path, x: np.ndarray) -> list[str]:
         raise SystemExit(f"inputs are {list(x.shape[1:])} per sample, the model takes {c['shape']}")
     if not np.isfinite(x).all():
         raise SystemExit("inputs hold NaN or Inf")
-    lo, hi = c["raw_range"]
-    if x.min() < lo - (hi - lo) or x.max() > hi + (hi - lo):
-        raise SystemExit(f"inputs outside the raw range [{lo}, {hi}] the model was trained on")
+    # the training data's min/max, not a limit: new inputs of the same kind fall a little outside
+    lo, hi = c["observed_train_range"]
+    tol = c["range_tolerance"]
+    if x.min() < lo - tol or x.max() > hi + tol:
+        raise SystemExit(
+            f"inputs span [{x.min()}, {x.max()}], beyond the training range [{lo}, {hi}] ± {tol}"
+        )
     scores = sess.run([c["output_name"]], {c["input_name"]: x})[0]
     return [c["class_names"][i] for i in scores.argmax(axis=1)]
 

@@ -180,10 +180,21 @@ def resume(run_dir: str | Path, progress: bool = True) -> Run:
 def _run_engine(scenario: Scenario, run_dir: Path, progress: bool, resume: bool = False) -> Run:
     from fedge.engines import run_engine  # imports torch and Flower: outside the preserved state
 
-    if scenario.engine.name != "inprocess":  # fail before Flower processes start
+    finished = None
+    if scenario.engine.name == "inprocess":
+        pass  # the ServerApp checks everything in this process before it writes
+    elif resume:  # fail (or find the run finished) before Flower processes write logs
+        from server.app import check_resume
+
+        with preserved_process_state():  # building seeds the global RNGs, as a run does
+            finished = check_resume(scenario, run_dir)
+        if finished is not None:
+            print(f"fedge: {run_dir} already finished: nothing to resume, no file changed")
+    else:  # fail before Flower processes start
         check_scenario(scenario)
-    with preserved_process_state():
-        run_engine(scenario, run_dir, show_progress=progress, resume=resume)
+    if finished is None:
+        with preserved_process_state():
+            run_engine(scenario, run_dir, show_progress=progress, resume=resume)
     result = load_run(run_dir)
     if result.failed:
         raise RunFailed(result)

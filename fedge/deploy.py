@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import tomli_w
@@ -273,6 +277,11 @@ def register_args(exe: str, public_key: Path, name: str | None = None) -> list[s
     return [*args, "--name", name] if name else args
 
 
+def running_as_root() -> bool:
+    """Whether this process runs with root's effective user id (False where there is none)."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 def exec_env() -> dict[str, str]:
     """Flower's processes start ``flower-superexec`` & co. by name: put this interpreter's bin first."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -282,9 +291,10 @@ def exec_env() -> dict[str, str]:
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def run_foreground(args: list[str]) -> int:
+def run_foreground(args: list[str], on_line: Callable[[str], None] | None = None) -> int:
     """Run a Flower process in the foreground until it exits; return its exit status (128 + N
-    when signal N ended it, as a shell reports it).
+    when signal N ended it, as a shell reports it). ``on_line`` sees each line of its stdout
+    (which is still printed).
 
     SIGTERM, SIGINT (Ctrl-C) and SIGHUP sent to fedge are passed on to the Flower process, which
     shuts down its own children; fedge waits for it, so a service manager that stops fedge stops
@@ -292,7 +302,8 @@ def run_foreground(args: list[str]) -> int:
     not twice (from the terminal and from fedge).
     """
     print("$ " + " ".join(args), flush=True)
-    proc = subprocess.Popen(args, env=exec_env(), start_new_session=True)
+    piped = subprocess.PIPE if on_line is not None else None
+    proc = subprocess.Popen(args, env=exec_env(), start_new_session=True, stdout=piped, text=True)
 
     def forward(signum: int, _frame: object) -> None:
         if proc.poll() is None:
@@ -300,6 +311,10 @@ def run_foreground(args: list[str]) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
+        if on_line is not None and proc.stdout is not None:
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                on_line(line)
         code = proc.wait()  # resumed after each handler (PEP 475)
     finally:
         for sig, handler in previous.items():
@@ -312,3 +327,47 @@ def submit_args(exe: str, app_dir: Path, run_config: Path | None, stream: bool =
     args = [exe, "run", str(app_dir), CONNECTION]
     args += ["--run-config", str(run_config)] if run_config is not None else []
     return [*args, "--stream"] if stream else args
+
+
+STARTED_RUN = re.compile(r"Successfully started run (\d+)")
+
+
+def run_status(exe: str, run_id: int, timeout_s: float = 60.0) -> tuple[str, str]:
+    """``(status, details)`` of run ``run_id`` from ``flwr ls fedge --run-id N --format json``,
+    once it is final (``finished:completed``, ``finished:failed``, ``finished:stopped``): the log
+    stream may close just before the SuperLink records the ServerApp's end. ``("unknown", why)``
+    when it cannot be read within ``timeout_s``."""
+    args = [exe, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
+    deadline = time.monotonic() + timeout_s
+    status, details = "unknown", "flwr ls gave no answer"
+    while True:
+        done = subprocess.run(args, env=exec_env(), capture_output=True, text=True, check=False)
+        try:
+            run = json.loads(done.stdout)["runs"][0]
+            status, details = str(run["status"]), str(run.get("status-details", ""))
+        except (ValueError, KeyError, IndexError, TypeError):
+            details = (done.stdout + done.stderr).strip()[-300:] or details
+        if status.startswith("finished") or time.monotonic() >= deadline:
+            return status, details
+        time.sleep(1.0)
+
+
+def submit_and_wait(exe: str, app_dir: Path, run_config: Path | None) -> int:
+    """``flwr run --stream`` (streaming the server's log), then the exit status of the *run*:
+    ``flwr run`` exits 0 whenever it could submit, even when the ServerApp failed (fedge's raises
+    when the run's summary says failed), so the run's final status decides: 0 for
+    ``finished:completed``, 1 otherwise (failed, stopped, or never known)."""
+    started: list[int] = []
+
+    def watch(line: str) -> None:
+        if match := STARTED_RUN.search(line):
+            started.append(int(match.group(1)))
+
+    code = run_foreground(submit_args(exe, app_dir, run_config), on_line=watch)
+    if code != 0 or not started:
+        return code or 1
+    status, details = run_status(exe, started[-1])
+    if status == "finished:completed":
+        return 0
+    print(f"fedge: run {started[-1]} ended {status}: {details}", file=sys.stderr, flush=True)
+    return 1

@@ -84,13 +84,26 @@ def deploy_superlink(
             "submit runs); default: only this machine (loopback) may"
         ),
     ] = False,
+    allow_root: Annotated[
+        bool,
+        typer.Option(
+            help="run as root anyway: every submitted ServerApp runs as the SuperLink's user"
+        ),
+    ] = False,
 ) -> None:
     """Start the SuperLink in the foreground (server machine). SuperNodes reach its Fleet API
     from anywhere; key registration and run submission only from this machine unless
-    --expose-control-api."""
-    from fedge.deploy import run_foreground, superlink_args
+    --expose-control-api. Refuses to run as root unless --allow-root."""
+    from fedge.deploy import run_foreground, running_as_root, superlink_args
     from fedge.engines import find_executable
 
+    if running_as_root() and not allow_root:
+        fail(
+            "refusing to run the SuperLink as root: the ServerApp of every submitted run executes "
+            "as the SuperLink's user, and any local user can submit one (README, \"Trust "
+            'model"). Run it as an unprivileged user (e.g. `sudo -u fedge fedge deploy '
+            "superlink ...`), or pass --allow-root if you accept that"
+        )
     if certs is not None and not (certs / "server.pem").is_file():
         fail(f"{certs}/server.pem not found; make it with `fedge deploy certs --out {certs}`")
     if expose_control_api:
@@ -255,6 +268,4 @@ def deploy_submit(
     if values:
         config = staging / "run_config.toml"
         config.write_text(tomli_w.dumps(values))
-    raise typer.Exit(
-        deploy.run_foreground(deploy.submit_args(find_executable("flwr"), submit_dir, config))
-    )
+    raise typer.Exit(deploy.submit_and_wait(find_executable("flwr"), submit_dir, config))

@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from scenarios.config import Scenario
 from scenarios.results import CLIENTS_FILE, METRICS_FILE, atomic_path, read_jsonl
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -52,6 +53,9 @@ class RunState:
     strategy_state: Any = None
     plugin_states: list[dict] = field(default_factory=list)
     rng_states: dict[str, Any] = field(default_factory=dict)
+    # the scenario that wrote it, less what a resume may change (scenario_identity); None in
+    # files written before fedge recorded it: then only the arrays are checked on resume
+    scenario: dict | None = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -161,6 +165,7 @@ def save_checkpoint(run_dir: Path, state: RunState) -> Path:
             "strategy_state": state.strategy_state,
             "plugin_states": state.plugin_states,
             "rng_states": state.rng_states,
+            "scenario": state.scenario,
         }
     )
     # allow_nan: Python's json round-trips NaN/inf exactly, and floats via repr bit-exactly
@@ -192,19 +197,22 @@ def load_checkpoint(run_dir: Path) -> RunState:
         raise _unreadable(path, "is empty (the disk filled up or the file was cut)")
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        # weights_only refuses any global it does not know: what a code-running pickle needs
+    except pickle.UnpicklingError:
+        # weights_only refuses any global it does not know: what a code-running pickle needs.
+        # PyTorch's own message suggests loading it unsafely, i.e. running the file: not quoted
         raise _unreadable(
             path,
             "holds Python objects other than tensors and plain data, so it was refused unread "
-            f"(a tampered file, or one written by fedge before checkpoint format {FORMAT_VERSION}; "
-            f"loader said: {str(err).splitlines()[0][:200]})",
+            f"(a tampered file, or one written by fedge before checkpoint format {FORMAT_VERSION}); "
+            "do not load it by other means: unpickling it in full could run code it carries",
         ) from None
     except Exception as err:  # zip/stream errors of a truncated or random file, EOFError, ...
+        said = str(err).splitlines()[0][:200] if str(err) else ""
+        if "weights_only" in said:  # never pass on PyTorch's hint to load the file unsafely
+            said = "refused by the safe loader"
         raise _unreadable(
             path,
-            f"is not a readable checkpoint (truncated or corrupt: {type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else ''})",
+            f"is not a readable checkpoint (truncated or corrupt: {type(err).__name__}: {said})",
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
@@ -218,9 +226,82 @@ def load_checkpoint(run_dir: Path) -> RunState:
             strategy_state=data["strategy_state"],
             plugin_states=data["plugin_states"],
             rng_states=data["rng_states"],
+            scenario=data.get("scenario"),
         )
     except Exception as err:  # a well-formed zip with the wrong inside
         raise _unreadable(path, f"has a damaged layout ({type(err).__name__}: {err})") from None
+
+
+# What a resume may change: the run's name and folder, where it runs, and how long it goes on.
+RESUMABLE_CHANGES = frozenset({"name", "output_dir", "engine", "num_rounds"})
+
+
+def scenario_identity(scenario: Scenario) -> dict:
+    """The scenario as plain data, less :data:`RESUMABLE_CHANGES`: what a checkpoint records and
+    a resume must match (the same data, model, algorithm, training, defences, seed ...)."""
+    data = json.loads(scenario.model_dump_json(exclude_none=True))
+    return {k: v for k, v in data.items() if k not in RESUMABLE_CHANGES}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _scenario_differences(saved: dict, current: dict) -> list[str]:
+    old, new = _flatten(saved), _flatten(current)
+    return [
+        f"{key}: checkpoint {old.get(key, '(unset)')!r}, this run {new.get(key, '(unset)')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, "(unset)") != new.get(key, "(unset)")
+    ]
+
+
+def _array_differences(saved: ArrayRecord, current: ArrayRecord) -> list[str]:
+    diffs = [f"parameter {name!r} only in the checkpoint" for name in saved if name not in current]
+    diffs += [
+        f"parameter {name!r} missing from the checkpoint" for name in current if name not in saved
+    ]
+    for name in (n for n in current if n in saved):
+        got, want = saved[name], current[name]
+        if list(got.shape) != list(want.shape) or got.dtype != want.dtype:
+            diffs.append(
+                f"parameter {name!r}: checkpoint {got.dtype}{list(got.shape)}, "
+                f"this model {want.dtype}{list(want.shape)}"
+            )
+    return diffs
+
+
+def check_resume_fits(
+    run_dir: Path, state: RunState, scenario: Scenario, arrays: ArrayRecord
+) -> None:
+    """Refuse (``CheckpointError``) a checkpoint that does not belong to this run, before the
+    resume changes anything: another scenario (other than :data:`RESUMABLE_CHANGES`), other
+    parameter names, shapes or dtypes than ``arrays`` (the model this scenario builds), or a round
+    past ``num_rounds``. The message lists what differs (at most 8 lines) and what to do."""
+    diffs: list[str] = []
+    if state.scenario is not None:
+        diffs += _scenario_differences(state.scenario, scenario_identity(scenario))
+    diffs += _array_differences(state.arrays, arrays)
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs) - 8} more)" if len(diffs) > 8 else "")
+        raise CheckpointError(
+            f"{path} does not belong to this run ({shown}). Nothing in {run_dir} was changed. "
+            f"Resume with the scenario.toml this run was started with (only {', '.join(sorted(RESUMABLE_CHANGES))} "
+            "may differ), restore the run's own checkpoint.pt, or start a new run with `fedge run "
+            "SCENARIO`"
+        )
+    if state.server_round > scenario.num_rounds:
+        raise CheckpointError(
+            f"{path} is after round {state.server_round} but the scenario has num_rounds="
+            f"{scenario.num_rounds}. Nothing in {run_dir} was changed. Set num_rounds >= "
+            f"{state.server_round} in {Path(run_dir) / 'scenario.toml'} to go on"
+        )
 
 
 def truncate_logs(run_dir: Path, last_round: int) -> None:
@@ -260,33 +341,48 @@ def wall_time_until(run_dir: Path, last_round: int) -> float:
 
 
 def capture_run_state(
-    server_round: int, arrays: ArrayRecord, strategy: Any, plugins: list[Any]
+    server_round: int,
+    arrays: ArrayRecord,
+    strategy: Any,
+    plugins: list[Any],
+    scenario: dict | None = None,
 ) -> RunState:
     """Snapshot after ``server_round``: strategies without state hooks contribute nothing; the
-    clients' ``Context.state`` travels in the plugin states (``server/client_state.py``)."""
+    clients' ``Context.state`` travels in the plugin states (``server/client_state.py``);
+    ``scenario`` is :func:`scenario_identity` of the run, checked on resume."""
     return RunState(
         server_round=server_round,
         arrays=arrays,
         strategy_state=strategy.state_dict() if hasattr(strategy, "state_dict") else None,
         plugin_states=[p.state() for p in plugins],
         rng_states=capture_rng(),
+        scenario=scenario,
     )
 
 
 def restore_run_state(state: RunState, strategy: Any, plugins: list[Any]) -> None:
-    """Inverse of :func:`capture_run_state` (the arrays are returned by :func:`load_checkpoint`)."""
-    if state.strategy_state is not None:
-        if not hasattr(strategy, "load_state_dict"):
-            raise ValueError(
-                f"the checkpoint holds strategy state but {type(strategy).__name__} has no "
-                "load_state_dict(); was the run started with a different algorithm?"
-            )
-        strategy.load_state_dict(state.strategy_state)
+    """Inverse of :func:`capture_run_state` (the arrays are returned by :func:`load_checkpoint`).
+    State that does not fit this run's strategy or plugins is a ``CheckpointError``, not a
+    traceback; nothing on disk has changed when it is raised."""
+    if state.strategy_state is not None and not hasattr(strategy, "load_state_dict"):
+        raise CheckpointError(
+            f"the checkpoint holds strategy state but {type(strategy).__name__} has no "
+            "load_state_dict(); was the run started with a different algorithm?"
+        )
     if len(state.plugin_states) != len(plugins):
-        raise ValueError(
+        raise CheckpointError(
             f"the checkpoint has {len(state.plugin_states)} plugin states but this scenario builds "
             f"{len(plugins)} plugins; resume with the run folder's own scenario.toml"
         )
-    for plugin, plugin_state in zip(plugins, state.plugin_states, strict=True):
-        plugin.load_state(plugin_state)
-    restore_rng(state.rng_states)
+    try:
+        if state.strategy_state is not None:
+            strategy.load_state_dict(state.strategy_state)
+        for plugin, plugin_state in zip(plugins, state.plugin_states, strict=True):
+            plugin.load_state(plugin_state)
+        restore_rng(state.rng_states)
+    except Exception as err:  # a foreign or edited checkpoint: say so, no traceback
+        raise CheckpointError(
+            f"the checkpoint's saved state does not fit this run's {type(strategy).__name__} "
+            f"({type(err).__name__}: {str(err)[:300]}); resume with the run folder's own "
+            "scenario.toml and checkpoint, or start a new run with `fedge run SCENARIO`"
+        ) from None

@@ -51,24 +51,19 @@ class ClientStateKeeper(RoundPlugin):
     def load_state(self, state: dict) -> None:
         self.states = {int(pid): bytes(raw) for pid, raw in state.get("states", {}).items()}
 
-    def send_back(self, grid: Grid, timeout: float) -> int:
+    def send_back(self, grid: Grid, timeout: float, node_pid: dict[int, int] | None = None) -> int:
         """Give each connected node its partition's checkpointed state; return how many took it.
 
-        Two ``query.fedge_state`` messages per node: the first (empty) asks which partition the
-        node serves — node ids change when a SuperNode or a simulation restarts — the second
-        carries that partition's state. Nodes that cannot answer (another ClientApp, a failure)
-        are logged and start with an empty state, as they would have before this existed.
+        ``node_pid`` (node id -> partition id, from :func:`query_partitions`) says which partition
+        each node serves — node ids change when a SuperNode or a simulation restarts; asked here
+        when not given. A second ``query.fedge_state`` per node carries that partition's state.
+        Nodes that cannot answer (another ClientApp, a failure) are logged and start with an
+        empty state, as they would have before this existed.
         """
         if not self.states:
             return 0
-        asks = [
-            Message(RecordDict(), nid, QUERY_TYPE, group_id="resume") for nid in grid.get_node_ids()
-        ]
-        node_pid: dict[int, int] = {}
-        for reply in grid.send_and_receive(asks, timeout=timeout):
-            pid = reply_partition_id(reply)
-            if pid is not None:
-                node_pid[reply.metadata.src_node_id] = pid
+        if node_pid is None:
+            node_pid = query_partitions(grid, timeout)
         sends = [
             Message(
                 RecordDict({STATE_RECORD: ConfigRecord({STATE_KEY: self.states[pid]})}),
@@ -93,3 +88,18 @@ class ClientStateKeeper(RoundPlugin):
         else:
             log(INFO, "fedge: restored the client state of %d partitions", done)
         return done
+
+
+def query_partitions(grid: Grid, timeout: float) -> dict[int, int]:
+    """node id -> partition id of every connected node that answers an empty
+    ``query.fedge_state`` (fedge's ClientApp replies with its identity record and changes
+    nothing): how a resumed server finds the partitions behind this run's node ids."""
+    asks = [
+        Message(RecordDict(), nid, QUERY_TYPE, group_id="resume") for nid in grid.get_node_ids()
+    ]
+    node_pid: dict[int, int] = {}
+    for reply in grid.send_and_receive(asks, timeout=timeout):
+        pid = reply_partition_id(reply)
+        if pid is not None:
+            node_pid[reply.metadata.src_node_id] = pid
+    return node_pid

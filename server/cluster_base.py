@@ -78,6 +78,7 @@ class ClusterStrategy(FedAvg):
         self.cluster_weight: dict[int, float] = {}  # examples behind each cluster model
         self.next_cluster_id = 0
         self.node_partition: dict[int, int] = {}  # this run's node id -> partition id
+        self._known_partitions: set[int] = set()  # partitions that replied before a checkpoint
         self.run_dir: Path | None = setup.run_dir  # where clusters.jsonl and dendrograms go
         self._sent_cluster: dict[int, int | None] = {}  # node -> cluster it got (None: global)
         self._sent_global: ArrayRecord | None = None
@@ -286,6 +287,7 @@ class ClusterStrategy(FedAvg):
                 "assignment": {str(p): c for p, c in self.assignment.items()},
                 "cluster_weight": {str(c): w for c, w in self.cluster_weight.items()},
                 "next_cluster_id": self.next_cluster_id,
+                "known_partitions": sorted(set(self.node_partition.values())),
                 "extra": self.extra_state(),
             },
             "models": {str(c): m for c, m in self.models.items()},
@@ -297,4 +299,13 @@ class ClusterStrategy(FedAvg):
         self.assignment = {int(p): int(c) for p, c in meta["assignment"].items()}
         self.cluster_weight = {int(c): float(w) for c, w in meta["cluster_weight"].items()}
         self.next_cluster_id = int(meta["next_cluster_id"])
+        self._known_partitions = {int(p) for p in meta.get("known_partitions", [])}
         self.load_extra_state(meta.get("extra", {}))
+
+    def adopt_nodes(self, node_pid: dict[int, int]) -> None:
+        """After a resume: this run's node ids of the partitions that had replied before the
+        checkpoint (``node_pid`` from the server's partition query), so they get their cluster's
+        model at once, as in the uninterrupted run, instead of the global model or every cluster."""
+        self.node_partition = {
+            nid: pid for nid, pid in node_pid.items() if pid in self._known_partitions
+        }

@@ -65,6 +65,13 @@ class FedLD(FedAvg):
         metrics["fedld_norm_ratio_to_mean"] = ratio
         return ArrayRecord(new_state), metrics
 
+    # checkpoints: without the count a resumed run's first round would take the plain mean
+    def state_dict(self) -> dict[str, int]:
+        return {"num_aggregations": self.num_aggregations}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.num_aggregations = int(state["num_aggregations"])
+
 
 def make_fedld(setup: ServerSetup) -> Strategy:
     buffers = [name for name, _ in setup.model.named_buffers()]

@@ -261,8 +261,11 @@ def _flat(metrics: MetricRecord | None) -> dict[str, float | int | None]:
 
 
 def _identity_row(reply: Message) -> dict[str, float | int | str | bool]:
-    """The reply's identifiers (partition id, trainer, device profile ...) for clients.jsonl."""
-    return {k.replace("-", "_"): v for k, v in reply_identity(reply).items()}
+    """The reply's identifiers (partition id, trainer, device profile ...) for clients.jsonl, and
+    the node that sent it (any client, stock ones too: a bad reply can be traced to its sender)."""
+    row = {k.replace("-", "_"): v for k, v in reply_identity(reply).items()}
+    row["node_id"] = reply.metadata.src_node_id
+    return row
 
 
 def _client_row(reply: Message) -> dict[str, float | int | str | bool]:

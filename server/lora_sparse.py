@@ -53,6 +53,7 @@ from algorithms.lora_sparse import (
     unflatten,
 )
 from clients.data import load_proxy
+from clients.identity import reply_partition_id
 from clients.seeding import derive_seed
 from clients.training import batches
 from edge.lora import BASE_MISSING, initial_factors, linear_names, merged_state
@@ -91,6 +92,7 @@ class LoraSparseFedAvg(FedAvg):
         # node id -> (adapter version or None when unknown, base version) it holds
         self.node_sync: dict[int, tuple[int | None, int]] = {}
         self.dense_nodes: set[int] = set()
+        self.dense_partitions: set[int] = set()  # kept in checkpoints: node ids change on resume
         self.sent_model: dict[str, torch.Tensor] = {}
         self.empty_packet = encode_packet(
             torch.zeros(self.n), torch.zeros(0, dtype=torch.long), "float32"
@@ -207,6 +209,8 @@ class LoraSparseFedAvg(FedAvg):
                 lora_total += weight * decode_packet(arrays[PACKET_KEY].numpy(), self.n).double()
             else:
                 self.dense_nodes.add(msg.metadata.src_node_id)
+                if (pid := reply_partition_id(msg)) is not None:
+                    self.dense_partitions.add(pid)
                 sent = arrays.to_torch_state_dict()
                 for key, ref in self.sent_model.items():
                     dense_total[key] += weight * (sent[key] - ref).double()
@@ -246,6 +250,7 @@ class LoraSparseFedAvg(FedAvg):
             "version": self.version,
             "base_version": self.base_version,
             "last_packet": self.last_packet,
+            "dense_partitions": sorted(self.dense_partitions),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -256,6 +261,12 @@ class LoraSparseFedAvg(FedAvg):
         self.base_version = int(state["base_version"])
         self.last_packet = state["last_packet"]
         self.node_sync, self.dense_nodes = {}, set()
+        self.dense_partitions = {int(p) for p in state.get("dense_partitions", [])}
+
+    def adopt_nodes(self, node_pid: dict[int, int]) -> None:
+        """After a resume: the nodes (this run's ids) serving partitions that replied densely, so
+        they get the merged model, not a LoRA packet a dense trainer cannot answer in kind."""
+        self.dense_nodes = {nid for nid, pid in node_pid.items() if pid in self.dense_partitions}
 
 
 def pretrain_base(setup: ServerSetup, cfg: LoraSparseConfig) -> None:

@@ -19,6 +19,7 @@ from clients.trainers import get_trainer, trainer_name_for, trainer_names
 from scenarios.config import Scenario, did_you_mean
 from server.client_state import ClientStateKeeper
 from server.deadline import DeviceClockPlugin
+from server.identity import IdentityGuard
 from server.plugins import RoundPlugin
 from server.ray_guard import RayNodeGuard
 from server.strategies import ServerSetup, build_strategy
@@ -36,9 +37,10 @@ class BuiltRun:
 
 def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
     """The round plugins a scenario asks for, in the order they filter replies."""
-    plugins: list[RoundPlugin] = []
+    # first: a reply claiming another node's partition reaches no other plugin (server/identity.py)
+    plugins: list[RoundPlugin] = [IdentityGuard(setup.scenario.data.num_clients)]
     if setup.scenario.robustness.checkpoint:
-        # first: it strips the client-state record before any other plugin sees a reply
+        # next: it strips the client-state record before any other plugin sees a reply
         plugins.append(ClientStateKeeper())
     if setup.scenario.engine.name == "ray":
         plugins.append(RayNodeGuard(setup.run_dir))  # a dead Ray node stops the run (resumable)

@@ -71,7 +71,8 @@ def test_crafted_pickle_stays_inert(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="other than tensors and plain data") as err:
         load_checkpoint(tmp_path)
     assert not marker.exists()
-    assert "fedge run" in str(err.value)  # names the fix
+    assert "fedge run" in str(err.value)  # names the fix ...
+    assert "weights_only" not in str(err.value)  # ... never PyTorch's hint to run the file
 
 
 def test_round_trip_keeps_every_kind_of_state(tmp_path: Path) -> None:

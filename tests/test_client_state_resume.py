@@ -96,7 +96,9 @@ def test_inprocess_lora_error_feedback_resume_equals_uninterrupted(
     monkeypatch.setattr(
         ClientStateKeeper,
         "send_back",
-        lambda self, grid, timeout: sent.append(real_send_back(self, grid, timeout)) or sent[-1],
+        lambda self, grid, timeout, node_pid=None: (
+            sent.append(real_send_back(self, grid, timeout, node_pid)) or sent[-1]
+        ),
     )
     run_engine(scenario, killed, show_progress=False, resume=True)  # a fresh grid: empty states
     assert sent == [4]  # all four nodes got their residuals back

@@ -33,7 +33,8 @@ CHILD = textwrap.dedent(
             open(out + ".signal", "w").write(str(signum))
             sys.exit(7)
         signal.signal(signal.SIGTERM, stop)
-    open(out + ".pid", "w").write(str(os.getpid()))
+    open(out + ".pid.tmp", "w").write(str(os.getpid()))
+    os.replace(out + ".pid.tmp", out + ".pid")  # whole or absent: the test reads it at once
     time.sleep(60)
     """
 )
@@ -48,6 +49,14 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (the SigCgt mask in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("trap", 7), ("plain", 128 + signal.SIGTERM)])
@@ -66,10 +75,11 @@ def test_sigterm_reaches_the_flower_process_and_fedge_exits_with_its_status(
     child_pid = None
     try:
         deadline = time.time() + 30
-        while not (out.with_suffix(".pid")).exists():
+        # the child is up, and fedge forwards SIGTERM (its handler is installed): exactly the
+        # state the signal below needs, read from /proc rather than slept for
+        while not (out.with_suffix(".pid").exists() and _catches_sigterm(parent.pid)):
             assert time.time() < deadline and parent.poll() is None, "child never started"
             time.sleep(0.05)
-        time.sleep(0.2)  # the pid file is written after the handler is set
         child_pid = int(out.with_suffix(".pid").read_text())
         parent.send_signal(signal.SIGTERM)  # what systemd / docker stop send
         assert parent.wait(timeout=20) == expected
@@ -105,11 +115,46 @@ def _user_app(path: Path, config: dict[str, str] | None = None) -> Path:
     return path
 
 
+RUN_STATUS = {"status": "finished:completed"}  # what the stand-in `flwr ls` reports
+
+
 @pytest.fixture
 def submitted(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """`flwr run` stand-in: records its arguments and says it started run 7, as flwr does."""
     calls: list[list[str]] = []
-    monkeypatch.setattr(fedge.deploy, "run_foreground", lambda args: calls.append(args) or 0)
+
+    def fake_flwr_run(args: list[str], on_line=None) -> int:
+        calls.append(args)
+        if on_line is not None:
+            on_line("Successfully started run 7\n")
+        return 0
+
+    monkeypatch.setattr(fedge.deploy, "run_foreground", fake_flwr_run)
+    monkeypatch.setattr(
+        fedge.deploy, "run_status", lambda exe, run_id: (RUN_STATUS["status"], "details")
+    )
     return calls
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [("finished:completed", 0), ("finished:failed", 1), ("finished:stopped", 1), ("unknown", 1)],
+)
+def test_submit_exits_with_the_runs_final_status(
+    tmp_path: Path,
+    submitted: list[list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    status: str,
+    code: int,
+) -> None:
+    """`flwr run --stream` exits 0 even when the ServerApp failed; `submit` asks for the run's
+    status and exits 1 unless it completed."""
+    monkeypatch.setitem(RUN_STATUS, "status", status)
+    user = _user_app(tmp_path / "userapp")
+    result = runner.invoke(app, ["deploy", "submit", "--app", str(user)])
+    assert result.exit_code == code, result.output
+    if code:
+        assert f"run 7 ended {status}" in result.output
 
 
 def _run_config(args: list[str]) -> dict:
@@ -190,7 +235,9 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid, initial_arrays=ArrayRecord([np.zeros(3, dtype=np.float32)]), num_rounds=rounds
     )
     weights = next(iter(result.arrays.values())).numpy().tolist()
-    Path(context.run_config["out"]).write_text(json.dumps({"rounds": rounds, "w": weights}))
+    out = Path(context.run_config["out"])  # whole or absent: the test polls for it
+    out.with_suffix(".tmp").write_text(json.dumps({"rounds": rounds, "w": weights}))
+    out.with_suffix(".tmp").replace(out)
 """
 
 USER_CLIENT = """
@@ -209,9 +256,76 @@ def train(msg: Message, context: Context) -> Message:
 """
 
 
+def connected_simulation_superlink(group) -> tuple[list[str], dict[str, str]]:
+    """A loopback simulation SuperLink (2 simulated SuperNodes, Flower's default) in ``group``,
+    saved as the `fedge` connection; returns the `fedge deploy` command and its environment."""
+    from fedge.engines import find_executable, free_port, wait_for_port
+
+    port = free_port()
+    link = group.start(
+        "superlink",
+        [
+            find_executable("flower-superlink"), "--insecure", "--simulation",
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+            "--port", str(port), "--database", ":flwr-in-memory:",
+        ],
+    )  # fmt: skip
+    wait_for_port(port, link, "superlink", group)
+    cli = [sys.executable, "-m", "fedge.cli", "deploy"]
+    env = {**group.env, "PYTHONPATH": str(ROOT)}
+    connect = subprocess.run(
+        [*cli, "connect", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True
+    )
+    assert connect.returncode == 0, connect.stdout + connect.stderr
+    return cli, env
+
+
+@pytest.mark.slow
+def test_submit_of_a_failed_fedge_run_exits_1(tmp_path: Path) -> None:
+    """Every reply rejected (update-norm bound far below any update): the summary says failed,
+    fedge's ServerApp raises so Flower records `finished:failed`, and `submit` exits 1 (before:
+    0, since `flwr run --stream` reports nothing of the run's status)."""
+    from fedge.engines import ProcessGroup
+
+    scenario = tmp_path / "fails.toml"
+    scenario.write_text(
+        textwrap.dedent(
+            """
+            name = "fails"
+            num_rounds = 1
+            [data]
+            dataset = "mnist1d"
+            num_clients = 2
+            num_samples = 400
+            [model]
+            name = "mlp"
+            hidden = [8]
+            [federation]
+            fraction_evaluate = 0.0
+            [robustness]
+            max_update_norm = 1e-12
+            """
+        )
+    )
+    run_dir = tmp_path / "run"
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        cli, env = connected_simulation_superlink(group)
+        submit = subprocess.run(
+            [*cli, "submit", str(scenario), "--run-dir", str(run_dir)],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 1, out[-3000:]
+        assert "ended finished:failed" in out and "run FAILED" in out, out[-3000:]
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    finally:
+        group.stop_all()
+
+
 @pytest.mark.slow
 def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
-    from fedge.engines import ProcessGroup, find_executable, free_port, wait_for_port
+    from fedge.engines import ProcessGroup
 
     user = _user_app(tmp_path / "userapp", {"num-server-rounds": "1", "out": '""'})
     (user / "userapp").mkdir()
@@ -221,22 +335,7 @@ def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     group = ProcessGroup(tmp_path / "logs")
     try:
-        port = free_port()
-        link = group.start(
-            "superlink",
-            [
-                find_executable("flower-superlink"), "--insecure", "--simulation",
-                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                "--port", str(port), "--database", ":flwr-in-memory:",
-            ],
-        )  # fmt: skip
-        wait_for_port(port, link, "superlink", group)
-        cli = [sys.executable, "-m", "fedge.cli", "deploy"]
-        env = {**group.env, "PYTHONPATH": str(ROOT)}
-        connect = subprocess.run(
-            [*cli, "connect", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True
-        )
-        assert connect.returncode == 0, connect.stdout + connect.stderr
+        cli, env = connected_simulation_superlink(group)
         submit = subprocess.run(
             [*cli, "submit", "--app", str(user), "--run-config", "num-server-rounds=2",
              "--run-config", f"out='{out}'"],
@@ -250,3 +349,25 @@ def test_submit_runs_a_user_flower_app_on_a_superlink(tmp_path: Path) -> None:
         assert result == {"rounds": 2, "w": [2.0, 2.0, 2.0]}  # each round adds 1 on every client
     finally:
         group.stop_all()
+
+
+# ------------------------------------------------------------------ superlink: never root by accident
+@pytest.mark.parametrize(("root", "flags", "starts"), [
+    (True, [], False), (True, ["--allow-root"], True), (False, [], True),
+])  # fmt: skip
+def test_superlink_refuses_root_unless_allowed(
+    monkeypatch: pytest.MonkeyPatch, root: bool, flags: list[str], starts: bool
+) -> None:
+    """Every submitted ServerApp runs as the SuperLink's user, and any local user can submit
+    one: as root that hands root to every local user (README "Trust model")."""
+    started: list[list[str]] = []
+    monkeypatch.setattr(fedge.deploy.os, "geteuid", lambda: 0 if root else 1000)
+    monkeypatch.setattr(fedge.deploy, "run_foreground", lambda args: started.append(args) or 0)
+    result = runner.invoke(app, ["deploy", "superlink", "--host", "127.0.0.1", *flags])
+    assert bool(started) == starts, result.output
+    if starts:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 2
+        assert "refusing to run the SuperLink as root" in " ".join(result.output.split())
+        assert "--allow-root" in result.output

@@ -118,3 +118,25 @@ def test_agreement_with_mean_diagnostic() -> None:
     out = principal_gradient_aggregate(updates, k_prop=1.0)
     mean = updates.mean(0)
     assert float(out @ mean) < 0  # anti-aligned with the mean: what the diagnostic reports
+
+
+def test_sign_vote_changes_nothing_the_rescale_does() -> None:
+    """sign(C_ij) w_j is the same for w_j and -w_j, so the result equals the formula computed with
+    eigh's directions as they come (no vote); what moves it away from the mean is the rescale of
+    every projection to ||Delta_i|| s_j / sum(s)."""
+    torch.manual_seed(0)
+    updates = torch.randn(5, 7, dtype=torch.float64)
+    updates[0] *= 6.0  # one long update: the mean follows it, the rescale does not
+    out = principal_gradient_aggregate(updates, k_prop=0.6)
+    evals, evecs = torch.linalg.eigh(updates @ updates.T / 5)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    k = num_directions(5, 0.6)
+    w = evecs[:, :k].T @ updates  # unflipped directions
+    c = updates @ w.T
+    unit = w / w.norm(dim=1, keepdim=True)
+    no_vote = (
+        (torch.sign(c) * updates.norm(dim=1)[:, None]).mean(0) * evals[:k] / evals.sum()
+    ) @ unit
+    torch.testing.assert_close(out, no_vote)
+    mean = updates.mean(0)
+    assert float(torch.nn.functional.cosine_similarity(out, mean, dim=0)) < 0.99

@@ -68,12 +68,16 @@ def test_file_carries_its_contract_and_takes_raw_inputs(exported) -> None:
     assert meta["dataset"] == "digits"
     assert json.loads(meta["input_shape"]) == ["batch", 1, 8, 8]
     assert meta["input_dtype"] == "float32"
-    assert json.loads(meta["input_raw_range"]) == [0.0, 16.0]
+    assert json.loads(meta["input_observed_train_range"]) == [0.0, 16.0]
+    assert float(meta["input_range_tolerance"]) == 4.0  # a quarter of the observed span
     assert float(meta["input_scaling_in_graph"]) == 1 / 16
     assert json.loads(meta["class_names"]) == [str(c) for c in range(10)]
     assert read_metadata(path.with_name("model.int8.onnx"))["dataset"] == "digits"
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["input"]["shape"] == ["batch", 1, 8, 8]
+    assert sidecar["input"]["observed_train_range"] == [0.0, 16.0]
+    assert sidecar["input"]["accepted_range"] == [-4.0, 20.0]
+    assert "not a hard limit" in sidecar["input"]["range_note"]
     assert "load_digits" in sidecar["input"]["how_to_build"]
     assert sidecar["model_file"] == "model.onnx" and sidecar["int8_file"] == "model.int8.onnx"
     assert "dynamo=True" in sidecar["exporter"]
@@ -152,3 +156,45 @@ def test_fresh_venv_with_only_onnxruntime_and_numpy(exported, tmp_path: Path) ->
     x = raw_digits()
     names = _device_run(str(venv / "bin" / "python"), path, x, tmp_path, isolated=False)
     assert names == [str(c) for c in model(torch.from_numpy(x / 16.0)).argmax(1).tolist()]
+
+
+def test_new_mnist1d_inputs_just_outside_the_observed_range_pass_wild_ones_do_not(
+    tmp_path: Path,
+) -> None:
+    """mnist1d samples the run never saw (the generator with another seed) reach a little beyond
+    the training set's min/max; the runner and the on-device example accept them, and refuse
+    inputs scaled ×10 (before, the sidecar called the min/max "raw_range" and an app that kept
+    to it refused good inputs)."""
+    import importlib.util
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    sc = validate_scenario(
+        {
+            "data": {"dataset": "mnist1d", "num_clients": 2, "num_samples": 200},
+            "model": {"name": "mlp", "hidden": [16]},
+            "edge": {"trainers": {"1": "tpsgd"}},
+        }
+    )
+    info = dataset_info(sc.data)
+    torch.manual_seed(0)
+    model = build_model(sc.model, info.input_shape, info.num_classes).eval()
+    export_edge_models(sc, info, ArrayRecord(torch_state_dict=model.state_dict()), tmp_path)
+    path = tmp_path / "model.onnx"
+    lo, hi = json.loads(path.with_suffix(".json").read_text())["input"]["observed_train_range"]
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = 2000, 1234  # new samples, same generator
+    fresh = np.asarray(make_dataset(args)["x"], dtype=np.float32)
+    outside = fresh[(fresh.min(axis=1) < lo) | (fresh.max(axis=1) > hi)]
+    assert len(outside) > 0  # the point: legitimate inputs beyond the observed min/max exist
+
+    spec = importlib.util.spec_from_file_location("device_infer", DEVICE_APP)
+    device_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device_app)
+    assert len(infer(path, outside, repeats=1).predictions) == len(outside)
+    assert len(device_app.classify(path, outside)) == len(outside)
+    with pytest.raises(ValueError, match="far outside the raw range"):
+        infer(path, outside * 10, repeats=1)
+    with pytest.raises(SystemExit, match="beyond the training range"):
+        device_app.classify(path, outside * 10)

@@ -25,6 +25,7 @@ from fedge.engines import EngineError, run_engine
 from scenarios.config import Scenario, scenario_to_toml, validate_scenario
 from scenarios.results import load_run
 from server.checkpoint import load_checkpoint
+from tests.checkpoints import wait_for_checkpoint
 from tests.test_client_state_resume import lora_scenario
 
 pytestmark = pytest.mark.slow
@@ -160,18 +161,6 @@ def lora_on_ray(tmp_path: Path, address: str) -> Scenario:
     return on_ray(scenario.model_copy(update={"federation": federation}), address)
 
 
-def wait_for_round(run_dir: Path, server_round: int, proc=None, timeout: float = 150) -> int:
-    """Block until ``server_round`` is logged and checkpointed; return the last logged round."""
-    deadline = time.time() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and (proc is None or proc.poll() is None):
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        if len(lines) > server_round and (run_dir / "checkpoint.pt").exists():
-            return len(lines) - 1
-        time.sleep(0.05)
-    raise AssertionError(f"round {server_round} was not reached in time")
-
-
 def test_sigkill_then_resume_restores_client_state(cluster, tmp_path: Path) -> None:
     """SIGKILL `fedge run` (ray engine, two nodes) after round 2: its Flower processes go with it
     (nothing keeps writing the folder), and `fedge run --resume` restores the clients'
@@ -198,7 +187,7 @@ def test_sigkill_then_resume_restores_client_state(cluster, tmp_path: Path) -> N
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_round(run_dir, 2, proc)
+        wait_for_checkpoint(run_dir, 2, proc)  # the checkpoint's own round, read from the file
         proc.kill()  # at once: a round takes a fraction of a second
         proc.wait(timeout=30)
         # every Flower process fedge started carries its pid (fedge/reaper.py); none may survive
@@ -249,15 +238,10 @@ def test_lost_worker_stops_run_and_resume_matches_uninterrupted(cluster, tmp_pat
     killed_at: list[int] = []
 
     def kill_worker_after_round_2() -> None:
-        deadline = time.time() + 150
-        metrics = run_dir / "metrics.jsonl"
-        while time.time() < deadline:
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            if len(lines) >= 3 and (run_dir / "checkpoint.pt").exists():  # rounds 0, 1, 2
-                killed_at.append(len(lines) - 1)
-                crash(worker)
-                return
-            time.sleep(0.05)
+        # the checkpoint's own round: metrics.jsonl runs ahead of it by up to one round
+        with contextlib.suppress(AssertionError):
+            killed_at.append(wait_for_checkpoint(run_dir, 2))
+            crash(worker)
 
     killer = threading.Thread(target=kill_worker_after_round_2, daemon=True)
     killer.start()

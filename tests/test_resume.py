@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from fedge.engines import run_engine
 from scenarios.config import load_scenario
 from scenarios.results import load_run
 from server.checkpoint import load_checkpoint
+from tests.checkpoints import wait_for_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_ROUNDS = 8
@@ -75,17 +75,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 120
-        # Kill once round 2's checkpoint is on disk (metrics.jsonl is written just before it).
-        while time.time() < deadline and proc.poll() is None:
-            lines = (
-                (killed / "metrics.jsonl").read_text().splitlines()
-                if (killed / "metrics.jsonl").exists()
-                else []
-            )
-            if len(lines) >= 4 and (killed / "checkpoint.pt").exists():
-                break
-            time.sleep(0.02)
+        # Kill once round 2's checkpoint is on disk: the file's own round, not metrics.jsonl
+        # (written just before it) or the file's existence (round 1's would do)
+        wait_for_checkpoint(killed, 2, proc, timeout=120, poll_s=0.02)
         assert proc.poll() is None, "the run ended before it could be killed; raise NUM_ROUNDS"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -176,7 +177,14 @@ def run_inprocess(
     TaskIdentity.run_id = grid.run.run_id
     TaskIdentity.node_id = SERVER_NODE_ID
     TaskIdentity.task_id = 1
-    summary = run_server(grid, scenario, run_dir, show_progress=show_progress, resume=resume)
+    # The in-process clients set torch's (process-wide) thread count to engine.client_threads;
+    # restored, so the next run's server-side work before its clients (e.g. LoRA's pre-training)
+    # runs as this one's did, and the caller's process is left as it was found.
+    threads = torch.get_num_threads()
+    try:
+        summary = run_server(grid, scenario, run_dir, show_progress=show_progress, resume=resume)
+    finally:
+        torch.set_num_threads(threads)
     if packer is not None:
         print(packer.report(), flush=True)
     return summary
