@@ -11,6 +11,8 @@ Being a mod, it wraps every trainer without touching any. For the partition ids 
 ``label_flip``    train with plain local SGD on labels y → C − 1 − y (data poisoning)
 ``free_rider``    reply the model it was sent (+ N(0, s²) noise, default s = 0), claiming its usual
                   ``num-examples`` and metrics
+``alie``, ``ipm`` train honestly here; the server replaces their replies (``server/omniscient_attack.py``,
+                  simulation only: those attacks need the round's honest updates)
 ================  ==================================================================================
 
 with Δ = w_trained − w_sent over the floating-point tensors (integer buffers are left alone). The
@@ -42,6 +44,8 @@ DEFAULT_STRENGTH = {
     "free_rider": 0.0,
     "label_flip": 0.0,
 }
+# Attacks that need every honest update of the round: simulated on the server, not in this mod.
+SERVER_SIDE_KINDS = ("alie", "ipm")
 ATTACK_SEED_TAG = 0xA77AC
 
 
@@ -111,7 +115,7 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
     scenario = node_scenario(context)
     attack = scenario.attack
     pid = int(context.node_config.get("partition-id", -1))
-    if attack.kind == "none" or pid not in attack.clients:
+    if attack.kind in ("none", *SERVER_SIDE_KINDS) or pid not in attack.clients:
         return call_next(msg, context)
     if attack.kind == "label_flip":
         return _label_flip_train(msg, context, scenario, pid)
