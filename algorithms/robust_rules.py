@@ -31,7 +31,9 @@ import torch
 
 def _check_stack(updates: torch.Tensor) -> None:
     if updates.dim() != 2 or updates.shape[0] == 0:
-        raise ValueError(f"updates must be a non-empty (n, d) stack, got shape {tuple(updates.shape)}")
+        raise ValueError(
+            f"updates must be a non-empty (n, d) stack, got shape {tuple(updates.shape)}"
+        )
 
 
 def geometric_median(

@@ -6,7 +6,8 @@ family): a :class:`RoundPlugin` placed after the reply validator. In order:
    exceeds the given share of the round's total (water filling, ``algorithms/robust_rules.py``);
    ``"auto"`` = 3 / the number of replies. A client claiming 10⁹ examples gets at most that share.
 2. **Trust scoring** (``robustness.trust_scoring``, FLTrust): the server trains the model it sent
-   on its proxy set (``data.proxy_fraction``) as a client would (``train`` settings), giving g₀;
+   on its proxy set (``data.proxy_fraction``) as a client would (``train`` settings, for the
+   replies' median ``num-steps``), giving g₀;
    each update is rescaled to ‖g₀‖ and its ``num-examples`` replaced by its trust score
    ReLU(cos(Δᵢ, g₀)); replies scoring 0 are dropped. With a weighted mean this is FLTrust.
 3. **Pre-aggregation** (``robustness.preaggregation``): ``bucketing`` replaces the replies by
@@ -153,7 +154,10 @@ class UpdateTransform(RoundPlugin):
     def _score(
         self, server_round: int, replies: list[Message], group: UpdateGroup, keep: list[bool]
     ) -> None:
-        reference = self.reference_update(server_round, group)
+        steps = [
+            float(_metrics_of(replies[i])[1].get("num-steps", 0)) for i in group.indices
+        ]
+        reference = self.reference_update(server_round, group, int(np.median(steps)))
         scores = trust_scores(group.updates, reference)
         rescaled = rescale_to(group.updates, float(reference.norm()))
         for row, i in enumerate(group.indices):
@@ -164,8 +168,12 @@ class UpdateTransform(RoundPlugin):
             _set_weight(replies[i], float(scores[row]))
         group.updates = rescaled
 
-    def reference_update(self, server_round: int, group: UpdateGroup) -> torch.Tensor:
-        """g₀: the sent model trained on the proxy set with the clients' ``train`` settings."""
+    def reference_update(
+        self, server_round: int, group: UpdateGroup, steps: int = 0
+    ) -> torch.Tensor:
+        """g₀: the sent model trained on the proxy set with the clients' ``train`` settings, for
+        ``steps`` SGD steps (the clients' median, as FLTrust's server runs the clients' number of
+        local iterations: g₀'s norm sets every update's) or, when 0, ``train.epochs`` epochs."""
         assert self._model is not None and self._proxy is not None
         model = self._model
         state = model.state_dict()
@@ -178,7 +186,11 @@ class UpdateTransform(RoundPlugin):
         job = TrainJob(
             model, self._proxy, self.scenario, ConfigRecord(), RecordDict(), generator, self.device
         )
-        local_sgd(job)
+        cfg = self.scenario.train
+        if steps > 0:
+            per_epoch = math.ceil(len(self._proxy.x_train) / cfg.batch_size)
+            cfg = cfg.model_copy(update={"epochs": math.ceil(steps / per_epoch)})
+        local_sgd(job, cfg=cfg, max_steps=steps or None)
         trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         return flatten(trained, group.keys) - flatten(group.sent, group.keys)
 
@@ -216,4 +228,3 @@ def small_federation_warnings(scenario: Scenario) -> list[str]:
 def warn_small_federation(scenario: Scenario) -> None:
     for text in small_federation_warnings(scenario):
         log(WARNING, "defence: %s", text)
-
