@@ -327,15 +327,6 @@ class RobustnessConfig(_Strict):
         "proxy set (data.proxy_fraction > 0) and rescale it to that one's norm; every algorithm",
     )
 
-    @field_validator("max_weight_share")
-    @classmethod
-    def _share(cls, v: float | str) -> float | str:
-        if v != "auto" and not 0.0 < v <= 1.0:
-            raise ValueError(
-                f"robustness.max_weight_share={v!r} must be 'auto' or a share in (0, 1] "
-                "(1 turns the cap off)"
-            )
-        return v
     dp_clipping_norm: float = Field(
         0.0,
         ge=0.0,
@@ -346,6 +337,16 @@ class RobustnessConfig(_Strict):
         0.0, ge=0.0, description="with dp_clipping_norm: Gaussian noise multiplier (0: clip only)"
     )
 
+    @field_validator("max_weight_share")
+    @classmethod
+    def _share(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 < v <= 1.0:
+            raise ValueError(
+                f"robustness.max_weight_share={v!r} must be 'auto' or a share in (0, 1] "
+                "(1 turns the cap off)"
+            )
+        return v
+
 
 # Algorithms whose server aggregates with FedAvg's rule, which a robust rule can replace.
 ROBUST_AGGREGATION_ALGORITHMS = ("fedavg", "fedprox")
@@ -355,7 +356,15 @@ class AttackConfig(_Strict):
     """Simulated poisoning by some clients (a client mod, so every trainer gets it)."""
 
     kind: Literal[
-        "none", "sign_flip", "scale", "gaussian", "label_flip", "free_rider", "alie", "ipm"
+        "none",
+        "sign_flip",
+        "scale",
+        "gaussian",
+        "label_flip",
+        "free_rider",
+        "inflated_weight",
+        "alie",
+        "ipm",
     ] = "none"
     clients: list[int] = Field(
         default_factory=list, description="partition ids of the attacking clients"
@@ -366,7 +375,8 @@ class AttackConfig(_Strict):
         allow_inf_nan=False,
         description="sign_flip: factor of the flipped update (default 1); scale: update "
         "multiplier (10); gaussian: std of the noise that replaces the update (1); free_rider: "
-        "std of noise added to the unchanged model (0); label_flip: unused; alie: z of "
+        "std of noise added to the unchanged model (0); label_flip: unused; inflated_weight: "
+        "the num-examples claimed (1e9); alie: z of "
         "mean - z*std (Baruch et al.'s z from the number of clients and attackers); ipm: "
         "epsilon of -epsilon*mean (0.1). alie and ipm are simulated on the server, which shows "
         "the attackers the round's honest updates (simulation only)",

@@ -154,9 +154,7 @@ class UpdateTransform(RoundPlugin):
     def _score(
         self, server_round: int, replies: list[Message], group: UpdateGroup, keep: list[bool]
     ) -> None:
-        steps = [
-            float(_metrics_of(replies[i])[1].get("num-steps", 0)) for i in group.indices
-        ]
+        steps = [float(_metrics_of(replies[i])[1].get("num-steps", 0)) for i in group.indices]
         reference = self.reference_update(server_round, group, int(np.median(steps)))
         scores = trust_scores(group.updates, reference)
         rescaled = rescale_to(group.updates, float(reference.norm()))
