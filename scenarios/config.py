@@ -304,7 +304,7 @@ class RobustnessConfig(_Strict):
     max_weight_share: float | Literal["auto"] = Field(
         "auto",
         description="no reply gets more than this share of the aggregate's weight "
-        "(num-examples capped by water filling; 1: off); 'auto' = 3 / the round's replies. "
+        "(num-examples capped by water filling; 1: off); 'auto' = 1.5 / the round's replies. "
         "Works with every algorithm that weights by num-examples",
     )
     clip_radius: float = Field(

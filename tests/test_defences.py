@@ -98,7 +98,7 @@ def test_capped_weights_hand_cases() -> None:
     assert torch.allclose(capped / capped.sum(), f64([0.4, 0.36, 0.24]))
     assert torch.equal(capped_weights(f64([1, 2, 3]), 1.0), f64([1, 2, 3]))  # 1: off
     assert torch.equal(capped_weights(f64([5, 1]), 0.4), f64([5, 5]))  # c < 1/n: all equal
-    assert max_share_of("auto", 10) == pytest.approx(0.3) and max_share_of("auto", 2) == 1.0
+    assert max_share_of("auto", 10) == pytest.approx(0.15) and max_share_of("auto", 2) == 0.75
 
 
 def test_alie_hand_case_and_z() -> None:
