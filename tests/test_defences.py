@@ -44,6 +44,10 @@ def test_geometric_median_hand_cases() -> None:
     assert torch.allclose(geometric_median(f64([[0, 0], [1, 0], [10, 0]])), f64([1, 0]), atol=1e-4)
     square = f64([[0, 0], [2, 0], [0, 2], [2, 2]])
     assert torch.allclose(geometric_median(square), f64([1, 1]), atol=1e-6)
+    # a triangle: its Fermat point, (3 - sqrt 3) / 6 on the diagonal of the right isosceles one
+    fermat = (3 - math.sqrt(3)) / 6
+    triangle = geometric_median(f64([[0, 0], [1, 0], [0, 1]]))
+    assert torch.allclose(triangle, f64([fermat, fermat]), atol=1e-3)
     heavy = geometric_median(f64([[0, 0], [4, 0], [0, 4]]), weights=f64([2, 1, 1]))
     assert torch.allclose(heavy, f64([0, 0]), atol=1e-4)
 
