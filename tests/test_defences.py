@@ -338,3 +338,26 @@ def test_alie_through_the_plugin_and_centered_clipping_with_bucketing(tmp_path: 
     assert all(r["num_poisoned"] == 2 for r in rounds)
     assert all(r["num_after_preaggregation"] == 3 for r in rounds)
     assert acc >= _accuracy(tmp_path, "clean") - 0.05
+
+
+def test_weight_cap_plugin_caps_a_client_claiming_1e9_examples(tmp_path: Path) -> None:
+    """The default cap ('auto' = 1.5 / replies): among six replies one claiming 10**9 examples
+    ends with a quarter of the weight, the others keep theirs; cap 1 changes nothing."""
+    from clients.data import dataset_info
+    from clients.models import build_model
+    from server.preaggregation import UpdateTransform
+    from server.strategies import ServerSetup
+
+    sent = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})})
+    for share, expected in (("auto", 0.25), (1.0, 1e9 / (1e9 + 500))):
+        sc = _scenario(tmp_path, robustness={"max_weight_share": share})
+        info = dataset_info(sc.data)
+        model = build_model(sc.model, info.input_shape, info.num_classes)
+        plugin = UpdateTransform(ServerSetup(sc, info, model, torch.device("cpu")))
+        pairs = [_exchange(20 + p, sent, _reply([1.0, 1.0], p)) for p in range(6)]
+        pairs[0][1].content["metrics"]["num-examples"] = 10**9
+        plugin.observe_train_instructions(1, [i for i, _ in pairs])
+        replies, _ = plugin.filter_train_replies(1, [r for _, r in pairs])
+        weights = [float(r.content["metrics"]["num-examples"]) for r in replies]
+        assert weights[0] / sum(weights) == pytest.approx(expected)
+        assert weights[1:] == [10.0] * 5
