@@ -11,6 +11,10 @@ Being a mod, it wraps every trainer without touching any. For the partition ids 
 ``label_flip``    train with plain local SGD on labels y → C − 1 − y (data poisoning)
 ``free_rider``    reply the model it was sent (+ N(0, s²) noise, default s = 0), claiming its usual
                   ``num-examples`` and metrics
+``inflated_weight``  train honestly, claim ``num-examples`` = s (default 10⁹, the validator's limit):
+                  a client that wants its data to outweigh everybody else's
+``alie``, ``ipm`` train honestly here; the server replaces their replies (``server/omniscient_attack.py``,
+                  simulation only: those attacks need the round's honest updates)
 ================  ==================================================================================
 
 with Δ = w_trained − w_sent over the floating-point tensors (integer buffers are left alone). The
@@ -41,7 +45,10 @@ DEFAULT_STRENGTH = {
     "gaussian": 1.0,
     "free_rider": 0.0,
     "label_flip": 0.0,
+    "inflated_weight": 1e9,
 }
+# Attacks that need every honest update of the round: simulated on the server, not in this mod.
+SERVER_SIDE_KINDS = ("alie", "ipm")
 ATTACK_SEED_TAG = 0xA77AC
 
 
@@ -111,7 +118,7 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
     scenario = node_scenario(context)
     attack = scenario.attack
     pid = int(context.node_config.get("partition-id", -1))
-    if attack.kind == "none" or pid not in attack.clients:
+    if attack.kind in ("none", *SERVER_SIDE_KINDS) or pid not in attack.clients:
         return call_next(msg, context)
     if attack.kind == "label_flip":
         return _label_flip_train(msg, context, scenario, pid)
@@ -125,6 +132,13 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
     )
     sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     content = RecordDict(dict(reply.content.items()))
+    if attack.kind == "inflated_weight":
+        for name, record in reply.content.metric_records.items():
+            content[name] = MetricRecord(
+                {**dict(record.items()), "num-examples": int(strength_of(scenario))}
+            )
+        reply.content = content
+        return reply
     for name, record in reply.content.array_records.items():
         trained = {k: v.numpy() for k, v in record.items()}
         poisoned = poison_arrays(attack.kind, strength_of(scenario), trained, sent, rng)

@@ -275,10 +275,19 @@ class RobustnessConfig(_Strict):
         "share of its rounds aggregated nothing; a run that aggregated no round always fails",
     )
     # poisoning defences (README "Poisoning: attacks and defences")
-    aggregation: Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"] = Field(
+    aggregation: Literal[
+        "mean",
+        "median",
+        "trimmed_mean",
+        "krum",
+        "multikrum",
+        "bulyan",
+        "geometric_median",
+        "centered_clipping",
+    ] = Field(
         "mean",
         description="fedavg/fedprox: Flower's FedAvg (mean), FedMedian, FedTrimmedAvg, Krum, "
-        "MultiKrum or Bulyan",
+        "MultiKrum or Bulyan; or fedge's geometric_median (RFA) or centered_clipping",
     )
     trim_beta: float = Field(
         0.2, ge=0.0, lt=0.5, description="trimmed_mean: share cut from each end per coordinate"
@@ -287,11 +296,37 @@ class RobustnessConfig(_Strict):
         1, ge=0, description="krum/multikrum/bulyan: attackers to tolerate per round (f)"
     )
     relative_norm_bound: float = Field(
-        0.0,
+        3.0,
         ge=0.0,
         description="exclude replies whose update norm exceeds this multiple of the round's "
-        "median update norm (0: off; e.g. 3). Works with every algorithm",
+        "median update norm (0: off). Works with every algorithm",
     )
+    max_weight_share: float | Literal["auto"] = Field(
+        "auto",
+        description="no reply gets more than this share of the aggregate's weight "
+        "(num-examples capped by water filling; 1: off); 'auto' = 1.5 / the round's replies. "
+        "Works with every algorithm that weights by num-examples",
+    )
+    clip_radius: float = Field(
+        0.0,
+        ge=0.0,
+        description="centered_clipping: clipping radius tau around the center (0: the median "
+        "distance of the round's updates to it)",
+    )
+    clip_iterations: int = Field(1, ge=1, le=100, description="centered_clipping: iterations")
+    preaggregation: Literal["none", "bucketing", "nnm"] = Field(
+        "none",
+        description="transform the round's updates before any aggregation rule, every "
+        "algorithm: bucketing (means of random buckets of bucket_size) or nnm (each update the "
+        "mean of its n - num_malicious nearest)",
+    )
+    bucket_size: int = Field(2, ge=1, description="preaggregation = bucketing: bucket size s")
+    trust_scoring: bool = Field(
+        False,
+        description="FLTrust: weight each update by ReLU(cos) with one trained on the server's "
+        "proxy set (data.proxy_fraction > 0) and rescale it to that one's norm; every algorithm",
+    )
+
     dp_clipping_norm: float = Field(
         0.0,
         ge=0.0,
@@ -302,6 +337,16 @@ class RobustnessConfig(_Strict):
         0.0, ge=0.0, description="with dp_clipping_norm: Gaussian noise multiplier (0: clip only)"
     )
 
+    @field_validator("max_weight_share")
+    @classmethod
+    def _share(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 < v <= 1.0:
+            raise ValueError(
+                f"robustness.max_weight_share={v!r} must be 'auto' or a share in (0, 1] "
+                "(1 turns the cap off)"
+            )
+        return v
+
 
 # Algorithms whose server aggregates with FedAvg's rule, which a robust rule can replace.
 ROBUST_AGGREGATION_ALGORITHMS = ("fedavg", "fedprox")
@@ -310,7 +355,17 @@ ROBUST_AGGREGATION_ALGORITHMS = ("fedavg", "fedprox")
 class AttackConfig(_Strict):
     """Simulated poisoning by some clients (a client mod, so every trainer gets it)."""
 
-    kind: Literal["none", "sign_flip", "scale", "gaussian", "label_flip", "free_rider"] = "none"
+    kind: Literal[
+        "none",
+        "sign_flip",
+        "scale",
+        "gaussian",
+        "label_flip",
+        "free_rider",
+        "inflated_weight",
+        "alie",
+        "ipm",
+    ] = "none"
     clients: list[int] = Field(
         default_factory=list, description="partition ids of the attacking clients"
     )
@@ -320,7 +375,11 @@ class AttackConfig(_Strict):
         allow_inf_nan=False,
         description="sign_flip: factor of the flipped update (default 1); scale: update "
         "multiplier (10); gaussian: std of the noise that replaces the update (1); free_rider: "
-        "std of noise added to the unchanged model (0); label_flip: unused",
+        "std of noise added to the unchanged model (0); label_flip: unused; inflated_weight: "
+        "the num-examples claimed (1e9); alie: z of "
+        "mean - z*std (Baruch et al.'s z from the number of clients and attackers); ipm: "
+        "epsilon of -epsilon*mean (0.1). alie and ipm are simulated on the server, which shows "
+        "the attackers the round's honest updates (simulation only)",
     )
 
 
@@ -458,8 +517,24 @@ class Scenario(_Strict):
                 f"robustness.dp_clipping_norm wraps FedAvg-style strategies and works with "
                 f"{' and '.join(ROBUST_AGGREGATION_ALGORITHMS)} only, not {algo!r}"
             )
+        if (defense.preaggregation != "none" or defense.trust_scoring) and algo == "lora_sparse":
+            raise ValueError(
+                "robustness.preaggregation and trust_scoring transform dense model updates; "
+                "lora_sparse replies are sparse adapter updates: turn them off for lora_sparse"
+            )
+        if defense.trust_scoring and self.data.proxy_fraction == 0:
+            raise ValueError(
+                "robustness.trust_scoring trains a reference update on the server's proxy set, "
+                "but data.proxy_fraction = 0; set it (e.g. 0.02)"
+            )
         sampled = max(1, math.ceil(self.federation.fraction_train * self.data.num_clients))
         f = defense.num_malicious
+        if defense.preaggregation == "nnm" and f >= sampled:
+            raise ValueError(
+                f"robustness.preaggregation='nnm' mixes each update with its n - num_malicious "
+                f"nearest, but robustness.num_malicious={f} >= the {sampled} clients sampled; "
+                "lower robustness.num_malicious"
+            )
         need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}
         if defense.aggregation in need and sampled < need[defense.aggregation]:
             raise ValueError(

@@ -12,7 +12,12 @@ algorithms whose server *is* FedAvg), by one of Flower's strategies, used as the
 ``multikrum``      :class:`~flwr.serverapp.strategy.MultiKrum`: mean of the n - f best
 ``bulyan``         :class:`~flwr.serverapp.strategy.Bulyan`: MultiKrum selection, then a
                    coordinate-wise trimmed mean around the median
+``geometric_median``  fedge's RFA rule (``server/update_rules.py``)
+``centered_clipping`` fedge's centered clipping around the previous aggregate
 =================  ======================================================================
+
+Pre-aggregation (bucketing, NNM), FLTrust trust scores and the weight cap are round plugins
+(``server/preaggregation.py``) and compose with every rule and algorithm.
 
 FedLD, FedLAW, the clustered family, Per-FedAvg and LoRA aggregate in their own way, so the
 scenario schema refuses ``aggregation`` for them; ``robustness.relative_norm_bound`` (in the reply
@@ -41,6 +46,7 @@ from flwr.serverapp.strategy import (
 from scenarios.config import Scenario
 from scenarios.results import RunWriter
 from server.strategies import ServerSetup, fedavg_kwargs
+from server.update_rules import UPDATE_RULES, UpdateRuleFedAvg
 
 ROBUST_STRATEGIES: dict[str, type[FedAvg]] = {
     "median": FedMedian,
@@ -94,8 +100,16 @@ def robust_strategy(setup: ServerSetup, proximal_mu: float | None = None) -> Str
     rob = scenario.robustness
     if rob.aggregation == "mean":
         return None
-    cls = ROBUST_STRATEGIES[rob.aggregation]
     kwargs = fedavg_kwargs(scenario)
+    if rob.aggregation in UPDATE_RULES:
+        cls: type[FedAvg] = UpdateRuleFedAvg
+        kwargs.update(
+            rule=rob.aggregation,
+            clip_radius=rob.clip_radius,
+            clip_iterations=rob.clip_iterations,
+        )
+    else:
+        cls = ROBUST_STRATEGIES[rob.aggregation]
     if rob.aggregation == "trimmed_mean":
         kwargs["beta"] = rob.trim_beta
     if rob.aggregation in ("krum", "multikrum", "bulyan"):

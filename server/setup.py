@@ -20,7 +20,9 @@ from scenarios.config import Scenario, did_you_mean
 from server.client_state import ClientStateKeeper
 from server.deadline import DeviceClockPlugin
 from server.identity import IdentityGuard
+from server.omniscient_attack import OMNISCIENT_KINDS, OmniscientAttack
 from server.plugins import RoundPlugin
+from server.preaggregation import UpdateTransform, warn_small_federation
 from server.ray_guard import RayNodeGuard
 from server.strategies import ServerSetup, build_strategy
 from server.validation import ReplyValidator
@@ -46,8 +48,13 @@ def build_plugins(setup: ServerSetup) -> list[RoundPlugin]:
         plugins.append(RayNodeGuard(setup.run_dir))  # a dead Ray node stops the run (resumable)
     if setup.scenario.devices is not None:
         plugins.append(DeviceClockPlugin(setup.scenario))
+    if setup.scenario.attack.kind in OMNISCIENT_KINDS:
+        # simulation only: attackers shown the round's honest updates, before any check
+        plugins.append(OmniscientAttack.from_scenario(setup.scenario))
     if setup.scenario.robustness.validate_replies:
         plugins.append(ReplyValidator.from_setup(setup))
+    if UpdateTransform.wanted(setup.scenario):
+        plugins.append(UpdateTransform(setup))  # after validation: it reads valid replies only
     return plugins
 
 
@@ -84,4 +91,5 @@ def build_run(scenario: Scenario, run_dir: Path | None = None) -> BuiltRun:
     setup = ServerSetup(scenario, info, model, device, run_dir)
     strategy = build_strategy(setup)
     check_clients(scenario)
+    warn_small_federation(scenario)
     return BuiltRun(setup, strategy, build_plugins(setup))

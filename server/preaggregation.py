@@ -1,0 +1,229 @@
+"""Steps that transform the round's validated replies before the algorithm's own rule, so they
+compose with every strategy (FedAvg and its robust rules, FedProx, FedLD, FedLAW, the clustered
+family): a :class:`RoundPlugin` placed after the reply validator. In order:
+
+1. **Weight cap** (``robustness.max_weight_share``, on by default): no reply's ``num-examples``
+   exceeds the given share of the round's total (water filling, ``algorithms/robust_rules.py``);
+   ``"auto"`` = 1.5 / the number of replies (at most 1.5 equal shares: on the quickstart a cap of
+   0.2 let one client claiming 10⁹ examples cost 2.1 points, 0.15 cost 0.8).
+2. **Trust scoring** (``robustness.trust_scoring``, FLTrust): the server trains the model it sent
+   on its proxy set (``data.proxy_fraction``) as a client would (``train`` settings, for the
+   replies' median ``num-steps``), giving g₀;
+   each update is rescaled to ‖g₀‖ and its ``num-examples`` replaced by its trust score
+   ReLU(cos(Δᵢ, g₀)); replies scoring 0 are dropped. With a weighted mean this is FLTrust.
+3. **Pre-aggregation** (``robustness.preaggregation``): ``bucketing`` replaces the replies by
+   ⌈n/s⌉ bucket means (each carried by its bucket's first reply, ``num-examples`` summed);
+   ``nnm`` replaces each update by the mean of its n − f nearest (f = ``num_malicious``).
+
+Updates are taken per group of replies sent the same model (``server/update_stack.py``).
+Strategies that aggregate unweighted (FedLD) see steps 2-3's arrays but ignore the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from logging import WARNING
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from algorithms.robust_rules import (
+    bucketing,
+    capped_weights,
+    nearest_neighbour_mixing,
+    rescale_to,
+    trust_scores,
+)
+from clients.arrays import records_of
+from clients.data import ClientData, load_proxy
+from clients.seeding import derive_seed
+from clients.training import TrainJob, local_sgd
+from scenarios.config import Scenario
+from server.plugins import Metrics, RoundPlugin
+from server.strategies import ServerSetup
+from server.update_stack import UpdateGroup, flatten, group_updates, set_update
+
+WEIGHT_KEY = "num-examples"
+AUTO_SHARE_FACTOR = 1.5  # "auto" cap: at most 1.5 equal shares
+PREAGGREGATION_SEED_TAG = 0xB0C7
+
+
+def max_share_of(setting: float | str, num_replies: int) -> float:
+    if setting == "auto":
+        return min(1.0, AUTO_SHARE_FACTOR / max(num_replies, 1))
+    return float(setting)
+
+
+def _metrics_of(reply: Message) -> tuple[str, MetricRecord]:
+    return next(iter(records_of(reply.content, MetricRecord).items()))
+
+
+def _set_weight(reply: Message, weight: float) -> None:
+    name, metrics = _metrics_of(reply)
+    new = MetricRecord(dict(metrics.items()))
+    new[WEIGHT_KEY] = weight
+    content = RecordDict(dict(reply.content.items()))
+    content[name] = new
+    reply.content = content
+
+
+def _weight(reply: Message) -> float:
+    return float(_metrics_of(reply)[1][WEIGHT_KEY])
+
+
+class UpdateTransform(RoundPlugin):
+    """Weight cap, trust scoring and pre-aggregation (see the module docstring)."""
+
+    def __init__(self, setup: ServerSetup) -> None:
+        self.scenario = setup.scenario
+        rob = setup.scenario.robustness
+        self.max_weight_share = rob.max_weight_share
+        self.preaggregation = rob.preaggregation
+        self.bucket_size = rob.bucket_size
+        self.num_malicious = rob.num_malicious
+        self.trust_scoring = rob.trust_scoring
+        self.device = setup.device
+        self._model = copy.deepcopy(setup.model) if rob.trust_scoring else None
+        self._proxy: ClientData | None = None
+        if rob.trust_scoring:
+            x, y = load_proxy(setup.scenario.data, setup.scenario.seed)
+            empty_x, empty_y = x[:0], y[:0]
+            self._proxy = ClientData(-1, x, y, empty_x, empty_y)
+        self._sent: dict[int, RecordDict] = {}
+
+    @classmethod
+    def wanted(cls, scenario: Scenario) -> bool:
+        rob = scenario.robustness
+        return rob.max_weight_share != 1.0 or rob.trust_scoring or rob.preaggregation != "none"
+
+    def observe_train_instructions(self, server_round: int, instructions: list[Message]) -> None:
+        self._sent = {m.metadata.dst_node_id: m.content for m in instructions}
+
+    def filter_train_replies(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[list[Message], Metrics]:
+        if not replies:
+            return replies, {}
+        metrics: Metrics = {}
+        share = max_share_of(self.max_weight_share, len(replies))
+        if share < 1.0:
+            metrics["num_weight_capped"] = self._cap_weights(replies, share)
+        if not self.trust_scoring and self.preaggregation == "none":
+            return replies, metrics
+        keep = [True] * len(replies)
+        for g, group in enumerate(group_updates(replies, self._sent)):
+            if self.trust_scoring:
+                self._score(server_round, replies, group, keep)
+            group_replies = [i for i in group.indices if keep[i]]
+            if not group_replies:
+                continue
+            rows = group.updates[[group.indices.index(i) for i in group_replies]]
+            if self.preaggregation == "nnm":
+                f = min(self.num_malicious, len(group_replies) - 1)
+                mixed = nearest_neighbour_mixing(rows, f)
+                for i, row in zip(group_replies, mixed, strict=True):
+                    set_update(replies[i], group, row)
+            elif self.preaggregation == "bucketing":
+                generator = torch.Generator().manual_seed(
+                    derive_seed(self.scenario.seed, server_round, g, PREAGGREGATION_SEED_TAG)
+                )
+                means, buckets = bucketing(rows, self.bucket_size, generator)
+                for mean, bucket in zip(means, buckets, strict=True):
+                    members = [group_replies[b] for b in bucket]
+                    carrier = min(members)  # the reply order is sorted: keep it deterministic
+                    set_update(replies[carrier], group, mean)
+                    _set_weight(replies[carrier], sum(_weight(replies[m]) for m in members))
+                    for m in members:
+                        keep[m] = m == carrier
+        kept = [r for r, k in zip(replies, keep, strict=True) if k]
+        metrics["num_after_preaggregation"] = len(kept)
+        return kept, metrics
+
+    def _cap_weights(self, replies: list[Message], share: float) -> int:
+        weights = torch.tensor([_weight(r) for r in replies], dtype=torch.float64)
+        capped = capped_weights(weights, share)
+        changed = 0
+        for reply, before, after in zip(replies, weights.tolist(), capped.tolist(), strict=True):
+            if after < before:
+                _set_weight(reply, after)
+                changed += 1
+        return changed
+
+    def _score(
+        self, server_round: int, replies: list[Message], group: UpdateGroup, keep: list[bool]
+    ) -> None:
+        steps = [float(_metrics_of(replies[i])[1].get("num-steps", 0)) for i in group.indices]
+        reference = self.reference_update(server_round, group, int(np.median(steps)))
+        scores = trust_scores(group.updates, reference)
+        rescaled = rescale_to(group.updates, float(reference.norm()))
+        for row, i in enumerate(group.indices):
+            if float(scores[row]) <= 0.0:
+                keep[i] = False
+                continue
+            set_update(replies[i], group, rescaled[row])
+            _set_weight(replies[i], float(scores[row]))
+        group.updates = rescaled
+
+    def reference_update(
+        self, server_round: int, group: UpdateGroup, steps: int = 0
+    ) -> torch.Tensor:
+        """g₀: the sent model trained on the proxy set with the clients' ``train`` settings, for
+        ``steps`` SGD steps (the clients' median, as FLTrust's server runs the clients' number of
+        local iterations: g₀'s norm sets every update's) or, when 0, ``train.epochs`` epochs."""
+        assert self._model is not None and self._proxy is not None
+        model = self._model
+        state = model.state_dict()
+        sent = {k: torch.from_numpy(np.array(v)) for k, v in group.sent.items()}
+        model.load_state_dict({k: sent.get(k, t) for k, t in state.items()})
+        model.to(self.device)
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.scenario.seed, server_round, -1, PREAGGREGATION_SEED_TAG)
+        )
+        job = TrainJob(
+            model, self._proxy, self.scenario, ConfigRecord(), RecordDict(), generator, self.device
+        )
+        cfg = self.scenario.train
+        if steps > 0:
+            per_epoch = math.ceil(len(self._proxy.x_train) / cfg.batch_size)
+            cfg = cfg.model_copy(update={"epochs": math.ceil(steps / per_epoch)})
+        local_sgd(job, cfg=cfg, max_steps=steps or None)
+        trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        return flatten(trained, group.keys) - flatten(group.sent, group.keys)
+
+
+def small_federation_warnings(scenario: Scenario) -> list[str]:
+    """Why the configured defences cannot do their job with this few clients per round."""
+    rob = scenario.robustness
+    sampled = max(1, math.ceil(scenario.federation.fraction_train * scenario.data.num_clients))
+    warnings = []
+    if sampled < 3:
+        warnings.append(
+            f"only {sampled} client(s) train per round: no defence can outvote one attacker "
+            "(the relative norm bound and every robust rule need an honest majority of 3+); "
+            "raise data.num_clients or federation.fraction_train"
+        )
+    if rob.aggregation == "trimmed_mean" and math.floor(rob.trim_beta * sampled) == 0:
+        warnings.append(
+            f"robustness.trim_beta={rob.trim_beta:g} trims nothing from {sampled} replies; raise "
+            f"it to at least {1 / sampled:.2f}"
+        )
+    if rob.preaggregation == "bucketing" and math.ceil(sampled / rob.bucket_size) < 3:
+        warnings.append(
+            f"bucketing {sampled} replies by {rob.bucket_size} leaves fewer than 3 buckets for "
+            "the rule to choose between; lower robustness.bucket_size"
+        )
+    attackers = len(scenario.attack.clients) if scenario.attack.kind != "none" else 0
+    if attackers and 2 * attackers >= sampled:
+        warnings.append(
+            f"{attackers} attackers among {sampled} clients per round are no minority: "
+            "robust aggregation assumes fewer than half"
+        )
+    return warnings
+
+
+def warn_small_federation(scenario: Scenario) -> None:
+    for text in small_federation_warnings(scenario):
+        log(WARNING, "defence: %s", text)
