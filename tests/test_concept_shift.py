@@ -85,8 +85,9 @@ def test_each_shift_is_applied_per_group_and_seeded(kind: str) -> None:
         assert [t["turned"] for t in others] == [1, 2, 3]  # one quarter turn more per group
         assert all(t["labels"] == identity["labels"] for t in others)
     else:
-        affine = {t["affine"] for t in others}
-        assert len(affine) == 3 and (1.0, 0.0) not in affine
+        fits = [np.array(t["affine"]) for t in [identity, *others]]
+        gaps = [np.abs(a - b).max() for i, a in enumerate(fits) for b in fits[i + 1 :]]
+        assert min(gaps) > 0.05  # 4 distinct input maps
         assert all(t["residual"] > 0.01 for t in others)  # with noise, drawn per row
         assert all(t["labels"] == identity["labels"] for t in others)
 
