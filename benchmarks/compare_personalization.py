@@ -275,14 +275,15 @@ def main() -> None:
             "Difference from FedAvg + fine-tune (percentage points, paired by seed): mean "
             f"[95 % Student-t interval, n = {len(seeds)}].",
             "",
-            "| method | accuracy | global model |",
-            "|---|---|---|",
+            "| method | accuracy | before fine-tune | global model |",
+            "|---|---|---|---|",
         ]
         for label, row in rows.items():
             if label in ("FedAvg", "FedAvg + fine-tune") or len(row["mean"]) != len(seeds):
                 continue
             lines.append(
                 f"| {label} | {paired_difference(row['mean'], baseline['mean'])} "
+                f"| {paired_difference(row['before'], baseline['before'])} "
                 f"| {paired_difference(row['global'], baseline['global'])} |"
             )
     table = "\n".join(lines) + "\n"
