@@ -170,7 +170,7 @@ def main() -> None:
         ]
     sets += args.sets or []
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    methods = dict(METHODS) | (SWEEP if args.sweep else {})
+    methods = METHODS | SWEEP  # --methods may name sweep entries too
     chosen = [m for m in (args.methods.split(",") if args.methods else DEFAULT_METHODS) if m]
     chosen += list(SWEEP) if args.sweep and not args.methods else []
     base = load_scenario(args.scenario, sets)
@@ -188,7 +188,9 @@ def main() -> None:
     )
     runs = []
     for method, seed in ((m, s) for m in chosen for s in seeds):  # every scenario valid up front
-        extra = list(methods.get(method, METHODS.get(method, [])))
+        if method not in methods:
+            parser.error(f"unknown method {method!r}; known: {', '.join(methods)}")
+        extra = list(methods[method])
         if method == "ifca" and shifted:
             extra.append(f"algorithm.num_clusters={args.groups}")
         algo = "fedavg" if method == LOCAL_ONLY else method.split()[0]
