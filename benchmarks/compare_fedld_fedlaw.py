@@ -23,6 +23,7 @@ from fedge.engines import run_engine
 from fedge.report import compare_runs
 from scenarios.config import validate_scenario
 from scenarios.results import load_run
+from scenarios.stats import format_mean_std
 
 VARIANTS: dict[str, dict] = {
     "fedavg": {"name": "fedavg"},
@@ -117,7 +118,7 @@ def main() -> None:
         for label in labels:
             runs = [load_run(out / f"{label}-s{s}") for s in seeds]
             accs = [r.summary["final_accuracy"] for r in runs]
-            line = f"  {label:24} final acc {statistics.mean(accs):.4f} ± {statistics.pstdev(accs):.4f}"
+            line = f"  {label:24} final acc {format_mean_std(accs, digits=4)}"
             gammas = [r["fedlaw_gamma"] for run in runs for r in run.rounds if "fedlaw_gamma" in r]
             if gammas:
                 line += f"   mean gamma* {statistics.mean(gammas):.3f} (min {min(gammas):.3f})"

@@ -12,7 +12,7 @@ split; "FedAvg + fine-tune" is the same run after fine-tuning. Every other metho
 after the same fine-tuning. "local-only" trains each client alone from the same initial model for
 ``num_rounds x train.epochs`` epochs (plain PyTorch, no federation). Per run, the numbers are
 unweighted means over clients (and the mean of the worst 10% of clients); the table gives mean ±
-sample std (n - 1) over the n seeds.
+sample std (n − 1) over seeds.
 
 ``--shift`` builds a concept-shift federation (``data.partitioner = iid``, ``data.concept_shift``,
 ``data.num_groups = --groups``, 16 clients; IFCA gets ``num_clusters = --groups``) and adds the
@@ -44,6 +44,7 @@ from clients.training import evaluate
 from fedge.engines import run_engine
 from fedge.report import compare_runs
 from scenarios.config import Scenario, load_scenario
+from scenarios.stats import format_mean_std, std_caption
 from server.personalization import worst_fraction_mean
 
 DEFAULT_SETS = ["data.num_clients=12", "num_rounds=20", "personalization.evaluate_every=10"]
@@ -88,12 +89,7 @@ SWEEP = {
 
 
 def fmt(values: list[float]) -> str:
-    """``mean ± sample std`` in percent (std over n - 1; just the mean for one value)."""
-    vals = [v for v in values if math.isfinite(v)]
-    if not vals:
-        return "—"
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{100 * statistics.fmean(vals):.2f} ± {100 * std:.2f}"
+    return format_mean_std(values, scale=100, digits=2)
 
 
 def paired_difference(values: list[float], baseline: list[float]) -> str:
@@ -255,9 +251,9 @@ def main() -> None:
         f"{base.num_rounds} rounds, model {base.model.name} {base.model.hidden}, seeds {seeds}; "
         f"fine-tune: {finetune} at lr {base.train.lr}. "
         "Accuracy (%) on each client's local test split at the last round, unweighted mean over "
-        f"clients; mean ± sample std (n - 1) over n = {len(seeds)} seeds. ARI: clusters found "
-        "vs planted groups at the last round. Global model: the run's global arrays on the "
-        "central test set as each group sees it, mean over groups.",
+        f"clients; {std_caption(len(seeds))}. ARI: clusters found vs planted groups at the "
+        "last round. Global model: the run's global arrays on the central test set as each group "
+        "sees it, mean over groups.",
         "",
         "| method | accuracy (%) | worst-10% clients (%) | before fine-tune (%) | ARI "
         "| global model (%) | wall (s) |",

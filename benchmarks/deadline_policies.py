@@ -9,7 +9,7 @@ availability and dropout draws: only the policy differs), then reads each run's
 ``cumulative_virtual_time_s`` and reports the central accuracy of the last round finished within
 the virtual-time budget T (default: the shortest total virtual time of all runs, so every policy is
 measured over the same span). Also prints rounds done by T, mean updates aggregated per round,
-energy spent by T and the accuracy after all rounds, with mean +- std over seeds.
+energy spent by T and the accuracy after all rounds, with mean ± sample std (n − 1) over seeds.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from fedge.engines import run_engine
 from scenarios.config import load_scenario
 from scenarios.results import load_run, plot_metric
+from scenarios.stats import format_mean_std, std_caption
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,7 @@ def at_budget(rounds: list[dict], budget_s: float) -> dict[str, float]:
 
 
 def fmt(values: list[float], spec: str) -> str:
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{format(statistics.fmean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+    return format_mean_std(values, spec=spec)
 
 
 def main() -> None:
@@ -124,7 +123,7 @@ def main() -> None:
     )
     print(
         f"\n{Path(args.scenario).name}, seeds {seeds}, {args.rounds} rounds per run; "
-        f"accuracy at equal virtual time T = {budget:.2f} s"
+        f"accuracy at equal virtual time T = {budget:.2f} s; {std_caption(len(seeds))}"
     )
     header = (
         f"{'policy':>16} | {'acc @ T':>13} | {'rounds by T':>11} | {'updates/round':>13} | "

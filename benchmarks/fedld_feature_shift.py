@@ -15,8 +15,8 @@ differ in appearance (feature shift), fine-tuning pretrained networks. A CPU-siz
   while 0.001 raises it to 0.89); FedLD with the margin term λ = 0.1 and principal-gradient aggregation (k_prop 0.8, first
   round = mean, BN buffers plain-averaged); ablation: aggregation only (λ = 0).
 
-Reported: mean over sites of each site's test accuracy after ``--rounds`` rounds, mean ± std over
-seeds. The federation is simulated directly with ``algorithms/fedld.py`` (no Flower round trip).
+Reported: mean over sites of each site's test accuracy after ``--rounds`` rounds, mean ± sample std
+(n − 1) over seeds. The federation is simulated directly with ``algorithms/fedld.py`` (no Flower round trip).
 
 Run: ``PYTHONPATH=. python benchmarks/fedld_feature_shift.py [--rounds 20 --seeds 0,1,2]``
 """
@@ -34,6 +34,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from algorithms.fedld import fedld_aggregate_state, margin_control_loss
+from scenarios.stats import format_mean_std, std_caption
 
 NUM_SITES = 4
 
@@ -154,15 +155,16 @@ def main() -> None:
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
-    print("| method | pretrained backbone | after federation (mean ± std over seeds) | per seed |")
+    print(
+        f"| method | pretrained backbone | after federation ({std_caption(len(seeds))}) | per seed |"
+    )
     print("|---|---|---|---|")
     for method in ("FedAvg", "FedLD", "FedLD aggregation-only"):
         results = [run(method, s, args.rounds, args.lr) for s in seeds]
         accs = [a for _, a in results]
-        std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
         print(
             f"| {method} | {statistics.fmean(b for b, _ in results):.4f} | "
-            f"{statistics.fmean(accs):.4f} ± {std:.4f} | {' / '.join(f'{a:.3f}' for a in accs)} |",
+            f"{format_mean_std(accs, digits=4)} | {' / '.join(f'{a:.3f}' for a in accs)} |",
             flush=True,
         )
     print(

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fedge.engines import run_engine
 from scenarios.config import validate_scenario
+from scenarios.stats import format_mean_std, std_caption
 
 KINDS = ["sign_flip", "scale", "gaussian", "label_flip", "free_rider"]
 ATTACKERS = [1, 2, 3]
@@ -115,14 +116,6 @@ def run(kinds: list[str]) -> None:
             CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = 100 * statistics.mean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
-
-
 def table() -> str:
     cache = load_cache()
 
@@ -138,7 +131,9 @@ def table() -> str:
     lines = [
         "| attack | attackers | " + " | ".join(DEFENCES) + " |",
         "|---|---|" + "---|" * len(DEFENCES),
-        "| none | 0 | " + " | ".join(mean_std(accs("none", 0, d)) for d in DEFENCES) + " |",
+        "| none | 0 | "
+        + " | ".join(format_mean_std(accs("none", 0, d), 100, 1) for d in DEFENCES)
+        + " |",
     ]
     verdicts = []
     for kind in KINDS:
@@ -146,7 +141,8 @@ def table() -> str:
             row = [accs(kind, n, d) for d in DEFENCES]
             if not any(row):
                 continue
-            lines.append(f"| {kind} | {n} | " + " | ".join(mean_std(r) for r in row) + " |")
+            cells = " | ".join(format_mean_std(r, 100, 1) for r in row)
+            lines.append(f"| {kind} | {n} | {cells} |")
             if kind in ("sign_flip", "scale") and n <= 2 and all(row):
                 best = max((statistics.mean(r), d) for r, d in zip(row, DEFENCES, strict=True))
                 verdicts.append((kind, n, best[1], 100 * (clean_mean - best[0])))
@@ -157,7 +153,7 @@ def table() -> str:
     out = [
         "# Robustness to poisoning: accuracy under attack, FedAvg and each defence",
         "",
-        "Final central test accuracy (%, mean ± std over seeds "
+        f"Final central test accuracy (%, {std_caption(len(SEEDS))}: "
         f"{', '.join(map(str, SEEDS))}) after {s['num_rounds']} rounds. Setting: "
         f"{s['data']['dataset']}, {s['data']['num_clients']} clients, Dirichlet alpha = "
         f"{s['data']['alpha']}, {s['data']['num_samples']} samples, {s['model']['name']} "

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fedge.engines import run_engine
 from scenarios.config import validate_scenario
+from scenarios.stats import format_mean_std, std_caption
 
 SETTINGS = {
     "mnist1d-dir0.1": {"dataset": "mnist1d", "partitioner": "dirichlet", "alpha": 0.1},
@@ -71,10 +72,7 @@ def scenario(setting: str, algorithm: dict, seed: int, rounds: int, out: Path):
 
 
 def fmt(values: list[float]) -> str:
-    if not values:
-        return "—"
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+    return format_mean_std(values, scale=100, digits=1)
 
 
 def commit() -> str:
@@ -93,11 +91,12 @@ def commit() -> str:
 
 
 def write_markdown(records: dict, path: Path) -> None:
+    seed_counts = sorted({len(r["meta"]["seeds"]) for r in records["settings"].values()})
     lines = [
         "# Comparison suite (issue #14)",
         "",
-        "`benchmarks/suite.py` (see its docstring for the settings). Accuracy in %, mean ± std "
-        "(population) over seeds; *central* = the global model on the central test set at the last "
+        "`benchmarks/suite.py` (see its docstring for the settings). Accuracy in %, "
+        f"{std_caption(' or '.join(map(str, seed_counts)))}; *central* = the global model on the central test set at the last "
         "round (for clustered/CFL/IFCA the sample-weighted mean of the cluster models); "
         "*personalized* = each client's local test accuracy after 1 epoch of fine-tuning, "
         "unweighted mean over clients.",

@@ -7,16 +7,14 @@ fedge report results/sweep-quickstart-20261123-101500
 
 from __future__ import annotations
 
-import itertools
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fedge.cli_common import SetOpt, console, fail, preflight
+from fedge.cli_common import SetOpt, console, fail
 from fedge.deploy_cli import deploy_app
-from scenarios.config import ScenarioError, load_scenario, parse_override
+from scenarios.config import ScenarioError
 
 app = typer.Typer(
     add_completion=False,
@@ -26,45 +24,20 @@ app = typer.Typer(
 )
 
 
-def _run_one(
-    path: Path,
-    overrides: list[str],
-    run_dir: Path | None = None,
-    quiet: bool = False,
-    resume: bool = False,
-    fail_on_failed_run: bool = True,
-) -> Path:
-    from clients.data import DataError
-    from fedge.engines import EngineError, run_engine
-    from server.app import default_run_dir
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a scenario or a run raises that is the user's to fix: exit 2 with the message."""
+    from clients.datasets import DataError
+    from fedge.engines.errors import EngineError
 
-    try:
-        scenario = load_scenario(path, overrides)
-        run_dir = run_dir or default_run_dir(scenario)
-        if scenario.engine.name != "inprocess":  # fail before Flower processes start
-            preflight(scenario)
-        summary = run_engine(scenario, run_dir, show_progress=not quiet, resume=resume)
-    except (
-        ScenarioError,
-        DataError,
-        EngineError,
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-    ) as err:
-        fail(str(err))
-    if summary.get("status") == "failed":
-        # a run that (mostly) aggregated nothing is not "done": say why, exit non-zero
-        console.print(f"[bold red]run failed:[/] {summary.get('failure')} — results: {run_dir}")
-        if fail_on_failed_run:
-            raise typer.Exit(1)
-        return run_dir
-    if not quiet:
-        console.print(
-            f"[green]done[/] final accuracy {100 * summary.get('final_accuracy', float('nan')):.2f}% "
-            f"(best {100 * summary.get('best_accuracy', float('nan')):.2f}%) — results: [bold]{run_dir}[/]"
-        )
-    return run_dir
+    return (ScenarioError, DataError, EngineError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def _report_done(result) -> None:
+    console.print(
+        f"[green]done[/] final accuracy {100 * result.summary.get('final_accuracy', float('nan')):.2f}% "
+        f"(best {100 * result.summary.get('best_accuracy', float('nan')):.2f}%) — results: "
+        f"[bold]{result.run_dir}[/]"
+    )
 
 
 @app.command()
@@ -84,27 +57,38 @@ def run(
     ] = None,
 ) -> None:
     """Run one scenario on the engine it names (engine.name), or --resume an interrupted run."""
-    if resume is not None:
-        if scenario is not None or set_ or run_dir is not None:
-            fail("--resume RUN_DIR takes no scenario, --set or --run-dir: it reuses the run's own")
-        if not (resume / "scenario.toml").is_file():
-            fail(f"{resume} is not a run folder (no scenario.toml); pass the folder of a run")
-        _run_one(resume / "scenario.toml", [], resume, quiet, resume=True)
-        return
-    if scenario is None:
+    from fedge import api
+
+    if resume is not None and (scenario is not None or set_ or run_dir is not None):
+        fail("--resume RUN_DIR takes no scenario, --set or --run-dir: it reuses the run's own")
+    if resume is None and scenario is None:
         fail("give a scenario file (e.g. scenarios/quickstart.toml) or --resume RUN_DIR")
-    _run_one(scenario, set_ or [], run_dir, quiet)
+    try:
+        if resume is not None:
+            result = api.resume(resume, progress=not quiet)
+        else:
+            result = api.run(scenario, set_ or [], run_dir, progress=not quiet)
+    except api.RunFailed as failed:
+        # a run that (mostly) aggregated nothing is not "done": say why, exit non-zero
+        console.print(
+            f"[bold red]run failed:[/] {failed.run.summary.get('failure')} — results: "
+            f"{failed.run.run_dir}"
+        )
+        raise typer.Exit(1) from None
+    except _user_errors() as err:
+        fail(str(err))
+    if not quiet:
+        _report_done(result)
 
 
 @app.command()
 def validate(scenario: Annotated[Path, typer.Argument()], set_: SetOpt = None) -> None:
     """Check a scenario (schema, data, model) without training."""
-    from clients.data import DataError
+    from fedge import api
 
     try:
-        sc = load_scenario(scenario, set_ or [])
-        preflight(sc)
-    except (ScenarioError, DataError, ValueError) as err:
+        sc = api.validate(scenario, set_ or [])
+    except _user_errors() as err:
         fail(str(err))
     console.print(
         f"[green]ok[/] {scenario}: {sc.algorithm.name} on {sc.data.dataset} ({sc.data.num_clients} clients, {sc.engine.name} engine)"
@@ -125,46 +109,19 @@ def sweep(
     ] = None,
 ) -> None:
     """Run the scenario over a grid of overrides × seeds, then write a comparison report."""
-    from fedge.report import compare_runs
+    from fedge import api
 
     try:
-        base = load_scenario(scenario, set_ or [])
-        axes = []
-        for item in grid or []:
-            path, value = parse_override(item)
-            values = value if isinstance(value, list) else str(value).split(",")
-            axes.append([f"{'.'.join(path)}={v}" for v in values])
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except (ScenarioError, ValueError) as err:
+        result = api.sweep(scenario, grid or [], seed_list, set_ or [], out)
+    except _user_errors() as err:
         fail(str(err))
-    out = out or base.resolved_output_dir() / f"sweep-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    combos = list(itertools.product(*axes)) or [()]
-    total = len(combos) * len(seed_list)
-    run_dirs = []
-    for i, (combo, seed) in enumerate(itertools.product(combos, seed_list), 1):
-        label = "_".join(_label(c) for c in combo) or base.name
-        console.print(f"[bold]sweep {i}/{total}[/] {label} seed={seed}")
-        run_dirs.append(
-            _run_one(
-                scenario,
-                [*(set_ or []), *combo, f"seed={seed}", f"name={label}"],
-                out / f"{label}-s{seed}",
-                quiet=False,
-                fail_on_failed_run=False,  # one failed run is a result of the sweep, not its end
-            )
+    for failed in (r for r in result.runs if r.failed):
+        console.print(
+            f"[bold red]run failed:[/] {failed.summary.get('failure')} — results: {failed.run_dir}"
         )
-    png, md = compare_runs(run_dirs, out)
-    console.print(md.read_text())
-    console.print(f"[green]sweep done[/]: {md} and {png}")
-
-
-def _label(override: str) -> str:
-    """``algorithm.name=fedprox`` -> ``fedprox``; ``data.alpha=0.1`` -> ``alpha-0.1``."""
-    key, value = override.split("=", 1)
-    last = key.split(".")[-1]
-    label = value if last == "name" else f"{last}-{value}"
-    # the label names a folder (and the run): path parts in a value must not become folders
-    return label.replace("/", "_").replace("\\", "_").strip(".") or "run"
+    console.print(result.report.read_text())
+    console.print(f"[green]sweep done[/]: {result.report} and {result.plot}")
 
 
 @app.command()

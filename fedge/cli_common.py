@@ -1,5 +1,4 @@
-"""What every ``fedge`` command shares: the console, failing with exit code 2, ``--set``, and the
-check that builds a run before any folder or process exists."""
+"""What every ``fedge`` command shares: the console, failing with exit code 2, and ``--set``."""
 
 from __future__ import annotations
 
@@ -21,11 +20,3 @@ def fail(message: str) -> None:
     # escaped: messages quote TOML tables ("[tool.flwr.app]") that rich would take for markup
     console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
-
-
-def preflight(scenario) -> None:
-    """Build the run's objects once to fail on bad input before any run folder or process exists.
-    The in-process engine skips this: it builds them once, inside the ServerApp, before writing."""
-    from server.setup import build_run
-
-    build_run(scenario)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fedge.cli_common import SetOpt, console, fail, preflight
+from fedge.cli_common import SetOpt, console, fail
 from scenarios.config import ScenarioError, load_scenario, parse_override
 
 deploy_app = typer.Typer(
@@ -231,7 +231,9 @@ def deploy_submit(
                 )
         if scenario is not None:
             sc = load_scenario(scenario, set_ or [])
-            preflight(sc)
+            from fedge.api import check_scenario
+
+            check_scenario(sc)
             values.update(sc.to_run_config())
             if "run-dir" in declared:
                 values["run-dir"] = run_dir or ""

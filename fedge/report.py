@@ -4,7 +4,7 @@ Runs whose scenarios are equal apart from ``seed``, ``output_dir`` and ``name`` 
 (the seeds of one configuration). ``comparison.png`` draws each group of several runs as its mean
 with a shaded ±std band over thin per-run lines, and every other run as its own line.
 ``comparison.md`` holds a table with one row per run and a table with one row per group
-(population std over the group's seeds).
+(mean ± sample std, n − 1, over the group's seeds: :mod:`scenarios.stats`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from scenarios.results import (
     series,
     style_axes,
 )
+from scenarios.stats import format_mean_std, mean_std, std_caption
 
 GROUP_IGNORED_KEYS = ("seed", "output_dir", "name")
 _SEED_SUFFIX = re.compile(r"(?:[-_]s\d+|[-_]seed[-_]?\d+)(?:-\d{8}-\d{6}(?:-\d+)?)?$")
@@ -163,14 +163,6 @@ def final_and_best(run: RunData, metric: str) -> tuple[float, float]:
     return ys[-1], (min(ys) if _lower_is_better(metric) else max(ys))
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and population std of the finite values (NaN, NaN if there are none)."""
-    vals = [v for v in values if math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), statistics.pstdev(vals)
-
-
 def _is_fraction(metric: str) -> bool:
     return "accuracy" in metric
 
@@ -245,19 +237,17 @@ def comparison_markdown(
         "## Over seeds",
         "",
         f"Runs whose scenarios differ only in {', '.join(GROUP_IGNORED_KEYS)}; "
-        "population std over seeds.",
+        f"{std_caption()} (n: the n seeds column).",
         "",
     ]
     rows = []
     for group in groups:
-        mean, std = mean_std([final_and_best(r, metric)[0] for r in group.runs])
+        finals = [final_and_best(r, metric)[0] for r in group.runs]
         seeds = ", ".join(str(r.scenario.get("seed", "?")) for r in group.runs)
         row = [group.label, _algorithm(group.runs[0]), len(group.runs), seeds]
         if _is_fraction(metric):
-            row.append(
-                f"{_fmt_metric(mean, metric)} ±{100 * std:.2f}" if math.isfinite(mean) else "—"
-            )
-        row.append(f"{mean:.4f} ±{std:.4f}" if math.isfinite(mean) else "—")
+            row.append(format_mean_std(finals, scale=100, digits=2))
+        row.append(format_mean_std(finals, digits=4))
         rows.append(row)
     header = ["group", "algorithm", "n seeds", "seeds"]
     if _is_fraction(metric):
@@ -273,7 +263,7 @@ def comparison_markdown(
 def _mean_curve(
     runs: Sequence[RunData], metric: str, x_key: str
 ) -> tuple[list[float], list[float], list[float]]:
-    """Per-x mean and population std over the runs that logged that x."""
+    """Per-x mean and sample std over the runs that logged that x."""
     at: dict[float, list[float]] = {}
     for run in runs:
         for x, y in zip(*series(run.rounds, metric, x_key), strict=True):

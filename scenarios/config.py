@@ -353,6 +353,21 @@ class AttackConfig(_Strict):
     )
 
 
+class TrackingConfig(_Strict):
+    """Experiment trackers that receive every round's metrics (all numbers of the round's
+    ``metrics.jsonl`` record) and the scenario as hyperparameters. Optional extras:
+    ``pip install 'fedge[tracking]'``; neither package is imported unless its switch is on."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run>/tensorboard")
+    mlflow: bool = Field(False, description="an MLflow run, with the run folder as its artifacts")
+    mlflow_uri: str = Field(
+        "",
+        description="MLflow tracking URI; empty = the file store mlruns/ next to the run folder "
+        "(in <output_dir>, so the runs of one output_dir or sweep share one store)",
+    )
+    mlflow_experiment: str = Field("fedge", min_length=1, description="MLflow experiment name")
+
+
 class Scenario(_Strict):
     """A whole run. ``num_rounds``, ``seed`` and ``output_dir`` exist in every scenario."""
 
@@ -377,6 +392,7 @@ class Scenario(_Strict):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("name")
     @classmethod
@@ -586,11 +602,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``key=value`` override applied (nested tables by dots)."""
+Overrides = typing.Sequence[str] | typing.Mapping[str, Any]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each override applied (nested tables by dots): ``key=value``
+    strings (values are TOML literals) or a mapping of dotted keys to Python values."""
     out = json.loads(json.dumps(raw))
-    for item in overrides:
-        path, value = parse_override(item)
+    if isinstance(overrides, str):  # one "k=v", not a sequence of one-letter overrides
+        overrides = [overrides]
+    if isinstance(overrides, typing.Mapping):
+        pairs = [
+            (str(key).split("."), value, f"{key}={value!r}") for key, value in overrides.items()
+        ]
+    else:
+        pairs = [(*parse_override(item), item) for item in overrides]
+    for path, value, item in pairs:
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -600,22 +627,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+def load_scenario(path: str | Path, overrides: Overrides | None = None) -> Scenario:
     """Read a TOML scenario, apply overrides, validate. Errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise ScenarioError(
             f"scenario file not found: {path} (ship one under scenarios/, e.g. scenarios/quickstart.toml)"
         )
+    return scenario_from_toml(path.read_text(), overrides, source=str(path), name=path.stem)
+
+
+def scenario_from_toml(
+    text: str, overrides: Overrides | None = None, source: str = "<string>", name: str = "run"
+) -> Scenario:
+    """Parse scenario TOML text, apply overrides, validate; ``name`` when the text sets none.
+    Errors start with ``source`` (the file, or ``<string>``)."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ScenarioError(f"{path}: not valid TOML: {err}") from None
-    raw.setdefault("name", path.stem)
+        raise ScenarioError(f"{source}: not valid TOML: {err}") from None
+    raw.setdefault("name", name)
     try:
         return validate_scenario(apply_overrides(raw, overrides or []))
     except ScenarioError as err:
-        raise ScenarioError(f"{path}: {err}") from None
+        raise ScenarioError(f"{source}: {err}") from None
 
 
 def scenario_to_toml(scenario: Scenario) -> str:

@@ -102,12 +102,28 @@ def atomic_write(path: Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+class RunObserver:
+    """Watches a run as it is written: each round's record once it is on disk, and the run's end.
+    Experiment trackers are observers of the :class:`RunWriter`; the round loop knows none of them.
+    No-op base: override what you need."""
+
+    def on_round(self, record: Record) -> None:
+        """One round's record, exactly as appended to ``metrics.jsonl``."""
+
+    def on_end(self, summary: dict | None) -> None:
+        """The run's final summary, once every file is written; None when the run raised."""
+
+
 class RunWriter:
     """Writes one run directory. Per-round logging is append + flush; whole files are atomic."""
 
-    def __init__(self, run_dir: Path, resume: bool = False) -> None:
-        """``resume=True`` appends to a run folder that already holds rounds (``fedge run --resume``)."""
+    def __init__(
+        self, run_dir: Path, resume: bool = False, observers: Sequence[RunObserver] = ()
+    ) -> None:
+        """``resume=True`` appends to a run folder that already holds rounds (``fedge run --resume``).
+        ``observers`` see each logged round and the end (:meth:`close`)."""
         self.run_dir = Path(run_dir)
+        self.observers = list(observers)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.run_dir / METRICS_FILE
         if not resume and metrics.exists() and metrics.stat().st_size > 0:
@@ -136,6 +152,8 @@ class RunWriter:
             raise ValueError(f"a round record needs a 'round' key; got keys {sorted(record)}")
         line = {"round": int(record["round"]), **{k: v for k, v in record.items() if k != "round"}}
         self._append(METRICS_FILE, [_dumps(line)])
+        for observer in self.observers:
+            observer.on_round(line)
 
     def log_clients(self, server_round: int, rows: list[dict]) -> None:
         """Append one line per client row to ``clients.jsonl``, each tagged with ``"round"``."""
@@ -167,6 +185,11 @@ class RunWriter:
         summary = {**summarize(rounds), **(extra or {})}
         self.write_json(SUMMARY_FILE, summary)
         return summary
+
+    def close(self, summary: dict | None) -> None:
+        """Tell the observers the run ended: with its final ``summary``, or None if it raised."""
+        for observer in self.observers:
+            observer.on_end(summary)
 
 
 # -------------------- summaries

@@ -35,6 +35,7 @@ from server.outcome import STATUS_FAILED, judge_run
 from server.personalization import evaluate_config_fn, finalize_personalization
 from server.robust import run_writer
 from server.setup import build_run
+from server.tracking import tracking_observers
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
@@ -123,6 +124,7 @@ def run_server(
         wall_before = wall_time_until(run_dir, state.server_round)
         print(f"fedge: resuming {run_dir} after round {state.server_round}", flush=True)
     writer = run_writer(run_dir, scenario, resume)
+    writer.observers.extend(tracking_observers(scenario, run_dir, resume))
     writer.write_scenario(scenario_to_toml(scenario))
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
@@ -152,6 +154,7 @@ def run_server(
     )
     if scenario.devices is not None:
         summary = finalize_virtual_clock(writer, summary)
+    writer.close(summary)  # observers (experiment trackers) see the final summary and files
     if summary["status"] == STATUS_FAILED:
         print(f"fedge: run FAILED: {summary['failure']}", flush=True)
     print(f"fedge: results in {run_dir}", flush=True)

@@ -238,6 +238,9 @@ def run_rounds(
                 on_round_end(server_round, arrays)
             if progress:
                 progress.update(server_round, record)
+    except BaseException:
+        writer.close(None)  # observers (experiment trackers) record that the run broke off
+        raise
     finally:
         gc.unfreeze()  # a process running several runs (tests, notebooks) frees them as usual
         if progress:

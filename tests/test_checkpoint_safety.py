@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomli_w
 import torch
 from flwr.app import Array, ArrayRecord
 
@@ -117,19 +116,15 @@ def test_damaged_checkpoint_gives_a_clear_error(tmp_path: Path, damage: str) -> 
 # ------------------------------------------------------------------------------ CLI / resume
 
 
-def small_scenario(path: Path, output_dir: Path, num_rounds: int = 2) -> Path:
-    raw = {
-        "name": "ckpt",
-        "seed": 3,
-        "num_rounds": num_rounds,
-        "output_dir": str(output_dir),
-        "data": {"dataset": "mnist1d", "num_clients": 3, "num_samples": 600},
-        "model": {"name": "mlp", "hidden": [16]},
-        "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
-        "federation": {"fraction_train": 1.0, "fraction_evaluate": 0.0},
-    }
-    path.write_text(tomli_w.dumps(raw))
-    return path
+def small_scenario(tiny_scenario, path: Path, num_rounds: int = 2) -> Path:
+    return tiny_scenario.toml(
+        path,
+        name="ckpt",
+        seed=3,
+        num_rounds=num_rounds,
+        train={"epochs": 1, "batch_size": 32, "lr": 0.05},
+        federation={"fraction_train": 1.0, "fraction_evaluate": 0.0},
+    )
 
 
 def fedge(*args: str) -> subprocess.CompletedProcess:
@@ -142,10 +137,12 @@ def fedge(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_resume_with_crafted_checkpoint_exits_2_without_running_it(tmp_path: Path) -> None:
+def test_cli_resume_with_crafted_checkpoint_exits_2_without_running_it(
+    tmp_path: Path, tiny_scenario
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    small_scenario(run_dir / "scenario.toml", tmp_path)
+    small_scenario(tiny_scenario, run_dir / "scenario.toml")
     marker = tmp_path / "pwned"
     crafted_checkpoint(run_dir, marker)
     (run_dir / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
@@ -156,11 +153,13 @@ def test_cli_resume_with_crafted_checkpoint_exits_2_without_running_it(tmp_path:
     assert "refused unread" in " ".join(result.stdout.split())
 
 
-def test_folder_killed_before_first_checkpoint_can_be_resumed(tmp_path: Path) -> None:
+def test_folder_killed_before_first_checkpoint_can_be_resumed(
+    tmp_path: Path, tiny_scenario
+) -> None:
     """Round 0 logged, no checkpoint yet (killed during round 1): --resume starts it again."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    small_scenario(run_dir / "scenario.toml", tmp_path)
+    small_scenario(tiny_scenario, run_dir / "scenario.toml")
     (run_dir / "metrics.jsonl").write_text('{"round": 0, "central_accuracy": 0.1}\n')
     result = fedge("run", "--resume", str(run_dir), "--quiet")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -172,8 +171,10 @@ def test_folder_killed_before_first_checkpoint_can_be_resumed(tmp_path: Path) ->
     assert "--resume" in again.stdout and "Traceback" not in again.stdout + again.stderr
 
 
-def test_summary_after_resume_counts_the_whole_runs_wall_time(tmp_path: Path) -> None:
-    scenario_file = small_scenario(tmp_path / "s.toml", tmp_path, num_rounds=2)
+def test_summary_after_resume_counts_the_whole_runs_wall_time(
+    tmp_path: Path, tiny_scenario
+) -> None:
+    scenario_file = small_scenario(tiny_scenario, tmp_path / "s.toml", num_rounds=2)
     run_dir = tmp_path / "run"
     run_engine(load_scenario(scenario_file), run_dir, show_progress=False)
     # Pretend rounds 1-2 took 1000 s, and that the run was meant to go on to round 4.

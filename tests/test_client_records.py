@@ -5,21 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedge.engines import run_engine
-from scenarios.config import validate_scenario
 from scenarios.results import load_run
 
 
-def test_clients_jsonl_names_trainer_and_device_profile(tmp_path: Path) -> None:
-    scenario = validate_scenario(
-        {
-            "seed": 2,
-            "num_rounds": 1,
-            "output_dir": str(tmp_path),
-            "data": {"dataset": "mnist1d", "num_clients": 3, "num_samples": 600},
-            "model": {"name": "mlp", "hidden": [16]},
-            "edge": {"trainers": {"0": "tpsgd"}, "export_onnx": False},
-            "devices": {"classes": ["t4", "jetson_nano"], "assign": "list"},
-        }
+def test_clients_jsonl_names_trainer_and_device_profile(tmp_path: Path, tiny_scenario) -> None:
+    scenario = tiny_scenario(
+        seed=2,
+        num_rounds=1,
+        edge={"trainers": {"0": "tpsgd"}, "export_onnx": False},
+        devices={"classes": ["t4", "jetson_nano"], "assign": "list"},
     )
     run_engine(scenario, tmp_path / "run", show_progress=False)
     rows = sorted(load_run(tmp_path / "run").clients, key=lambda r: r["partition_id"])
@@ -30,7 +24,9 @@ def test_clients_jsonl_names_trainer_and_device_profile(tmp_path: Path) -> None:
     assert [names[r["device_index"]] for r in rows] == ["t4", "jetson_nano", "t4"]
 
 
-def test_a_supernodes_device_profile_is_recorded_without_a_devices_section(tmp_path: Path) -> None:
+def test_a_supernodes_device_profile_is_recorded_without_a_devices_section(
+    tmp_path: Path, tiny_scenario
+) -> None:
     """`fedge deploy supernode --device-profile NAME` puts NAME into the node config."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -38,12 +34,8 @@ def test_a_supernodes_device_profile_is_recorded_without_a_devices_section(tmp_p
     from fedge.engines import SERVER_NODE_ID, InProcessGrid
     from server.app import run_server
 
-    scenario = validate_scenario(
-        {
-            "num_rounds": 1,
-            "data": {"dataset": "mnist1d", "num_clients": 2, "num_samples": 400},
-            "model": {"name": "mlp", "hidden": [8]},
-        }
+    scenario = tiny_scenario(
+        num_rounds=1, data={"num_clients": 2, "num_samples": 400}, model={"hidden": [8]}
     )
     profiles = [{"device-profile": "jetson-nano"}, {"device-profile": "rpi5"}]
     grid = InProcessGrid(client_app, 2, scenario.to_run_config(), node_configs=profiles)

@@ -9,39 +9,30 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedge.engines import InProcessGrid, run_engine
-from scenarios.config import Scenario, validate_scenario
+from scenarios.config import Scenario
 from scenarios.results import load_run
 
 TIMING_KEYS = {"wall_time_s", "cumulative_wall_time_s"}
 
 
-def tiny(engine: str, tmp_path: Path, **extra) -> Scenario:
-    raw = {
+def tiny(engine: str, tiny_scenario, **extra) -> Scenario:
+    tables = {
         "name": f"e2e-{engine}",
         "seed": 7,
-        "num_rounds": 2,
-        "output_dir": str(tmp_path),
-        "data": {
-            "dataset": "mnist1d",
-            "num_clients": 3,
-            "partitioner": "dirichlet",
-            "alpha": 1.0,
-            "num_samples": 600,
-        },
-        "model": {"name": "mlp", "hidden": [32]},
+        "data": {"partitioner": "dirichlet", "alpha": 1.0},
+        "model": {"hidden": [32]},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.1},
         "engine": {"name": engine},
-        **extra,
     }
-    return validate_scenario(raw)
+    return tiny_scenario(**{**tables, **extra})
 
 
 def learning_metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in load_run(run_dir).rounds]
 
 
-def test_inprocess_end_to_end_and_reproducible(tmp_path: Path) -> None:
-    scenario = tiny("inprocess", tmp_path, federation={"fraction_evaluate": 1.0})
+def test_inprocess_end_to_end_and_reproducible(tmp_path: Path, tiny_scenario) -> None:
+    scenario = tiny("inprocess", tiny_scenario, federation={"fraction_evaluate": 1.0})
     summary = run_engine(scenario, tmp_path / "a", show_progress=False)
     run_engine(scenario, tmp_path / "b", show_progress=False)
     rounds = learning_metrics(tmp_path / "a")
@@ -65,9 +56,9 @@ def test_inprocess_end_to_end_and_reproducible(tmp_path: Path) -> None:
         assert (tmp_path / "a" / name).stat().st_size > 0
 
 
-def test_other_seed_changes_results(tmp_path: Path) -> None:
-    run_engine(tiny("inprocess", tmp_path), tmp_path / "a", show_progress=False)
-    run_engine(tiny("inprocess", tmp_path, seed=8), tmp_path / "b", show_progress=False)
+def test_other_seed_changes_results(tmp_path: Path, tiny_scenario) -> None:
+    run_engine(tiny("inprocess", tiny_scenario), tmp_path / "a", show_progress=False)
+    run_engine(tiny("inprocess", tiny_scenario, seed=8), tmp_path / "b", show_progress=False)
     assert learning_metrics(tmp_path / "a") != learning_metrics(tmp_path / "b")
 
 
@@ -93,9 +84,9 @@ def test_client_exception_becomes_error_reply() -> None:
 
 
 @pytest.mark.slow
-def test_ray_matches_inprocess(tmp_path: Path) -> None:
-    run_engine(tiny("inprocess", tmp_path), tmp_path / "inprocess", show_progress=False)
-    run_engine(tiny("ray", tmp_path), tmp_path / "ray")
+def test_ray_matches_inprocess(tmp_path: Path, tiny_scenario) -> None:
+    run_engine(tiny("inprocess", tiny_scenario), tmp_path / "inprocess", show_progress=False)
+    run_engine(tiny("ray", tiny_scenario), tmp_path / "ray")
     ours, ray = learning_metrics(tmp_path / "inprocess"), learning_metrics(tmp_path / "ray")
     # Identical: clients are seeded by (seed, round, partition id), use one torch thread, and the
     # server sorts replies by partition id before aggregating, so delivery order does not matter.
@@ -106,8 +97,8 @@ def test_ray_matches_inprocess(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_deployment_superlink_and_supernodes(tmp_path: Path) -> None:
-    summary = run_engine(tiny("deployment", tmp_path), tmp_path / "deploy")
+def test_deployment_superlink_and_supernodes(tmp_path: Path, tiny_scenario) -> None:
+    summary = run_engine(tiny("deployment", tiny_scenario), tmp_path / "deploy")
     rounds = load_run(tmp_path / "deploy").rounds
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[-1]["num_replies"] == 3

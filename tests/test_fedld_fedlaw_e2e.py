@@ -12,33 +12,22 @@ import pytest
 from clients.data import dataset_info
 from clients.models import build_model
 from fedge.engines import run_engine
-from scenarios.config import Scenario, ScenarioError, validate_scenario
+from scenarios.config import Scenario, ScenarioError
 from scenarios.results import load_run
 from server.fedlaw import WEIGHTS_FILE, FedLAW, FedLAWProxyError
 from server.fedld import FedLD
 from server.strategies import ServerSetup, build_strategy
 
 
-def tiny(algorithm: dict, tmp_path: Path, engine: str = "inprocess", **data) -> Scenario:
-    return validate_scenario(
-        {
-            "name": f"e2e-{algorithm['name']}-{engine}",
-            "seed": 3,
-            "num_rounds": 2,
-            "output_dir": str(tmp_path),
-            "data": {
-                "dataset": "mnist1d",
-                "num_clients": 3,
-                "partitioner": "dirichlet",
-                "alpha": 1.0,
-                "num_samples": 600,
-                **data,
-            },
-            "model": {"name": "mlp", "hidden": [32]},
-            "algorithm": algorithm,
-            "train": {"epochs": 1, "batch_size": 16, "lr": 0.1},
-            "engine": {"name": engine},
-        }
+def tiny(algorithm: dict, tiny_scenario, engine: str = "inprocess", **data) -> Scenario:
+    return tiny_scenario(
+        name=f"e2e-{algorithm['name']}-{engine}",
+        seed=3,
+        data={"partitioner": "dirichlet", "alpha": 1.0, **data},
+        model={"hidden": [32]},
+        algorithm=algorithm,
+        train={"epochs": 1, "batch_size": 16, "lr": 0.1},
+        engine={"name": engine},
     )
 
 
@@ -50,8 +39,8 @@ def setup_for(scenario: Scenario) -> ServerSetup:
     return ServerSetup(scenario, info, model, torch.device("cpu"))
 
 
-def test_fedld_inprocess_end_to_end(tmp_path: Path) -> None:
-    scenario = tiny({"name": "fedld", "margin_lambda": 0.2}, tmp_path)
+def test_fedld_inprocess_end_to_end(tmp_path: Path, tiny_scenario) -> None:
+    scenario = tiny({"name": "fedld", "margin_lambda": 0.2}, tiny_scenario)
     assert isinstance(build_strategy(setup_for(scenario)), FedLD)
     summary = run_engine(scenario, tmp_path / "run", show_progress=False)
     rounds = load_run(tmp_path / "run").rounds
@@ -63,8 +52,8 @@ def test_fedld_inprocess_end_to_end(tmp_path: Path) -> None:
     assert -1.0 <= rounds[2]["fedld_cos_to_mean"] < 1.0 - 1e-6  # principal aggregation differs
 
 
-def test_fedlaw_inprocess_end_to_end(tmp_path: Path) -> None:
-    scenario = tiny({"name": "fedlaw", "server_epochs": 3}, tmp_path, proxy_fraction=0.05)
+def test_fedlaw_inprocess_end_to_end(tmp_path: Path, tiny_scenario) -> None:
+    scenario = tiny({"name": "fedlaw", "server_epochs": 3}, tiny_scenario, proxy_fraction=0.05)
     run_engine(scenario, tmp_path / "run", show_progress=False)
     rounds = load_run(tmp_path / "run").rounds
     assert rounds[-1]["central_accuracy"] > rounds[0]["central_accuracy"]
@@ -79,12 +68,12 @@ def test_fedlaw_inprocess_end_to_end(tmp_path: Path) -> None:
     assert sum(lines[0]["lambda"].values()) == pytest.approx(1.0)
 
 
-def test_fedlaw_without_proxy_fails_before_round_one(tmp_path: Path) -> None:
+def test_fedlaw_without_proxy_fails_before_round_one(tmp_path: Path, tiny_scenario) -> None:
     # Caught when the scenario is validated, i.e. before any engine or run folder exists.
     with pytest.raises(ScenarioError, match=r"fedlaw.*data\.proxy_fraction.*proxy_file"):
-        tiny({"name": "fedlaw"}, tmp_path)  # data.proxy_fraction defaults to 0
+        tiny({"name": "fedlaw"}, tiny_scenario)  # data.proxy_fraction defaults to 0
     # The strategy factory keeps its own check for scenarios built without validation.
-    valid = tiny({"name": "fedlaw"}, tmp_path, proxy_fraction=0.1)
+    valid = tiny({"name": "fedlaw"}, tiny_scenario, proxy_fraction=0.1)
     unchecked = valid.model_copy(
         update={"data": valid.data.model_copy(update={"proxy_fraction": 0.0})}
     )
@@ -92,26 +81,26 @@ def test_fedlaw_without_proxy_fails_before_round_one(tmp_path: Path) -> None:
         build_strategy(setup_for(unchecked))
 
 
-def test_fedlaw_operator_proxy_file(tmp_path: Path) -> None:
-    info = dataset_info(tiny({"name": "fedavg"}, tmp_path).data)
+def test_fedlaw_operator_proxy_file(tmp_path: Path, tiny_scenario) -> None:
+    info = dataset_info(tiny({"name": "fedavg"}, tiny_scenario).data)
     good = tmp_path / "proxy.npz"
     rng = np.random.default_rng(0)
     np.savez(good, x=rng.normal(size=(20, *info.input_shape)), y=np.arange(20) % 10)
     strategy = build_strategy(
-        setup_for(tiny({"name": "fedlaw", "proxy_file": str(good)}, tmp_path))
+        setup_for(tiny({"name": "fedlaw", "proxy_file": str(good)}, tiny_scenario))
     )
     assert isinstance(strategy, FedLAW) and len(strategy.proxy_y) == 20
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((4, 3)), y=np.zeros(4))
     with pytest.raises(FedLAWProxyError, match="expected"):
-        build_strategy(setup_for(tiny({"name": "fedlaw", "proxy_file": str(bad)}, tmp_path)))
+        build_strategy(setup_for(tiny({"name": "fedlaw", "proxy_file": str(bad)}, tiny_scenario)))
 
 
 @pytest.mark.slow
-def test_fedlaw_ray_matches_inprocess(tmp_path: Path) -> None:
+def test_fedlaw_ray_matches_inprocess(tmp_path: Path, tiny_scenario) -> None:
     algorithm = {"name": "fedlaw", "server_epochs": 3}
     for engine in ("inprocess", "ray"):
-        scenario = tiny(algorithm, tmp_path, engine=engine, proxy_fraction=0.05)
+        scenario = tiny(algorithm, tiny_scenario, engine=engine, proxy_fraction=0.05)
         run_engine(scenario, tmp_path / engine, show_progress=False)
     ours, ray = (load_run(tmp_path / e).rounds for e in ("inprocess", "ray"))
     assert [r["central_accuracy"] for r in ray] == [r["central_accuracy"] for r in ours]

@@ -11,21 +11,15 @@ import torch
 
 import clients.app as client_app_module
 from fedge.engines import run_engine
-from scenarios.config import validate_scenario
 from scenarios.results import load_run
 
 
-def _scenario(tmp_path: Path, **extra) -> object:
-    return validate_scenario(
-        {
-            "seed": 4,
-            "num_rounds": 2,
-            "output_dir": str(tmp_path),
-            "data": {"dataset": "mnist1d", "num_clients": 4, "num_samples": 800},
-            "model": {"name": "mlp", "hidden": [16]},
-            "federation": {"fraction_evaluate": 1.0},
-            **extra,
-        }
+def _scenario(tiny_scenario, **extra) -> object:
+    return tiny_scenario(
+        seed=4,
+        data={"num_clients": 4, "num_samples": 800},
+        federation={"fraction_evaluate": 1.0},
+        **extra,
     )
 
 
@@ -43,10 +37,10 @@ def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_fedavg_clients_share_one_model_and_get_the_fresh_model_result(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_scenario
 ) -> None:
     builds = _count_builds(monkeypatch)
-    scenario = _scenario(tmp_path, algorithm={"name": "fedprox", "mu": 0.1})
+    scenario = _scenario(tiny_scenario, algorithm={"name": "fedprox", "mu": 0.1})
     run_engine(scenario, tmp_path / "reused", show_progress=False)
     # 2 rounds x 4 clients x (train + evaluate) updates, one model built
     assert len(builds) == 1
@@ -71,10 +65,10 @@ def test_fedavg_clients_share_one_model_and_get_the_fresh_model_result(
 
 
 def test_trainers_not_marked_get_a_model_of_their_own(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_scenario
 ) -> None:
     builds = _count_builds(monkeypatch)
-    scenario = _scenario(tmp_path, edge={"trainers": {"0-1": "tpsgd"}, "export_onnx": False})
+    scenario = _scenario(tiny_scenario, edge={"trainers": {"0-1": "tpsgd"}, "export_onnx": False})
     run_engine(scenario, tmp_path / "run", show_progress=False)
     # tpSGD clients 0 and 1: a new model for each of their 2 x 2 train updates; the FedAvg
     # clients' training and every evaluation share one

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import tomli_w
 from typer.testing import CliRunner
 
 from fedge.cli import app
@@ -25,27 +24,21 @@ def test_judge_counts_skipped_rounds_and_names_the_cause() -> None:
     assert judge_run([{"round": 0}, {"round": 1, "aggregated": 1}], 0.0)["status"] == "ok"
 
 
-def scenario(tmp_path: Path, **robustness: float) -> Path:
-    path = tmp_path / "s.toml"
-    raw = {
-        "name": "skips",
-        "seed": 1,
-        "num_rounds": 2,
-        "output_dir": str(tmp_path),
-        "data": {"dataset": "mnist1d", "num_clients": 3, "num_samples": 600},
-        "model": {"name": "mlp", "hidden": [16]},
-        "federation": {"fraction_evaluate": 0.0},
-        "robustness": robustness,
-    }
-    path.write_text(tomli_w.dumps(raw))
-    return path
+def scenario(tiny_scenario, **robustness: float) -> Path:
+    return tiny_scenario.toml(
+        tiny_scenario.output_dir / "s.toml",
+        name="skips",
+        seed=1,
+        federation={"fraction_evaluate": 0.0},
+        robustness=robustness,
+    )
 
 
-def test_a_run_that_skipped_every_round_exits_non_zero(tmp_path: Path) -> None:
+def test_a_run_that_skipped_every_round_exits_non_zero(tmp_path: Path, tiny_scenario) -> None:
     # every honest update is longer than 1e-9: the validator excludes all, every round skips
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(
-        app, ["run", str(scenario(tmp_path, max_update_norm=1e-9)), "--run-dir", str(run_dir)]
+        app, ["run", str(scenario(tiny_scenario, max_update_norm=1e-9)), "--run-dir", str(run_dir)]
     )
     said = " ".join(result.output.split())
     assert result.exit_code == 1, said
@@ -56,9 +49,11 @@ def test_a_run_that_skipped_every_round_exits_non_zero(tmp_path: Path) -> None:
     assert "too few valid replies" in summary["failure"] and "norm: 3" in summary["failure"]
 
 
-def test_a_healthy_run_is_ok(tmp_path: Path) -> None:
+def test_a_healthy_run_is_ok(tmp_path: Path, tiny_scenario) -> None:
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["run", str(scenario(tmp_path)), "--run-dir", str(run_dir)])
+    result = CliRunner().invoke(
+        app, ["run", str(scenario(tiny_scenario)), "--run-dir", str(run_dir)]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["num_rounds_aggregated"] == 2

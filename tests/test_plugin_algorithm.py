@@ -36,31 +36,26 @@ def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     registry.algorithm_names.cache_clear()
 
 
-def tiny(tmp_path: Path, algorithm: dict) -> dict:
-    return {
-        "name": "plugin",
-        "seed": 1,
-        "num_rounds": 2,
-        "output_dir": str(tmp_path),
-        "data": {"dataset": "mnist1d", "num_clients": 3, "num_samples": 600},
-        "model": {"name": "mlp", "hidden": [16]},
-        "train": {"batch_size": 16, "lr": 0.1},
-        "algorithm": algorithm,
-    }
+def tiny(tiny_scenario, algorithm: dict) -> dict:
+    return tiny_scenario.raw(
+        name="plugin", seed=1, train={"batch_size": 16, "lr": 0.1}, algorithm=algorithm
+    )
 
 
-def test_unknown_before_install(tmp_path: Path) -> None:
+def test_unknown_before_install(tiny_scenario) -> None:
     with pytest.raises(ScenarioError, match="unknown algorithm 'tinyavg'; allowed: .*fedavg"):
-        validate_scenario(tiny(tmp_path, {"name": "tinyavg"}))
+        validate_scenario(tiny(tiny_scenario, {"name": "tinyavg"}))
 
 
-def test_plugin_algorithm_runs_end_to_end(installed_plugin: None, tmp_path: Path) -> None:
+def test_plugin_algorithm_runs_end_to_end(
+    installed_plugin: None, tmp_path: Path, tiny_scenario
+) -> None:
     assert "tinyavg" in registry.algorithm_names()
     with pytest.raises(ScenarioError, match="algorithm.step"):
-        validate_scenario(tiny(tmp_path, {"name": "tinyavg", "step": 2.0}))  # its own bounds
+        validate_scenario(tiny(tiny_scenario, {"name": "tinyavg", "step": 2.0}))  # its own bounds
 
     def run(step: float, folder: str) -> list[dict]:
-        scenario = validate_scenario(tiny(tmp_path, {"name": "tinyavg", "step": step}))
+        scenario = validate_scenario(tiny(tiny_scenario, {"name": "tinyavg", "step": step}))
         run_engine(scenario, tmp_path / folder, show_progress=False)
         return load_run(tmp_path / folder).rounds
 

@@ -242,14 +242,14 @@ def test_compare_runs_mean_std_over_seeds(tmp_path: Path) -> None:
     assert "| fedavg-s1 | fedavg | 1 | 4 | 85.00 |" in text  # run, algorithm, seed, rounds, final %
 
     vals = list(finals.values())
-    mean, std = statistics.fmean(vals), statistics.pstdev(vals)
+    mean, std = statistics.fmean(vals), statistics.stdev(vals)  # sample std (n - 1)
     group_row = next(line for line in text.splitlines() if line.startswith("| fedavg |"))
     cells = [c.strip() for c in group_row.strip("|").split("|")]
     assert cells[2] == "3"  # n seeds
-    assert f"{mean:.4f} ±{std:.4f}" in cells
-    assert f"{100 * mean:.2f} ±{100 * std:.2f}" in cells
+    assert f"{mean:.4f} ± {std:.4f}" in cells
+    assert f"{100 * mean:.2f} ± {100 * std:.2f}" in cells
     single = next(line for line in text.splitlines() if line.startswith("| fedprox |"))
-    assert "±0.0000" in single and "| 1 |" in single
+    assert "± 0.0000" in single and "| 1 |" in single
 
 
 def test_compare_other_metric_and_label_clash(tmp_path: Path) -> None:
