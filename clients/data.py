@@ -32,6 +32,12 @@ The pipeline is one straight line, and every step is a pure function of ``(DataC
    training data and its local test data (personalized accuracy). A client with fewer than two
    examples keeps them all for training.
 
+5. **Concept shift** (``data.concept_shift``, ``clients/concept_shift.py``): each client's train
+   and local test rows are transformed by its planted group's transform (label permutation,
+   rotation or feature shift). Applied after partitioning, so the partitions and their disk
+   cache are those of the unshifted federation; the central test set and the proxy stay as
+   they are (:func:`load_group_tests` gives the central test set as each group sees it).
+
 Both the source arrays and the partitioned object are cached in memory (``functools.lru_cache``
 keyed by the config's JSON and the seed), so loading all clients of a federation in one process
 partitions once; every client's rows are also cached on disk (``clients/partitions.py``), so a
@@ -47,6 +53,14 @@ from functools import lru_cache
 
 import numpy as np
 
+from clients.concept_shift import (
+    CENTRAL_TEST_ROWS,
+    LOCAL_TEST_ROWS,
+    TRAIN_ROWS,
+    apply_shift,
+    group_of,
+    partition_json,
+)
 from clients.datasets import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_DIM,
@@ -65,6 +79,7 @@ __all__ = [
     "dataset_info",
     "load_central_test",
     "load_client_data",
+    "load_group_tests",
     "load_proxy",
     "partition_label_counts",
 ]
@@ -105,22 +120,62 @@ def load_client_data(cfg: DataConfig, seed: int, partition_id: int) -> ClientDat
 
 @lru_cache(maxsize=1024)
 def _client_data(cfg_json: str, seed: int, partition_id: int) -> ClientData:
-    fed = federation(cfg_json, seed)
+    cfg = DataConfig.model_validate_json(cfg_json)
+    # the shift is applied to the rows after partitioning: the partitions are the unshifted ones
+    fed = federation(partition_json(cfg), seed)
     train_rows, test_rows = fed.client_rows(partition_id)
     src = fed.source
+    x_train, y_train = src.x_train[train_rows], src.y_train[train_rows]
+    x_test, y_test = src.x_train[test_rows], src.y_train[test_rows]
+    if cfg.concept_shift != "none":
+        group = group_of(cfg, partition_id)
+        x_train, y_train = _shift(cfg, seed, group, x_train, y_train, (TRAIN_ROWS, partition_id))
+        x_test, y_test = _shift(cfg, seed, group, x_test, y_test, (LOCAL_TEST_ROWS, partition_id))
     return ClientData(
-        partition_id=partition_id,
-        x_train=src.x_train[train_rows],
-        y_train=src.y_train[train_rows],
-        x_test=src.x_train[test_rows],
-        y_test=src.y_train[test_rows],
+        partition_id=partition_id, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test
     )
+
+
+def _shift(
+    cfg: DataConfig,
+    seed: int,
+    group: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    rows_id: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    src = load_source(source_key(cfg, seed))
+    return apply_shift(
+        cfg,
+        seed,
+        group,
+        x,
+        y,
+        num_classes=src.info.num_classes,
+        feature_std=_feature_std(source_key(cfg, seed)),
+        rows_id=rows_id,
+    )
+
+
+@lru_cache(maxsize=8)
+def _feature_std(key: tuple) -> float:
+    """The std of the source's train inputs: the unit of feature-shift offsets and noise."""
+    return float(load_source(key).x_train.std())
 
 
 def load_central_test(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The held-out global test set ``(x, y)``; disjoint from every client's data and the proxy."""
     src = load_source(source_key(cfg, seed))
     return src.x_test.copy(), src.y_test.copy()
+
+
+def load_group_tests(cfg: DataConfig, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The central test set as each concept-shift group sees it (``data.num_groups`` pairs
+    ``(x, y)``; group 0's is the central test set itself)."""
+    x, y = load_central_test(cfg, seed)
+    return [
+        _shift(cfg, seed, group, x, y, (CENTRAL_TEST_ROWS, 0)) for group in range(cfg.num_groups)
+    ]
 
 
 def load_proxy(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +185,12 @@ def load_proxy(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
             "the server proxy set was requested but data.proxy_fraction=0; set "
             "data.proxy_fraction (e.g. 0.05) to carve a class-balanced proxy set out of train"
         )
-    fed = federation(cfg.model_dump_json(), seed)
+    fed = federation(partition_json(cfg), seed)  # the server's proxy is never shifted
     rows = fed.proxy_rows
     return fed.source.x_train[rows], fed.source.y_train[rows]
 
 
 def partition_label_counts(cfg: DataConfig, seed: int) -> np.ndarray:
-    """``(num_clients, num_classes)`` label counts of each client's partition (train + test)."""
-    return federation(cfg.model_dump_json(), seed).label_counts()
+    """``(num_clients, num_classes)`` label counts of each client's partition (train + test),
+    before any concept shift."""
+    return federation(partition_json(cfg), seed).label_counts()

@@ -82,12 +82,41 @@ class DataConfig(_Strict):
     )
     hub_feature_key: str = "image"
     hub_label_key: str = "label"
+    # Concept shift (clients/concept_shift.py): applied to the clients' rows after partitioning.
+    concept_shift: Literal["none", "label_permutation", "rotation", "feature_shift"] = Field(
+        "none",
+        description="per-group transform of the clients' train and local test rows; group 0 "
+        "keeps the original task (as the central test set does)",
+    )
+    num_groups: int = Field(
+        1, ge=1, description="concept_shift: clients split evenly into this many groups"
+    )
 
     @model_validator(mode="after")
     def _hub_needs_path(self) -> DataConfig:
         if self.dataset == "hub" and not self.hub_path:
             raise ValueError(
                 "dataset = 'hub' needs data.hub_path (e.g. 'ylecun/mnist' or 'parquet')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> DataConfig:
+        if self.concept_shift == "none" and self.num_groups != 1:
+            raise ValueError(
+                f"data.num_groups={self.num_groups} splits clients into concept-shift groups, but "
+                "data.concept_shift = 'none'; set data.concept_shift (label_permutation, "
+                "rotation or feature_shift) or drop data.num_groups"
+            )
+        if self.concept_shift != "none" and self.num_groups < 2:
+            raise ValueError(
+                f"data.concept_shift={self.concept_shift!r} needs data.num_groups >= 2 (one "
+                "group is the same task for everybody); set e.g. data.num_groups = 4"
+            )
+        if self.num_groups > self.num_clients:
+            raise ValueError(
+                f"data.num_groups={self.num_groups} exceeds data.num_clients={self.num_clients}: "
+                "every group needs a client; lower data.num_groups or raise data.num_clients"
             )
         return self
 

@@ -32,6 +32,7 @@ from server.checkpoint import (
     wall_time_until,
 )
 from server.client_state import ClientStateKeeper, query_partitions
+from server.concept_shift import group_central_eval, group_summary
 from server.deadline import finalize_virtual_clock
 from server.identity import IdentityGuard
 from server.loop import run_rounds, wait_for_nodes
@@ -141,11 +142,14 @@ def run_server(
     initial = ArrayRecord(model.state_dict())
     x_test, y_test = load_central_test(scenario.data, scenario.seed)
     eval_model = build_model(scenario.model, info.input_shape, info.num_classes).to(device)
+    per_group = group_central_eval(scenario, eval_model, device)  # None without a concept shift
 
     def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         eval_model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(eval_model, x_test, y_test, device)
-        return MetricRecord({"central_loss": loss, "central_accuracy": acc})
+        return MetricRecord(
+            {"central_loss": loss, "central_accuracy": acc, **(per_group() if per_group else {})}
+        )
 
     state = resume_state(scenario, run_dir, initial) if resume else None
     if (done := finished_summary(scenario, run_dir, state)) is not None:
@@ -208,7 +212,9 @@ def run_server(
     export_edge_models(scenario, info, final, run_dir)
     # judged before summary.json first appears: engines take its appearance as the run's end
     outcome = judge_run(read_jsonl(run_dir / METRICS_FILE), scenario.robustness.max_skipped_share)
-    summary = finalize_personalization(run_dir, writer.finalize(extra=outcome))
+    summary = finalize_personalization(
+        run_dir, writer.finalize(extra={**outcome, **group_summary(run_dir, scenario)})
+    )
     if scenario.devices is not None:
         summary = finalize_virtual_clock(writer, summary)
     writer.close(summary)  # observers (experiment trackers) see the final summary and files

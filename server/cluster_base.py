@@ -43,6 +43,7 @@ from clients.cluster_pick import CANDIDATE_PREFIX, CLUSTER_ID_KEY, CLUSTER_IDS_K
 from clients.data import load_central_test
 from clients.identity import reply_partition_id
 from clients.training import evaluate
+from server.concept_shift import PLANTED_ARI, planted_ari
 from server.strategies import ServerSetup, aggregate_client_metrics
 
 CLUSTERS_FILE = "clusters.jsonl"
@@ -246,6 +247,7 @@ class ClusterStrategy(FedAvg):
         metrics["num-clusters"] = max(len(self.models), 1)
         metrics["cluster-size-min"] = min(sizes)
         metrics["cluster-size-max"] = max(sizes)
+        metrics.update(self._planted_ari())  # concept shift: do the clusters match its groups?
         self._write_round(server_round)
         return new_global, metrics
 
@@ -263,6 +265,10 @@ class ClusterStrategy(FedAvg):
         model.load_state_dict(saved)
         return out
 
+    def _planted_ari(self) -> dict[str, float]:
+        ari = planted_ari(self.setup.scenario, self.assignment) if self.models else None
+        return {} if ari is None else {PLANTED_ARI: ari}
+
     def _write_round(self, server_round: int) -> None:
         if self.run_dir is None:
             return
@@ -272,6 +278,7 @@ class ClusterStrategy(FedAvg):
             "cluster_sizes": {str(c): n for c, n in self.cluster_sizes().items()},
             "assignment": {str(p): c for p, c in sorted(self.assignment.items())},
             "cluster_central_accuracy": self._central_accuracy() if self.models else {},
+            **self._planted_ari(),
             "events": self._events,
         }
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ given FedProx's one change, sending ``proximal-mu`` with each instruction.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -43,6 +43,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from clients.concept_shift import group_of
 from scenarios.config import Scenario
 from scenarios.results import RunWriter
 from server.strategies import ServerSetup, fedavg_kwargs
@@ -122,24 +123,32 @@ def robust_strategy(setup: ServerSetup, proximal_mu: float | None = None) -> Str
     return cls(**kwargs)
 
 
-class AttackTaggingWriter(RunWriter):
-    """Marks each ``clients.jsonl`` row with ``attacker`` (1 for ``attack.clients``), so a run's
-    per-client log says who poisoned it."""
+class ClientTaggingWriter(RunWriter):
+    """Adds what the scenario says about each client to its ``clients.jsonl`` rows: ``attacker``
+    (1 for ``attack.clients``), so a run's per-client log says who poisoned it, and ``group``
+    (the planted group of ``data.concept_shift``)."""
 
-    def __init__(self, run_dir, resume: bool, attackers: set[int]) -> None:
+    def __init__(self, run_dir, resume: bool, tags: Callable[[int], dict[str, int]]) -> None:
         super().__init__(run_dir, resume=resume)
-        self.attackers = attackers
+        self.tags = tags
 
     def log_clients(self, server_round: int, rows: list[dict]) -> None:
-        tagged = [
-            {**row, "attacker": int(int(row.get("partition_id", -1)) in self.attackers)}
-            for row in rows
-        ]
+        tagged = [{**row, **self.tags(int(row.get("partition_id", -1)))} for row in rows]
         super().log_clients(server_round, tagged)
 
 
 def run_writer(run_dir, scenario: Scenario, resume: bool) -> RunWriter:
-    """The run's writer: tagging attackers when the scenario simulates an attack."""
-    if scenario.attack.kind == "none":
+    """The run's writer: tagging attackers when the scenario simulates an attack, and each
+    client's group in a concept-shift federation."""
+    attackers = set(scenario.attack.clients) if scenario.attack.kind != "none" else None
+    data = scenario.data
+    if attackers is None and data.concept_shift == "none":
         return RunWriter(run_dir, resume=resume)
-    return AttackTaggingWriter(run_dir, resume, set(scenario.attack.clients))
+
+    def tags(pid: int) -> dict[str, int]:
+        out = {} if attackers is None else {"attacker": int(pid in attackers)}
+        if data.concept_shift != "none" and 0 <= pid < data.num_clients:
+            out["group"] = group_of(data, pid)
+        return out
+
+    return ClientTaggingWriter(run_dir, resume, tags)
