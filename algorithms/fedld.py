@@ -32,6 +32,7 @@ class FedLDConfig(AlgorithmConfig):
     name: Literal["fedld"] = "fedld"
     server_factory: ClassVar[str] = "server.fedld:make_fedld"
     client_trainer: ClassVar[str] = "clients.fedld:train_fedld"
+    packable: ClassVar[bool] = True
     margin_lambda: float = Field(
         0.03, ge=0.0, description="weight of the margin-control term (authors: 0.03; fluke: 0.2)"
     )

@@ -238,15 +238,33 @@ def _array_bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.array_records.values())
 
 
-def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower client mod: device failures, partial work and virtual time for training messages."""
-    if msg.metadata.message_type.split(".")[0] != "train":
-        return call_next(msg, context)
+@dataclass(frozen=True)
+class ClockTicket:
+    """What the clock decided about one training message before it trained, for
+    :func:`account_training` to time the reply with."""
 
+    device_name: str
+    device_index: int
+    profile: DeviceProfile
+    work: WorkEstimate
+    batch_size: int
+    n_train: int
+    planned_steps: int
+    bytes_down: int
+
+
+def prepare_training(msg: Message, context: Context) -> ClockTicket | None:
+    """The clock's half before training: raise :class:`DeviceError` when this client's device is
+    offline, out of memory or drops out this round; with partial work, put the step cap into the
+    message's config (a fresh record on ``msg``). None when the scenario has no ``[devices]``.
+
+    Every engine gets exactly these verdicts: the mod below runs it per message, the packed engine
+    (``fedge/engines/packed.py``) for each client it trains in a pack.
+    """
     scenario = node_scenario(context)
     cfg = scenario.devices
     if cfg is None:
-        return call_next(msg, context)
+        return None
 
     pid = partition_id(context)
     config = msg.content.get("config")
@@ -293,27 +311,37 @@ def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
     if drops_out(cfg, scenario.seed, server_round, pid):
         # Decided before training to save real compute; to the server it is a mid-round loss.
         raise DeviceError(DROPOUT, f"{where} dropped out mid-round (p={cfg.dropout_prob})")
+    return ClockTicket(
+        name, names.index(name), profile, work, batch_size, n_train, planned_steps, bytes_down
+    )
 
-    reply = call_next(msg, context)
+
+def account_training(ticket: ClockTicket, reply: Message) -> Message:
+    """The clock's half after training: the reply's virtual time, FLOPs, bytes and energy
+    (metrics) and its device (identity record)."""
     if reply.has_error():
         return reply
     metrics: MetricRecord = reply.content["metrics"]
     steps = int(metrics.get("num-steps", 0))
     flops = float(
         metrics.get("train-flops")
-        or work.flops_per_sample
-        * samples_processed(int(metrics.get("num-examples", n_train)), batch_size, steps)
+        or ticket.work.flops_per_sample
+        * samples_processed(
+            int(metrics.get("num-examples", ticket.n_train)), ticket.batch_size, steps
+        )
     )
     bytes_up = _array_bytes(reply.content)
-    t = client_time(flops, bytes_down, bytes_up, profile)
+    profile = ticket.profile
+    t = client_time(flops, ticket.bytes_down, bytes_up, profile)
     joules = profile.joules_per_flop
+    planned_steps = ticket.planned_steps
     metrics.update(
         {
             "virtual-time-s": t.total_s,
             "compute-time-s": t.compute_s,
             "comm-time-s": t.download_s + t.upload_s + t.latency_s,
             "train-flops": flops,
-            "recv-bytes": bytes_down,
+            "recv-bytes": ticket.bytes_down,
             "sent-bytes": bytes_up,
             "energy-j": flops * joules if joules is not None else float("nan"),
             "planned-steps": planned_steps,
@@ -321,6 +349,15 @@ def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
         }
     )
     identity = identity_record(reply.content)  # identifiers: never averaged by a strategy
-    identity[DEVICE_INDEX] = names.index(name)
-    identity[DEVICE_PROFILE] = name
+    identity[DEVICE_INDEX] = ticket.device_index
+    identity[DEVICE_PROFILE] = ticket.device_name
     return reply
+
+
+def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower client mod: device failures, partial work and virtual time for training messages."""
+    if msg.metadata.message_type.split(".")[0] != "train":
+        return call_next(msg, context)
+    ticket = prepare_training(msg, context)
+    reply = call_next(msg, context)
+    return reply if ticket is None else account_training(ticket, reply)

@@ -122,9 +122,7 @@ class LocalPlan:
             # Partial work: the virtual clock (clients/clock.py) caps a slow device's steps at
             # what fits the round's deadline.
             max_steps = int(job.config["max-local-steps"])
-        return dataclasses.replace(
-            self, cfg=self.cfg or job.scenario.train, max_steps=max_steps
-        )
+        return dataclasses.replace(self, cfg=self.cfg or job.scenario.train, max_steps=max_steps)
 
     def pack_key(self) -> Hashable:
         """Plans with equal keys train in one pack (same objective, rule and optimizer)."""
@@ -182,7 +180,9 @@ def local_plan_of(trainer: Callable) -> PlanFn | None:
 def _epoch_batches(job: TrainJob, cfg: TrainConfig):
     """``cfg.epochs`` shuffled epochs of the local train split, as one stream of batches."""
     for _ in range(cfg.epochs):
-        yield from batches(job.data.x_train, job.data.y_train, cfg.batch_size, job.generator, job.device)
+        yield from batches(
+            job.data.x_train, job.data.y_train, cfg.batch_size, job.generator, job.device
+        )
 
 
 def batches(

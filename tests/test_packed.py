@@ -1,5 +1,7 @@
-"""The packed engine trains the same model as the sequential in-process engine (FedAvg, FedProx),
-and falls back to the ClientApp, saying why, for what it cannot pack."""
+"""The packed engine trains the same model as the sequential in-process engine for every method
+that declares its local step (FedAvg, FedProx, FedLD, FedLAW, clustered, CFL, IFCA, Per-FedAvg),
+gives ``[devices]`` and ``[attack]`` runs the ClientApp's outcomes, and falls back to the
+ClientApp, saying why, for what it cannot pack."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from clients.data import dataset_info, load_client_data
 from clients.models import build_model
 from clients.packed import PackedClient, train_packed
-from clients.training import TrainJob, local_sgd
+from clients.training import LocalPlan, TrainJob, local_sgd
 from fedge.engines import run_engine
 from scenarios.config import validate_scenario
 from scenarios.results import MODEL_FILE, load_run
@@ -35,12 +37,17 @@ BASE = {
 
 
 def _run(raw: dict, engine: str, tmp_path: Path, **engine_extra) -> tuple[list, dict]:
+    run = _run_full(raw, engine, tmp_path, **engine_extra)
+    return run.rounds, torch.load(run.run_dir / MODEL_FILE)
+
+
+def _run_full(raw: dict, engine: str, tmp_path: Path, **engine_extra):
     raw = copy.deepcopy(raw)
     raw.update(name=engine, output_dir=str(tmp_path))
     raw["engine"] = {"name": engine, **engine_extra}
     run_dir = tmp_path / engine
     run_engine(validate_scenario(raw), run_dir, show_progress=False)
-    return load_run(run_dir).rounds, torch.load(run_dir / MODEL_FILE)
+    return load_run(run_dir)
 
 
 def _assert_same_training(seq: tuple[list, dict], packed: tuple[list, dict]) -> None:
@@ -51,31 +58,79 @@ def _assert_same_training(seq: tuple[list, dict], packed: tuple[list, dict]) -> 
     for s, p in zip(seq_rounds, packed_rounds, strict=True):
         assert p.get("num_replies") == s.get("num_replies")
         assert p.get("central_loss") == pytest.approx(s.get("central_loss"), rel=1e-4)
+        assert p.get("central_accuracy") == pytest.approx(s.get("central_accuracy"), abs=1e-3)
         if s.get("train_loss") is not None:
             assert p["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        pytest.param({}, id="fedavg-mlp"),
-        pytest.param(
-            {"model": {"name": "cnn1d", "channels": 8}, "train": {**BASE["train"], "epochs": 1}},
-            id="fedavg-cnn1d",
-        ),
-        pytest.param(
-            {
-                "algorithm": {"name": "fedprox", "mu": 0.3},
-                "train": {**BASE["train"], "weight_decay": 0.01},
+def _packed_count(stdout: str) -> str:
+    """The packed engine's report: '<n> client updates packed (<m> sequential...'."""
+    line = next(x for x in stdout.splitlines() if x.startswith("fedge: packed engine:"))
+    return line.split("fedge: packed engine: ")[1]
+
+
+CLUSTERED = {"num_rounds": 3, "federation": {"fraction_evaluate": 1.0}}
+METHODS = [
+    pytest.param({}, id="fedavg-mlp"),
+    pytest.param(
+        {"model": {"name": "cnn1d", "channels": 8}, "train": {**BASE["train"], "epochs": 1}},
+        id="fedavg-cnn1d",
+    ),
+    pytest.param(
+        {
+            "algorithm": {"name": "fedprox", "mu": 0.3},
+            "train": {**BASE["train"], "weight_decay": 0.01},
+        },
+        id="fedprox-mlp",
+    ),
+    pytest.param({"algorithm": {"name": "fedld", "margin_lambda": 0.5}}, id="fedld"),
+    pytest.param(
+        {"algorithm": {"name": "fedld", "margin_lambda": 0.5, "per_sample": True}},
+        id="fedld-per-sample",
+    ),
+    pytest.param(
+        {"algorithm": {"name": "fedlaw"}, "data": {**BASE["data"], "proxy_fraction": 0.05}},
+        id="fedlaw",
+    ),
+    pytest.param(
+        {"algorithm": {"name": "clustered", "warmup_rounds": 1, "k_max": 3}, **CLUSTERED},
+        id="clustered-reptile",
+    ),
+    pytest.param(
+        {
+            "algorithm": {
+                "name": "clustered",
+                "warmup_rounds": 1,
+                "k_max": 3,
+                "meta": "perfedavg",
+                "perfedavg_alpha": 0.05,
+                "perfedavg_beta": 0.05,
             },
-            id="fedprox-mlp",
-        ),
-    ],
-)
-def test_packed_engine_trains_the_sequential_model(overrides: dict, tmp_path: Path) -> None:
+            **CLUSTERED,
+        },
+        id="clustered-perfedavg",
+    ),
+    pytest.param({"algorithm": {"name": "ifca", "num_clusters": 3}, **CLUSTERED}, id="ifca"),
+    pytest.param(
+        {"algorithm": {"name": "cfl", "warmup_rounds": 1, "eps1": 50.0, "eps2": 50.1}, **CLUSTERED},
+        id="cfl",
+    ),
+    pytest.param(
+        {"algorithm": {"name": "perfedavg", "perfedavg_alpha": 0.05, "perfedavg_beta": 0.05}},
+        id="perfedavg",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides", METHODS)
+def test_packed_engine_trains_the_sequential_model(
+    overrides: dict, tmp_path: Path, capsys
+) -> None:
     raw = {**BASE, **overrides}
     sequential = _run(raw, "inprocess", tmp_path)
+    capsys.readouterr()
     packed = _run(raw, "packed", tmp_path, pack_size=3)  # 7 clients: chunks of 3, 3, 1
+    assert "(0 sequential" in _packed_count(capsys.readouterr().out)
     _assert_same_training(sequential, packed)
 
 
@@ -90,10 +145,10 @@ def test_packed_trainer_matches_local_sgd_client_by_client() -> None:
     packed = train_packed(
         model,
         [
-            PackedClient(d, start, torch.Generator().manual_seed(10 + i), 0.0, caps[i])
+            PackedClient(d, start, torch.Generator().manual_seed(10 + i), max_steps=caps[i])
             for i, d in enumerate(datas)
         ],
-        scenario.train,
+        LocalPlan(cfg=scenario.train),
         torch.device("cpu"),
     )
     for i, d in enumerate(datas):
@@ -123,7 +178,7 @@ def test_unpackable_clients_go_through_the_client_app(tmp_path: Path, caplog) ->
     sequential = _run(raw, "inprocess", tmp_path)
     with caplog.at_level(logging.WARNING, logger="fedge.engines.packed"):
         packed = _run(raw, "packed", tmp_path)
-    assert "trainer 'tpsgd' is not FedAvg/FedProx local SGD" in caplog.text
+    assert "trainer 'tpsgd' declares no LocalPlan" in caplog.text
     _assert_same_training(sequential, packed)
 
 

@@ -144,8 +144,13 @@ class InProcessGrid(Grid):
         try:
             return self.client_app(msg, self.contexts[dst])
         except Exception as ex:  # a failing client is an error reply, never a crashed server
-            reason = f"{type(ex).__name__}: {ex}"
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+            return exception_reply(msg, ex)
+
+
+def exception_reply(msg: Message, ex: Exception) -> Message:
+    """The error reply of a client whose ClientApp (or one of its mods) raised ``ex``."""
+    reason = f"{type(ex).__name__}: {ex}"
+    return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
 
 
 def run_inprocess(
