@@ -56,7 +56,7 @@ from clients.seeding import derive_seed
 from clients.trainers import get_trainer, trainer_name_for
 from clients.training import LocalPlan, PlanFn, TrainJob, local_plan_of
 from edge.lora_downlink import lora_downlink_mod
-from fedge.engines.inprocess import exception_reply
+from fedge.engines.errors import exception_reply
 from scenarios.config import Scenario
 from scenarios.registry import UnknownAlgorithm, algorithm_config
 
