@@ -34,18 +34,20 @@ from clients.devices import client_profile, drops_out, is_available
 from clients.identity import DEVICE_INDEX, DEVICE_PROFILE, identity_record
 from clients.models import build_model
 from clients.node import node_scenario, partition_id
-from clients.trainers import trainer_name_for
+from clients.trainers import EDGE_TRAINERS, trainer_name_for
 from scenarios.config import DataConfig, ModelConfig
 from scenarios.devices import DeviceProfile
+from scenarios.registry import UnknownAlgorithm, algorithm_config
 
 # Edge trainers whose training memory is measured on one step of their own update rule
 # (edge/memory.py) instead of backprop's params + grads + optimizer + activations: trainer name ->
 # (measurement kind, optimizer buffers per trainable parameter; None = SGD: 1 with momentum, else 0).
+# An algorithm whose declared client side is one of these trainers (lora_sparse: edge.lora) is
+# measured as that trainer (:func:`memory_trainer`).
 EDGE_MEMORY: dict[str, tuple[str, int | None]] = {
     "tpsgd": ("tpsgd", None),
     "forward_forward": ("forward_forward", 2),  # Adam: two moments
     "lora": ("lora", None),
-    "lora_sparse": ("lora", None),
 }
 
 # Prefixes of the error reasons; the server counts failures by them (they survive every engine's
@@ -199,6 +201,18 @@ def _edge_memory_cached(
         return measure_training_memory(trainer, model, x, y, seed=seed, lora_rank=lora_rank)
 
 
+def memory_trainer(trainer: str) -> str:
+    """The trainer whose training memory ``trainer`` needs: itself, or the edge trainer an
+    algorithm's declaration names as its client side."""
+    if trainer in EDGE_MEMORY:
+        return trainer
+    try:
+        dotted = algorithm_config(trainer).client_trainer
+    except UnknownAlgorithm:
+        return trainer
+    return next((name for name, d in EDGE_TRAINERS.items() if d == dotted), trainer)
+
+
 def training_memory_need(scenario, trainer: str, work: WorkEstimate) -> tuple[int, str]:
     """Bytes client training needs with ``trainer`` and a one-line breakdown for error messages.
 
@@ -208,13 +222,14 @@ def training_memory_need(scenario, trainer: str, work: WorkEstimate) -> tuple[in
     """
     momentum_copies = 1 if scenario.train.momentum > 0 else 0
     batch = scenario.train.batch_size
-    if trainer not in EDGE_MEMORY:
+    measured_as = memory_trainer(trainer)
+    if measured_as not in EDGE_MEMORY:
         need = training_memory_bytes(work, optimizer_copies=momentum_copies)
         return need, (
             f"params+grads+optimizer {format_bytes(need - work.activation_bytes)} + activations "
             f"of a {batch}-sample batch {format_bytes(work.activation_bytes)}"
         )
-    kind, copies = EDGE_MEMORY[trainer]
+    kind, copies = EDGE_MEMORY[measured_as]
     report = _edge_memory_cached(
         kind,
         scenario.model.model_dump_json(),
