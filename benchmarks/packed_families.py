@@ -1,0 +1,121 @@
+"""The packed engine on each shipped scenario family: time per round against the in-process
+engine, and how many client updates it still trained one at a time, measured in one run.
+
+    python benchmarks/packed_families.py                       # 200 clients, 3 rounds
+    python benchmarks/packed_families.py --clients 50 --rounds 2 --families fedld hetero_gpus
+
+Each family is a shipped scenario with ``data.num_clients`` set to ``--clients`` (mnist1d ones get
+``--samples-per-client`` samples per client) and ``num_rounds = --rounds``; the clustered family
+also gets ``algorithm.warmup_rounds = 1`` so that its rounds after the first train cluster models.
+Both engines run the same scenario in this process; the time per round is the mean of the
+ServerApp's per-round wall time (``metrics.jsonl``'s ``wall_time_s``) over rounds 2..R (round 1
+pays first-call costs). Printed per family: both times, ``inprocess / packed: <ratio>x``, the
+packed report's packed/sequential update counts (and why some were sequential), and whether the
+per-round central accuracies agree within 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import platform
+import re
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedge.engines import run_engine
+from scenarios.config import load_scenario
+from scenarios.results import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ROOT / "scenarios"
+
+# family -> (shipped scenario, extra overrides)
+FAMILIES: dict[str, tuple[str, list[str]]] = {
+    "fedld": ("fedld_mnist1d_dir01.toml", []),
+    "fedlaw": ("fedlaw_mnist1d_dir01.toml", []),
+    "clustered": ("clustered_dir01.toml", ["algorithm.warmup_rounds=1"]),
+    "hetero_gpus": ("hetero_gpus.toml", []),
+    "edge_mixed": ("edge_mixed.toml", []),
+    "fedavg_attack": ("quickstart.toml", ["attack.kind=sign_flip"]),
+}
+REPORT = re.compile(
+    r"fedge: packed engine: (\d+) client updates packed \((\d+) sequential(.*?)\), [\d.]+ s of"
+)
+
+
+def scenario_for(family: str, engine: str, args: argparse.Namespace):
+    toml, extra = FAMILIES[family]
+    overrides = [
+        f"engine.name={engine}",
+        f"data.num_clients={args.clients}",
+        f"num_rounds={args.rounds}",
+        "edge.export_onnx=false",
+        *extra,
+    ]
+    if family == "fedavg_attack":  # a tenth of the clients attack
+        overrides.append(f"attack.clients={list(range(0, args.clients, 10))}")
+    scenario = load_scenario(SCENARIOS / toml, overrides)
+    if scenario.data.dataset == "mnist1d":
+        scenario = load_scenario(
+            SCENARIOS / toml,
+            [*overrides, f"data.num_samples={args.samples_per_client * args.clients}"],
+        )
+    return scenario
+
+
+def run(family: str, engine: str, args: argparse.Namespace, tmp: Path) -> tuple[list, str]:
+    """(rounds of metrics.jsonl, the packed engine's report line or '')."""
+    scenario = scenario_for(family, engine, args)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_engine(scenario, tmp / f"{family}-{engine}", show_progress=False)
+    report = next((m for m in REPORT.finditer(out.getvalue())), None)
+    return load_run(tmp / f"{family}-{engine}").rounds, report
+
+
+def per_round(rounds: list[dict]) -> float:
+    times = [r["wall_time_s"] for r in rounds if r["round"] >= 2]
+    return statistics.mean(times or [r["wall_time_s"] for r in rounds if r["round"] >= 1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples-per-client", type=int, default=100)
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"# {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+        f"{args.clients} clients, {args.rounds} rounds (time per round: mean of rounds 2..R)"
+    )
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for family in args.families:
+            seq_rounds, _ = run(family, "inprocess", args, tmp)
+            packed_rounds, report = run(family, "packed", args, tmp)
+            seq_t, packed_t = per_round(seq_rounds), per_round(packed_rounds)
+            acc = [
+                (s.get("central_accuracy"), p.get("central_accuracy"))
+                for s, p in zip(seq_rounds, packed_rounds, strict=True)
+            ]
+            same = all(s is None or abs(s - p) <= 1e-3 for s, p in acc)
+            packed_n, seq_n, why = (
+                (int(report[1]), int(report[2]), report[3]) if report else (0, -1, "")
+            )
+            print(
+                f"{family:14s} in-process {seq_t:7.3f} s/round  packed {packed_t:7.3f} s/round  "
+                f"updates: {packed_n} packed, {seq_n} sequential{why}  "
+                f"accuracy within 1e-3: {same}"
+            )
+            print(f"{family}: inprocess / packed: {seq_t / packed_t:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
