@@ -5,7 +5,8 @@ engine, and how many client updates it still trained one at a time, measured in 
     python benchmarks/packed_families.py --clients 50 --rounds 2 --families fedld hetero_gpus
 
 Each family is a shipped scenario with ``data.num_clients`` set to ``--clients`` (mnist1d ones get
-``--samples-per-client`` samples per client) and ``num_rounds = --rounds``; the clustered family
+``--samples-per-client`` samples per client; ``data.min_partition_size = 2``, as 200 clients of a
+Dirichlet(0.1) split cannot all hold 10 examples) and ``num_rounds = --rounds``; the clustered family
 also gets ``algorithm.warmup_rounds = 1`` so that its rounds after the first train cluster models.
 Both engines run the same scenario in this process; the time per round is the mean of the
 ServerApp's per-round wall time (``metrics.jsonl``'s ``wall_time_s``) over rounds 2..R (round 1
@@ -55,6 +56,9 @@ def scenario_for(family: str, engine: str, args: argparse.Namespace):
         f"data.num_clients={args.clients}",
         f"num_rounds={args.rounds}",
         "edge.export_onnx=false",
+        # 200 clients of a Dirichlet(0.1) split (or of digits' 1,437 examples) cannot all hold
+        # the default 10 examples
+        "data.min_partition_size=2",
         *extra,
     ]
     if family == "fedavg_attack":  # a tenth of the clients attack

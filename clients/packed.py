@@ -166,8 +166,19 @@ def train_packed(
     template = model.to(device).train()
     objective = plan.objective
 
+    forward = plan.forward
+    prefixes = {id(m): f"{name}." if name else "" for name, m in template.named_modules()}
+
     def client_loss(p, x, y, weight, ctx):
-        return objective(p, functional_call(template, p, (x,)), y, weight, ctx)
+        if forward is None:
+            return objective(p, functional_call(template, p, (x,)), y, weight, ctx)
+
+        def call(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+            prefix = prefixes[id(module)]
+            own = {k[len(prefix) :]: v for k, v in p.items() if k.startswith(prefix)}
+            return functional_call(module, own, (inputs,))
+
+        return objective(p, forward(template, call, x), y, weight, ctx)
 
     loss_sum = torch.zeros(len(order), dtype=torch.float64, device=device)
     seen = torch.zeros(len(order), dtype=torch.float64, device=device)

@@ -27,6 +27,8 @@ BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # stack of clients, with a 0/1 weight that masks the padding of short batches and the client
 # context's tensors (e.g. FedProx's mu and received model) stacked along the client axis.
 # Objectives that take hyperparameters are frozen dataclasses, so equal ones pack together.
+# A plan with a ``forward`` (:data:`PlanForward`) hands the objective that forward's outputs
+# instead of the logits: layer-local rules (tpSGD) see every block's output.
 Objective = Callable[
     [dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]],
     torch.Tensor,
@@ -91,6 +93,18 @@ def cross_entropy_objective(
     return weighted_mean(F.cross_entropy(logits, y, reduction="none"), weight)
 
 
+# (model, call, x) -> what the objective sees of batch x; ``call(module, input)`` runs a submodule
+# of ``model`` on the parameters being trained (the module itself sequentially, a
+# ``functional_call`` on the client's slice of the stack in the pack).
+PlanForward = Callable[
+    [nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor], torch.Tensor], Any
+]
+
+
+def _call_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
 @dataclass
 class LocalPlan:
     """What one client's local update is, declared once and run either by :func:`run_local_plan`
@@ -114,6 +128,7 @@ class LocalPlan:
     rule: Literal["sgd", "perfedavg_fo"] = "sgd"
     meta_steps: tuple[float, float] = (0.0, 0.0)  # Per-FedAvg's (alpha, beta)
     metrics: dict[str, float] = field(default_factory=dict)  # extra reply metrics
+    forward: PlanForward | None = None  # None: the objective sees the model's logits
 
     def resolved(self, job: TrainJob) -> LocalPlan:
         """This plan with ``cfg`` and ``max_steps`` filled in from the scenario and the config."""
@@ -126,7 +141,7 @@ class LocalPlan:
 
     def pack_key(self) -> Hashable:
         """Plans with equal keys train in one pack (same objective, rule and optimizer)."""
-        return (self.objective, self.rule, self.meta_steps, self.cfg)
+        return (self.objective, self.forward, self.rule, self.meta_steps, self.cfg)
 
 
 PlanFn = Callable[["TrainJob"], LocalPlan]
@@ -141,8 +156,17 @@ def run_local_plan(job: TrainJob, plan: LocalPlan) -> TrainResult:
         return plan.objective(params, logits, y, None, plan.context)
 
     if plan.rule == "sgd":
-        result = local_sgd(job, loss, plan.cfg, plan.max_steps)
+        forward = plan.forward
+        result = local_sgd(
+            job,
+            loss,
+            plan.cfg,
+            plan.max_steps,
+            None if forward is None else lambda x: forward(job.model, _call_module, x),
+        )
     else:
+        if plan.forward is not None:
+            raise ValueError("the perfedavg_fo rule runs objectives of the logits only")
         if len(job.data.x_train) == 0:
             raise ValueError(f"client {job.data.partition_id} has no training data")
         job.model.train()
@@ -200,8 +224,10 @@ def local_sgd(
     loss_fn: BatchLoss = cross_entropy,
     cfg: TrainConfig | None = None,
     max_steps: int | None = None,
+    forward: Callable[[torch.Tensor], Any] | None = None,
 ) -> TrainResult:
-    """Mini-batch SGD over the client's train split for ``cfg.epochs`` epochs (or ``max_steps``)."""
+    """Mini-batch SGD over the client's train split for ``cfg.epochs`` epochs (or ``max_steps``).
+    ``loss_fn`` sees ``forward(x)`` of each batch (default: the model's logits)."""
     cfg = cfg or job.scenario.train
     model, data = job.model, job.data
     if max_steps is None and "max-local-steps" in job.config:
@@ -222,7 +248,7 @@ def local_sgd(
             data.x_train, data.y_train, cfg.batch_size, job.generator, job.device
         ):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, model(xb), yb)
+            loss = loss_fn(model, model(xb) if forward is None else forward(xb), yb)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(yb)

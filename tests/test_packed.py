@@ -119,6 +119,17 @@ METHODS = [
         {"algorithm": {"name": "perfedavg", "perfedavg_alpha": 0.05, "perfedavg_beta": 0.05}},
         id="perfedavg",
     ),
+    pytest.param(
+        {"edge": {"trainers": {"0-3": "tpsgd"}, "export_onnx": False}}, id="tpsgd-ce-mlp"
+    ),
+    pytest.param(
+        {
+            "model": {"name": "cnn1d", "channels": 8},
+            "train": {**BASE["train"], "epochs": 1, "weight_decay": 0.01},
+            "edge": {"trainers": {"*": "tpsgd"}, "tpsgd_loss": "mse", "export_onnx": False},
+        },
+        id="tpsgd-mse-cnn1d",
+    ),
 ]
 
 
@@ -167,8 +178,8 @@ def test_packed_trainer_matches_local_sgd_client_by_client() -> None:
 
 
 def test_unpackable_clients_go_through_the_client_app(tmp_path: Path, caplog) -> None:
-    """Edge trainers are not packed: they run sequentially, the FedAvg clients packed, and the
-    model is still the in-process engine's."""
+    """Forward-forward (Adam, label draws between batches) is not packed: it runs sequentially,
+    the tpSGD and FedAvg clients packed, and the model is still the in-process engine's."""
     raw = {
         **BASE,
         "edge": {"trainers": {"0": "tpsgd", "1": "forward_forward"}, "export_onnx": False},
@@ -176,7 +187,8 @@ def test_unpackable_clients_go_through_the_client_app(tmp_path: Path, caplog) ->
     sequential = _run(raw, "inprocess", tmp_path)
     with caplog.at_level(logging.WARNING, logger="fedge.engines.packed"):
         packed = _run(raw, "packed", tmp_path)
-    assert "trainer 'tpsgd' declares no LocalPlan" in caplog.text
+    assert "trainer 'forward_forward' declares no LocalPlan" in caplog.text
+    assert "'tpsgd'" not in caplog.text
     _assert_same_training(sequential, packed)
 
 
