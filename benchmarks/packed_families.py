@@ -11,8 +11,10 @@ also gets ``algorithm.warmup_rounds = 1`` so that its rounds after the first tra
 Both engines run the same scenario in this process; the time per round is the mean of the
 ServerApp's per-round wall time (``metrics.jsonl``'s ``wall_time_s``) over rounds 2..R (round 1
 pays first-call costs). Printed per family: both times, ``inprocess / packed: <ratio>x``, the
-packed report's packed/sequential update counts (and why some were sequential), and whether the
-per-round central accuracies agree within 1e-3.
+packed report's packed/sequential update counts (and why some were sequential), the share of the
+packed run's round time spent in packed training (the rest is the server's and the ClientApp's
+work: broadcast, validation, aggregation, clustering, evaluation), and whether the per-round
+central accuracies agree within 1e-3.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "fedavg_attack": ("quickstart.toml", ["attack.kind=sign_flip"]),
 }
 REPORT = re.compile(
-    r"fedge: packed engine: (\d+) client updates packed \((\d+) sequential(.*?)\), [\d.]+ s of"
+    r"fedge: packed engine: (\d+) client updates packed \((\d+) sequential(.*?)\), ([\d.]+) s of"
 )
 
 
@@ -110,12 +112,16 @@ def main() -> None:
                 for s, p in zip(seq_rounds, packed_rounds, strict=True)
             ]
             same = all(s is None or abs(s - p) <= 1e-3 for s, p in acc)
-            packed_n, seq_n, why = (
-                (int(report[1]), int(report[2]), report[3]) if report else (0, -1, "")
+            packed_n, seq_n, why, train_s = (
+                (int(report[1]), int(report[2]), report[3], float(report[4]))
+                if report
+                else (0, -1, "", float("nan"))
             )
+            rounds_s = sum(r["wall_time_s"] for r in packed_rounds)
             print(
                 f"{family:14s} in-process {seq_t:7.3f} s/round  packed {packed_t:7.3f} s/round  "
                 f"updates: {packed_n} packed, {seq_n} sequential{why}  "
+                f"packed training {train_s / rounds_s:.0%} of the packed rounds  "
                 f"accuracy within 1e-3: {same}"
             )
             print(f"{family}: inprocess / packed: {seq_t / packed_t:.2f}x", flush=True)
