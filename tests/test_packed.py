@@ -1,6 +1,6 @@
 """The packed engine trains the same model as the sequential in-process engine for every method
-that declares its local step (FedAvg, FedProx, FedLD, FedLAW, clustered, CFL, IFCA, Per-FedAvg),
-gives ``[devices]`` and ``[attack]`` runs the ClientApp's outcomes, and falls back to the
+that declares its local step (FedAvg, FedProx, FedLD, FedLAW, clustered, CFL, IFCA, Per-FedAvg,
+tpSGD), gives ``[devices]`` and ``[attack]`` runs the ClientApp's outcomes, and falls back to the
 ClientApp, saying why, for what it cannot pack."""
 
 from __future__ import annotations
@@ -119,9 +119,7 @@ METHODS = [
         {"algorithm": {"name": "perfedavg", "perfedavg_alpha": 0.05, "perfedavg_beta": 0.05}},
         id="perfedavg",
     ),
-    pytest.param(
-        {"edge": {"trainers": {"0-3": "tpsgd"}, "export_onnx": False}}, id="tpsgd-ce-mlp"
-    ),
+    pytest.param({"edge": {"trainers": {"0-3": "tpsgd"}, "export_onnx": False}}, id="tpsgd-ce-mlp"),
     pytest.param(
         {
             "model": {"name": "cnn1d", "channels": 8},

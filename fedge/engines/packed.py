@@ -17,7 +17,7 @@ their meaning:
   inside the mod, go through the ClientApp).
 
 Clients it cannot pack go through the ClientApp as in the ``inprocess`` engine, with the reason
-logged once: a trainer that declares no plan (LoRA, tpSGD, forward-forward), mods other than the
+logged once: a trainer that declares no plan (LoRA, forward-forward), mods other than the
 clock, LoRA downlink and attack ones, a model with buffers, no training data, a pack that raised.
 
 Memory is bounded by training at most ``engine.pack_size`` clients at a time; the largest pack's
