@@ -9,15 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from algorithms.fedprox import proximal_term
 from clients.training import (
     LocalPlan,
     TrainJob,
+    cross_entropy_objective,
     plan_trainer,
     updates_parameters_only,
-    weighted_mean,
 )
 
 
@@ -29,11 +28,7 @@ def proximal_objective(
     context: dict[str, Any],
 ) -> torch.Tensor:
     """CE + mu/2 ||w - w_global||^2 with ``context = {"mu", "global"}`` (the received model)."""
-    ce = (
-        F.cross_entropy(logits, y)
-        if weight is None
-        else weighted_mean(F.cross_entropy(logits, y, reduction="none"), weight)
-    )
+    ce = cross_entropy_objective(params, logits, y, weight, context)
     return ce + proximal_term(params.values(), context["global"].values(), context["mu"])
 
 

@@ -48,7 +48,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from clients.seeding import derive_seed
-from clients.training import LocalPlan, TrainJob, plan_trainer, weighted_mean
+from clients.training import (
+    LocalPlan,
+    TrainJob,
+    cross_entropy_objective,
+    plan_trainer,
+    weighted_mean,
+)
 
 TPSGD_SEED_TAG = 0x7059  # separates the projection matrices' seed stream from everything else
 PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -198,10 +204,7 @@ class TpsgdObjective:
             local_loss(h, y, proj.to(h.device), self.kind, weight)
             for h, proj in zip(outputs[:-1], projections, strict=True)
         )
-        if weight is None:
-            task = F.cross_entropy(logits, y)
-        else:
-            task = weighted_mean(F.cross_entropy(logits, y, reduction="none"), weight)
+        task = cross_entropy_objective(params, logits, y, weight, context)
         if len(outputs) == 1:  # a single-layer model: no hidden block
             return task
         return task + (local - local.detach())  # value: the task loss; gradient: every term
