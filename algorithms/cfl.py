@@ -13,6 +13,7 @@ class CFLConfig(AlgorithmConfig):
     name: Literal["cfl"] = "cfl"
     server_factory: ClassVar[str] = "server.cfl:make_cfl"
     client_trainer: ClassVar[str] = "clients.cfl:train_cfl"
+    packable: ClassVar[bool] = True
     eps1: float = Field(
         0.4, gt=0.0, description="split only when the cluster's mean update norm is below ε1"
     )

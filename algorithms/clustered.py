@@ -13,6 +13,7 @@ class ClusteredConfig(ReptileParams, PerFedAvgParams):
     name: Literal["clustered"] = "clustered"
     server_factory: ClassVar[str] = "server.clustered:make_clustered"
     client_trainer: ClassVar[str] = "clients.clustered:train_clustered"
+    packable: ClassVar[bool] = True
     warmup_rounds: int = Field(
         5, ge=1, description="FedAvg rounds before clustering (updates of the last one cluster)"
     )

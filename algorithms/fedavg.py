@@ -9,3 +9,5 @@ class FedAvgConfig(AlgorithmConfig):
     name: Literal["fedavg"] = "fedavg"
     server_factory: ClassVar[str] = "server.fedavg:make_fedavg"
     client_trainer: ClassVar[str] = "clients.fedavg:train_fedavg"
+    packable: ClassVar[bool] = True
+    fedavg_aggregation: ClassVar[bool] = True

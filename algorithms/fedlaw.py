@@ -33,6 +33,7 @@ class FedLAWConfig(AlgorithmConfig):
     name: Literal["fedlaw"] = "fedlaw"
     server_factory: ClassVar[str] = "server.fedlaw:make_fedlaw"
     client_trainer: ClassVar[str] = "clients.fedlaw:train_fedlaw"
+    packable: ClassVar[bool] = True
     variant: Literal["exp", "quad", "swa"] = Field(
         "exp",
         description="exp: lambda=softmax(a), gamma=exp(b); quad: lambda=a^2/sum a^2, gamma=b^2; "

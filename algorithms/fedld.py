@@ -35,6 +35,7 @@ class FedLDConfig(AlgorithmConfig):
     name: Literal["fedld"] = "fedld"
     server_factory: ClassVar[str] = "server.fedld:make_fedld"
     client_trainer: ClassVar[str] = "clients.fedld:train_fedld"
+    packable: ClassVar[bool] = True
     margin_lambda: float = Field(
         0.03, ge=0.0, description="weight of the margin-control term (authors: 0.03; fluke: 0.2)"
     )
@@ -56,21 +57,37 @@ class FedLDConfig(AlgorithmConfig):
 
 
 def margin_control_loss(
-    logits: torch.Tensor, y: torch.Tensor, lam: float, per_sample: bool = False
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    lam: float,
+    per_sample: bool = False,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``CE(Z, y) + lam * log(1 + ||softmax(Z)||^2)``.
 
     ``||.||`` is the Frobenius norm of the batch's B x C softmax matrix (reference behaviour) or, with
-    ``per_sample``, the mean over samples of ``log(1 + ||softmax(z_b)||_2^2)``.
+    ``per_sample``, the mean over samples of ``log(1 + ||softmax(z_b)||_2^2)``. ``weight`` (0/1 per
+    sample) leaves the zero-weight rows out of every term, as if the batch held only the others
+    (the pack pads short batches with such rows).
     """
-    ce = F.cross_entropy(logits, y)
+    if weight is None:
+        ce = F.cross_entropy(logits, y)
+    else:
+        ce = (F.cross_entropy(logits, y, reduction="none") * weight).sum() / weight.sum()
     if lam == 0.0:
         return ce
     probs = F.softmax(logits, dim=1)
-    if per_sample:
-        margin = torch.log1p(probs.pow(2).sum(dim=1)).mean()
+    if weight is None:
+        if per_sample:
+            margin = torch.log1p(probs.pow(2).sum(dim=1)).mean()
+        else:
+            margin = torch.log1p(probs.pow(2).sum())
     else:
-        margin = torch.log1p(probs.pow(2).sum())
+        squared = probs.pow(2).sum(dim=1) * weight
+        if per_sample:
+            margin = (torch.log1p(squared) * weight).sum() / weight.sum()
+        else:
+            margin = torch.log1p(squared.sum())
     return ce + lam * margin
 
 

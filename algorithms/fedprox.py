@@ -13,6 +13,8 @@ class FedProxConfig(AlgorithmConfig):
     name: Literal["fedprox"] = "fedprox"
     server_factory: ClassVar[str] = "server.fedprox:make_fedprox"
     client_trainer: ClassVar[str] = "clients.fedprox:train_fedprox"
+    packable: ClassVar[bool] = True
+    fedavg_aggregation: ClassVar[bool] = True
     mu: float = Field(0.01, ge=0.0, description="proximal coefficient mu")
 
 

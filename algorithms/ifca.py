@@ -12,4 +12,5 @@ class IFCAConfig(AlgorithmConfig):
     name: Literal["ifca"] = "ifca"
     server_factory: ClassVar[str] = "server.ifca:make_ifca"
     client_trainer: ClassVar[str] = "clients.ifca:train_ifca"
+    packable: ClassVar[bool] = True
     num_clusters: int = Field(3, ge=1, le=64, description="k cluster models")

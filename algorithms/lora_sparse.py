@@ -36,6 +36,8 @@ class LoraSparseConfig(AlgorithmConfig):
     name: Literal["lora_sparse"] = "lora_sparse"
     server_factory: ClassVar[str] = "server.lora_sparse:make_lora_sparse"
     client_trainer: ClassVar[str] = "edge.lora:train_lora"
+    sparse_replies: ClassVar[bool] = True
+    edge_export: ClassVar[bool] = True
     rank: int = Field(4, ge=1, le=256, description="LoRA rank r")
     alpha: float = Field(8.0, gt=0.0, description="LoRA alpha (scaling alpha / r)")
     density: float = Field(0.05, gt=0.0, le=1.0, description="share rho of adapter entries sent")

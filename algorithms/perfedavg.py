@@ -10,3 +10,4 @@ class PerFedAvgConfig(PerFedAvgParams):
     name: Literal["perfedavg"] = "perfedavg"
     server_factory: ClassVar[str] = "server.perfedavg:make_perfedavg"
     client_trainer: ClassVar[str] = "clients.perfedavg:train_perfedavg"
+    packable: ClassVar[bool] = True

@@ -61,7 +61,7 @@ def untrained_hidden_layers(active: bool):
         yield
         return
     original = tpsgd.local_loss
-    tpsgd.local_loss = lambda h, y, proj, kind: 0.0 * original(h, y, proj, kind)
+    tpsgd.local_loss = lambda *args: 0.0 * original(*args)
     try:
         yield
     finally:

@@ -150,12 +150,16 @@ def floor(args: argparse.Namespace, cores: int) -> None:
             bare_local_training(model, state, c, tc, torch.Generator().manual_seed(1))
 
     from clients.packed import PackedClient, train_packed
+    from clients.training import LocalPlan
 
     def packed() -> None:
         clients = [PackedClient(c, state, torch.Generator().manual_seed(1)) for c in data]
         for start in range(0, len(clients), scenario.engine.pack_size):
             train_packed(
-                model, clients[start : start + scenario.engine.pack_size], tc, torch.device("cpu")
+                model,
+                clients[start : start + scenario.engine.pack_size],
+                LocalPlan(cfg=tc),
+                torch.device("cpu"),
             )
 
     # The hand-written bound: the same number of clients per step (a prefix of the pack sorted

@@ -1,11 +1,11 @@
 """CFL client: plain local SGD on its cluster's model (a new client first picks a cluster by loss)."""
 
 from clients.cluster_pick import CLUSTER_ID_KEY, pick_cluster
-from clients.training import TrainJob, TrainResult, local_sgd
+from clients.training import LocalPlan, TrainJob, plan_trainer
 
 
-def train_cfl(job: TrainJob) -> TrainResult:
-    chosen = pick_cluster(job)
-    result = local_sgd(job)
-    result.metrics[CLUSTER_ID_KEY] = chosen
-    return result
+def cfl_plan(job: TrainJob) -> LocalPlan:
+    return LocalPlan(metrics={CLUSTER_ID_KEY: pick_cluster(job)})
+
+
+train_cfl = plan_trainer(cfl_plan)

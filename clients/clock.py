@@ -34,18 +34,20 @@ from clients.devices import client_profile, drops_out, is_available
 from clients.identity import DEVICE_INDEX, DEVICE_PROFILE, identity_record
 from clients.models import build_model
 from clients.node import node_scenario, partition_id
-from clients.trainers import trainer_name_for
+from clients.trainers import EDGE_TRAINERS, trainer_name_for
 from scenarios.config import DataConfig, ModelConfig
 from scenarios.devices import DeviceProfile
+from scenarios.registry import UnknownAlgorithm, algorithm_config
 
 # Edge trainers whose training memory is measured on one step of their own update rule
 # (edge/memory.py) instead of backprop's params + grads + optimizer + activations: trainer name ->
 # (measurement kind, optimizer buffers per trainable parameter; None = SGD: 1 with momentum, else 0).
+# An algorithm whose declared client side is one of these trainers (lora_sparse: edge.lora) is
+# measured as that trainer (:func:`memory_trainer`).
 EDGE_MEMORY: dict[str, tuple[str, int | None]] = {
     "tpsgd": ("tpsgd", None),
     "forward_forward": ("forward_forward", 2),  # Adam: two moments
     "lora": ("lora", None),
-    "lora_sparse": ("lora", None),
 }
 
 # Prefixes of the error reasons; the server counts failures by them (they survive every engine's
@@ -199,6 +201,18 @@ def _edge_memory_cached(
         return measure_training_memory(trainer, model, x, y, seed=seed, lora_rank=lora_rank)
 
 
+def memory_trainer(trainer: str) -> str:
+    """The trainer whose training memory ``trainer`` needs: itself, or the edge trainer an
+    algorithm's declaration names as its client side."""
+    if trainer in EDGE_MEMORY:
+        return trainer
+    try:
+        dotted = algorithm_config(trainer).client_trainer
+    except UnknownAlgorithm:
+        return trainer
+    return next((name for name, d in EDGE_TRAINERS.items() if d == dotted), trainer)
+
+
 def training_memory_need(scenario, trainer: str, work: WorkEstimate) -> tuple[int, str]:
     """Bytes client training needs with ``trainer`` and a one-line breakdown for error messages.
 
@@ -208,13 +222,14 @@ def training_memory_need(scenario, trainer: str, work: WorkEstimate) -> tuple[in
     """
     momentum_copies = 1 if scenario.train.momentum > 0 else 0
     batch = scenario.train.batch_size
-    if trainer not in EDGE_MEMORY:
+    measured_as = memory_trainer(trainer)
+    if measured_as not in EDGE_MEMORY:
         need = training_memory_bytes(work, optimizer_copies=momentum_copies)
         return need, (
             f"params+grads+optimizer {format_bytes(need - work.activation_bytes)} + activations "
             f"of a {batch}-sample batch {format_bytes(work.activation_bytes)}"
         )
-    kind, copies = EDGE_MEMORY[trainer]
+    kind, copies = EDGE_MEMORY[measured_as]
     report = _edge_memory_cached(
         kind,
         scenario.model.model_dump_json(),
@@ -238,15 +253,33 @@ def _array_bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.array_records.values())
 
 
-def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower client mod: device failures, partial work and virtual time for training messages."""
-    if msg.metadata.message_type.split(".")[0] != "train":
-        return call_next(msg, context)
+@dataclass(frozen=True)
+class ClockTicket:
+    """What the clock decided about one training message before it trained, for
+    :func:`account_training` to time the reply with."""
 
+    device_name: str
+    device_index: int
+    profile: DeviceProfile
+    work: WorkEstimate
+    batch_size: int
+    n_train: int
+    planned_steps: int
+    bytes_down: int
+
+
+def prepare_training(msg: Message, context: Context) -> ClockTicket | None:
+    """The clock's half before training: raise :class:`DeviceError` when this client's device is
+    offline, out of memory or drops out this round; with partial work, put the step cap into the
+    message's config (a fresh record on ``msg``). None when the scenario has no ``[devices]``.
+
+    Every engine gets exactly these verdicts: the mod below runs it per message, the packed engine
+    (``fedge/engines/packed.py``) for each client it trains in a pack.
+    """
     scenario = node_scenario(context)
     cfg = scenario.devices
     if cfg is None:
-        return call_next(msg, context)
+        return None
 
     pid = partition_id(context)
     config = msg.content.get("config")
@@ -293,27 +326,37 @@ def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
     if drops_out(cfg, scenario.seed, server_round, pid):
         # Decided before training to save real compute; to the server it is a mid-round loss.
         raise DeviceError(DROPOUT, f"{where} dropped out mid-round (p={cfg.dropout_prob})")
+    return ClockTicket(
+        name, names.index(name), profile, work, batch_size, n_train, planned_steps, bytes_down
+    )
 
-    reply = call_next(msg, context)
+
+def account_training(ticket: ClockTicket, reply: Message) -> Message:
+    """The clock's half after training: the reply's virtual time, FLOPs, bytes and energy
+    (metrics) and its device (identity record)."""
     if reply.has_error():
         return reply
     metrics: MetricRecord = reply.content["metrics"]
     steps = int(metrics.get("num-steps", 0))
     flops = float(
         metrics.get("train-flops")
-        or work.flops_per_sample
-        * samples_processed(int(metrics.get("num-examples", n_train)), batch_size, steps)
+        or ticket.work.flops_per_sample
+        * samples_processed(
+            int(metrics.get("num-examples", ticket.n_train)), ticket.batch_size, steps
+        )
     )
     bytes_up = _array_bytes(reply.content)
-    t = client_time(flops, bytes_down, bytes_up, profile)
+    profile = ticket.profile
+    t = client_time(flops, ticket.bytes_down, bytes_up, profile)
     joules = profile.joules_per_flop
+    planned_steps = ticket.planned_steps
     metrics.update(
         {
             "virtual-time-s": t.total_s,
             "compute-time-s": t.compute_s,
             "comm-time-s": t.download_s + t.upload_s + t.latency_s,
             "train-flops": flops,
-            "recv-bytes": bytes_down,
+            "recv-bytes": ticket.bytes_down,
             "sent-bytes": bytes_up,
             "energy-j": flops * joules if joules is not None else float("nan"),
             "planned-steps": planned_steps,
@@ -321,6 +364,15 @@ def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
         }
     )
     identity = identity_record(reply.content)  # identifiers: never averaged by a strategy
-    identity[DEVICE_INDEX] = names.index(name)
-    identity[DEVICE_PROFILE] = name
+    identity[DEVICE_INDEX] = ticket.device_index
+    identity[DEVICE_PROFILE] = ticket.device_name
     return reply
+
+
+def virtual_clock_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower client mod: device failures, partial work and virtual time for training messages."""
+    if msg.metadata.message_type.split(".")[0] != "train":
+        return call_next(msg, context)
+    ticket = prepare_training(msg, context)
+    reply = call_next(msg, context)
+    return reply if ticket is None else account_training(ticket, reply)

@@ -13,22 +13,18 @@ A client the server has not placed yet receives every cluster model and keeps th
 (IFCA rule).
 """
 
-from torch.nn import functional as F
-
-from algorithms.meta import run_perfedavg
 from clients.cluster_pick import CLUSTER_ID_KEY, pick_cluster
-from clients.perfedavg import epoch_batches
-from clients.training import TrainJob, TrainResult, local_sgd
+from clients.training import LocalPlan, TrainJob, plan_trainer
 
 WARMUP_KEY = "warmup"
 
 
-def train_clustered(job: TrainJob) -> TrainResult:
-    chosen = pick_cluster(job)
+def clustered_plan(job: TrainJob) -> LocalPlan:
+    chosen = {CLUSTER_ID_KEY: pick_cluster(job)}
     algo = job.scenario.algorithm
     if bool(job.config.get(WARMUP_KEY, False)) or algo.meta == "none":
-        result = local_sgd(job)
-    elif algo.meta == "reptile":  # the task's inner loop; the outer step ε is the server's
+        return LocalPlan(metrics=chosen)
+    if algo.meta == "reptile":  # the task's inner loop; the outer step ε is the server's
         steps = algo.reptile_inner_steps
         if "max-local-steps" in job.config:  # a slow device's cap (virtual clock) still holds
             steps = min(steps, int(job.config["max-local-steps"]))
@@ -40,18 +36,12 @@ def train_clustered(job: TrainJob) -> TrainResult:
                 "epochs": steps,  # k steps even when the split holds fewer than k batches
             }
         )
-        result = local_sgd(job, cfg=inner, max_steps=steps)
-    else:
-        if len(job.data.x_train) == 0:
-            raise ValueError(f"client {job.data.partition_id} has no training data")
-        job.model.train()
-        res = run_perfedavg(
-            job.model,
-            epoch_batches(job),
-            algo.perfedavg_alpha,
-            algo.perfedavg_beta,
-            F.cross_entropy,
-        )
-        result = TrainResult(len(job.data.x_train), res.mean_loss, res.num_steps)
-    result.metrics[CLUSTER_ID_KEY] = chosen
-    return result
+        return LocalPlan(cfg=inner, max_steps=steps, metrics=chosen)
+    return LocalPlan(
+        rule="perfedavg_fo",
+        meta_steps=(algo.perfedavg_alpha, algo.perfedavg_beta),
+        metrics=chosen,
+    )
+
+
+train_clustered = plan_trainer(clustered_plan)

@@ -1,8 +1,10 @@
 """FedAvg client: plain local SGD on cross-entropy."""
 
-from clients.training import TrainJob, TrainResult, local_sgd, updates_parameters_only
+from clients.training import LocalPlan, TrainJob, plan_trainer, updates_parameters_only
 
 
-@updates_parameters_only
-def train_fedavg(job: TrainJob) -> TrainResult:
-    return local_sgd(job)
+def fedavg_plan(job: TrainJob) -> LocalPlan:
+    return LocalPlan()
+
+
+train_fedavg = updates_parameters_only(plan_trainer(fedavg_plan))

@@ -1,7 +1,10 @@
 """FedLAW client: plain local SGD (FedLAW changes only the server's aggregation)."""
 
-from clients.training import TrainJob, TrainResult, local_sgd
+from clients.training import LocalPlan, TrainJob, plan_trainer
 
 
-def train_fedlaw(job: TrainJob) -> TrainResult:
-    return local_sgd(job)
+def fedlaw_plan(job: TrainJob) -> LocalPlan:
+    return LocalPlan()
+
+
+train_fedlaw = plan_trainer(fedlaw_plan)

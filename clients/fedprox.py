@@ -4,20 +4,38 @@
 so this trainer also works against a stock Flower server.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from algorithms.fedprox import proximal_term
-from clients.training import TrainJob, TrainResult, local_sgd, updates_parameters_only
+from clients.training import (
+    LocalPlan,
+    TrainJob,
+    cross_entropy_objective,
+    plan_trainer,
+    updates_parameters_only,
+)
 
 
-@updates_parameters_only
-def train_fedprox(job: TrainJob) -> TrainResult:
+def proximal_objective(
+    params: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    context: dict[str, Any],
+) -> torch.Tensor:
+    """CE + mu/2 ||w - w_global||^2 with ``context = {"mu", "global"}`` (the received model)."""
+    ce = cross_entropy_objective(params, logits, y, weight, context)
+    return ce + proximal_term(params.values(), context["global"].values(), context["mu"])
+
+
+def fedprox_plan(job: TrainJob) -> LocalPlan:
     mu = float(job.config.get("proximal-mu", getattr(job.scenario.algorithm, "mu", 0.0)))
-    global_params = [p.detach().clone() for p in job.model.parameters()]
+    received = {k: p.detach().clone() for k, p in job.model.named_parameters()}
+    return LocalPlan(proximal_objective, {"mu": mu, "global": received})
 
-    def loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y) + proximal_term(model.parameters(), global_params, mu)
 
-    return local_sgd(job, loss)
+train_fedprox = updates_parameters_only(plan_trainer(fedprox_plan))

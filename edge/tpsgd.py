@@ -19,9 +19,16 @@ How it works (DRTP generalised, after "Learning with Local Gradients at the Edge
   activation is global-average-pooled over its spatial axes before the loss (``pool`` above), i.e.
   "pool the activation" rather than "broadcast the target". For Linear blocks ``pool`` is identity.
 * The output block is trained on the task loss (cross-entropy) on the detached last hidden activation.
-* Each block's local loss is back-propagated immediately and the block is stepped right away (one
-  SGD per block), so at most one block's activations, graph and gradients are alive at any time —
-  the memory saving measured in ``benchmarks/edge_memory.py``.
+* The local update is declared once (``tpsgd_plan``): every block's output computed from the
+  detached output of the block before (:class:`BlockOutputs`), and the objective
+  :class:`TpsgdObjective` = sum of the hidden blocks' local losses + the output block's task loss.
+  The stop-gradients make the gradient of each block's weights that of its own local loss only, so
+  one backward of the sum and one SGD over all parameters is exactly per-block training; the
+  ClientApp runs it on the model, the packed engine on a stack of clients.
+* On a device, each block's local loss can be back-propagated immediately and the block stepped
+  right away (:func:`tpsgd_step`, one SGD per block: the same update), so at most one block's
+  activations, graph and gradients are alive at any time — the memory the virtual clock charges
+  (``edge/memory.py``) and ``benchmarks/edge_memory.py`` measures.
 
 How a tpSGD client combines with others: it trains the *same* zoo model (same architecture, same
 state-dict keys) as backprop clients, only the way the gradient of each weight is obtained differs.
@@ -31,14 +38,23 @@ clients' replies unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from clients.seeding import derive_seed
-from clients.training import TrainJob, TrainResult, batches
+from clients.training import (
+    LocalPlan,
+    TrainJob,
+    cross_entropy_objective,
+    plan_trainer,
+    weighted_mean,
+)
 
 TPSGD_SEED_TAG = 0x7059  # separates the projection matrices' seed stream from everything else
 PARAM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -59,7 +75,12 @@ class Block:
             else self.layer.out_channels
         )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The block's output; ``call(layer, input)`` runs the layer on other parameters (the pack)."""
         if isinstance(self.layer, nn.Linear):
             x = x.flatten(1)
         elif (
@@ -69,7 +90,7 @@ class Block:
             and x.dim() == 3
         ):
             x = x.unsqueeze(1)
-        x = self.layer(x)
+        x = self.layer(x) if call is None else call(self.layer, x)
         for module in self.post:
             x = module(x)
         return x
@@ -102,11 +123,7 @@ def split_blocks(model: nn.Module) -> list[Block]:
 
 def projection_matrices(blocks: list[Block], num_classes: int, seed: int) -> list[torch.Tensor]:
     """Fixed B_l (width_l × C) for every hidden block, N(0, 1)/sqrt(C), from the scenario seed."""
-    out = []
-    for index, block in enumerate(blocks[:-1]):
-        gen = torch.Generator().manual_seed(derive_seed(seed, TPSGD_SEED_TAG, index))
-        out.append(torch.randn(block.width, num_classes, generator=gen) / num_classes**0.5)
-    return out
+    return list(_projections(tuple(b.width for b in blocks[:-1]), num_classes, seed))
 
 
 def _pool(h: torch.Tensor) -> torch.Tensor:
@@ -121,14 +138,76 @@ def mse_target(proj: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.relu(proj[:, y].T * proj.shape[1] ** 0.5)
 
 
-def local_loss(h: torch.Tensor, y: torch.Tensor, proj: torch.Tensor, kind: str) -> torch.Tensor:
+def local_loss(
+    h: torch.Tensor,
+    y: torch.Tensor,
+    proj: torch.Tensor,
+    kind: str,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Hidden-block loss: ``mse`` = ½‖pool(h) − t‖² per sample (summed over units, averaged over
-    the batch) with t = :func:`mse_target`; ``ce`` = CE of the fixed random readout pool(h)·B."""
+    the batch) with t = :func:`mse_target`; ``ce`` = CE of the fixed random readout pool(h)·B.
+    ``weight`` (0/1 per sample) averages over the weighted samples only."""
     pooled = _pool(h)
     if kind == "mse":
         target = mse_target(proj, y)
-        return 0.5 * (pooled - target).pow(2).sum(1).mean()
-    return F.cross_entropy(pooled @ proj, y)
+        return weighted_mean(0.5 * (pooled - target).pow(2).sum(1), weight)
+    if weight is None:
+        return F.cross_entropy(pooled @ proj, y)
+    return weighted_mean(F.cross_entropy(pooled @ proj, y, reduction="none"), weight)
+
+
+@dataclass(frozen=True)
+class BlockOutputs:
+    """tpSGD's forward (a ``PlanForward``): every block's output, each block fed the *detached*
+    output of the block before, so no loss reaches the layers before its own."""
+
+    def __call__(self, model: nn.Module, call, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs, a = [], x
+        for block in split_blocks(model):
+            a = block(a.detach(), call)
+            outputs.append(a)
+        return outputs
+
+
+@lru_cache(maxsize=32)
+def _projections(widths: tuple[int, ...], num_classes: int, seed: int) -> list[torch.Tensor]:
+    """:func:`projection_matrices` from the hidden blocks' widths (shared: never modify them)."""
+    out = []
+    for index, width in enumerate(widths):
+        gen = torch.Generator().manual_seed(derive_seed(seed, TPSGD_SEED_TAG, index))
+        out.append(torch.randn(width, num_classes, generator=gen) / num_classes**0.5)
+    return out
+
+
+@dataclass(frozen=True)
+class TpsgdObjective:
+    """tpSGD's local objective (an ``Objective`` over :class:`BlockOutputs`): the hidden blocks'
+    local losses plus the output block's cross-entropy. Its value is the task loss alone (what the
+    client reports); its gradient that of the whole sum."""
+
+    kind: str
+    seed: int
+
+    def __call__(
+        self,
+        params: dict[str, torch.Tensor],
+        outputs: list[torch.Tensor],
+        y: torch.Tensor,
+        weight: torch.Tensor | None,
+        context: dict[str, Any],
+    ) -> torch.Tensor:
+        logits = outputs[-1]
+        widths = tuple(int(h.shape[1]) for h in outputs[:-1])
+        projections = _projections(widths, int(logits.shape[1]), self.seed)
+        local = sum(
+            local_loss(h, y, proj.to(h.device), self.kind, weight)
+            for h, proj in zip(outputs[:-1], projections, strict=True)
+        )
+        task = cross_entropy_objective(params, logits, y, weight, context)
+        if len(outputs) == 1:  # a single-layer model: no hidden block
+            return task
+        return task + (local - local.detach())  # value: the task loss; gradient: every term
 
 
 def tpsgd_step(
@@ -173,23 +252,12 @@ def block_optimizers(
     ]
 
 
-def train_tpsgd(job: TrainJob) -> TrainResult:
+def tpsgd_plan(job: TrainJob) -> LocalPlan:
     """tpSGD on the client's data for ``train.epochs`` epochs (SGD, same lr/momentum as backprop)."""
-    cfg, data = job.scenario.train, job.data
-    if len(data.x_train) == 0:
-        raise ValueError(f"client {data.partition_id} has no training data")
-    blocks = split_blocks(job.model)
-    num_classes = blocks[-1].width
-    projections = projection_matrices(blocks, num_classes, job.scenario.seed)
-    job.model.train()
-    optimizers = block_optimizers(blocks, cfg.lr, cfg.momentum, cfg.weight_decay)
-    total, seen, steps = 0.0, 0, 0
-    for _ in range(cfg.epochs):
-        for xb, yb in batches(
-            data.x_train, data.y_train, cfg.batch_size, job.generator, job.device
-        ):
-            loss = tpsgd_step(blocks, projections, xb, yb, job.scenario.edge.tpsgd_loss, optimizers)
-            total += float(loss) * len(yb)
-            seen += len(yb)
-            steps += 1
-    return TrainResult(len(data.x_train), total / max(seen, 1), steps)
+    split_blocks(job.model)  # a model tpSGD cannot train fails here, with the reason
+    return LocalPlan(
+        TpsgdObjective(job.scenario.edge.tpsgd_loss, job.scenario.seed), forward=BlockOutputs()
+    )
+
+
+train_tpsgd = plan_trainer(tpsgd_plan)

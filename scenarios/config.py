@@ -377,8 +377,12 @@ class RobustnessConfig(_Strict):
         return v
 
 
-# Algorithms whose server aggregates with FedAvg's rule, which a robust rule can replace.
-ROBUST_AGGREGATION_ALGORITHMS = ("fedavg", "fedprox")
+def robust_aggregation_algorithms() -> tuple[str, ...]:
+    """Algorithms whose server aggregates with FedAvg's rule, which a robust rule can replace:
+    those whose declaration says ``fedavg_aggregation`` (algorithms/base.py)."""
+    return tuple(
+        n for n in algorithm_names() if getattr(algorithm_config(n), "fedavg_aggregation", False)
+    )
 
 
 class AttackConfig(_Strict):
@@ -521,6 +525,8 @@ class Scenario(_Strict):
 
     def _check_attack_and_defense(self) -> None:
         attack, defense, algo = self.attack, self.robustness, self.algorithm.name
+        declared = type(self.algorithm)  # what the algorithm can do (algorithms/base.py)
+        fedavg_family = getattr(declared, "fedavg_aggregation", False)
         bad = sorted({c for c in attack.clients if not 0 <= c < self.data.num_clients})
         if bad:
             raise ValueError(
@@ -530,21 +536,21 @@ class Scenario(_Strict):
             raise ValueError(f"attack.clients {attack.clients} lists a client twice")
         if attack.kind != "none" and not attack.clients:
             raise ValueError(f"attack.kind={attack.kind!r} needs attack.clients (partition ids)")
-        if attack.kind != "none" and algo == "lora_sparse":
+        if attack.kind != "none" and getattr(declared, "sparse_replies", False):
             raise ValueError(
-                "attacks rewrite dense model replies; lora_sparse replies are sparse adapter "
+                f"attacks rewrite dense model replies; {algo} replies are sparse adapter "
                 "updates: set attack.kind='none' or another algorithm"
             )
-        if defense.aggregation != "mean" and algo not in ROBUST_AGGREGATION_ALGORITHMS:
+        if defense.aggregation != "mean" and not fedavg_family:
             raise ValueError(
                 f"robustness.aggregation={defense.aggregation!r} replaces FedAvg's mean and works "
-                f"with {' and '.join(ROBUST_AGGREGATION_ALGORITHMS)} only; {algo!r} aggregates "
+                f"with {' and '.join(robust_aggregation_algorithms())} only; {algo!r} aggregates "
                 "its own way. Use robustness.relative_norm_bound (every algorithm) instead"
             )
-        if defense.dp_clipping_norm > 0 and algo not in ROBUST_AGGREGATION_ALGORITHMS:
+        if defense.dp_clipping_norm > 0 and not fedavg_family:
             raise ValueError(
                 f"robustness.dp_clipping_norm wraps FedAvg-style strategies and works with "
-                f"{' and '.join(ROBUST_AGGREGATION_ALGORITHMS)} only, not {algo!r}"
+                f"{' and '.join(robust_aggregation_algorithms())} only, not {algo!r}"
             )
         if (defense.preaggregation != "none" or defense.trust_scoring) and algo == "lora_sparse":
             raise ValueError(

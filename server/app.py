@@ -79,7 +79,7 @@ def export_edge_models(scenario: Scenario, info, final: ArrayRecord, run_dir: Pa
     """Runs with edge clients (``[edge] trainers`` or a LoRA / FF run) also write
     ``model.onnx``, ``model.int8.onnx`` and ``model.json``: the artifact an on-device app loads,
     taking raw inputs, with its input contract and class names in metadata_props and the JSON."""
-    has_edge = bool(scenario.edge.trainers) or scenario.algorithm.name == "lora_sparse"
+    has_edge = bool(scenario.edge.trainers) or getattr(scenario.algorithm, "edge_export", False)
     if not (scenario.edge.export_onnx and (has_edge or scenario.model.name == "ff_mlp")):
         return
     import torch

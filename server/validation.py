@@ -184,7 +184,7 @@ class ReplyValidator(RoundPlugin):
     def from_setup(cls, setup: ServerSetup) -> ReplyValidator:
         rob = setup.scenario.robustness
         sparse_size = None
-        if setup.scenario.algorithm.name == "lora_sparse":
+        if getattr(setup.scenario.algorithm, "sparse_replies", False):
             from edge.lora import initial_factors
 
             factors = initial_factors(setup.model, setup.scenario.algorithm, setup.scenario.seed)

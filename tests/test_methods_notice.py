@@ -90,7 +90,7 @@ def test_tpsgd_beats_an_untrained_hidden_layers_control(monkeypatch, loss: str) 
     sc = scenario(edge={"tpsgd_loss": loss})
     _, acc = train(sc, "tpsgd", 5)
     original = tpsgd.local_loss
-    monkeypatch.setattr(tpsgd, "local_loss", lambda h, y, p, k: 0.0 * original(h, y, p, k))
+    monkeypatch.setattr(tpsgd, "local_loss", lambda *args: 0.0 * original(*args))
     _, control = train(sc, "tpsgd", 5)
     assert acc > control + 0.05, (acc, control)  # measured: ce 0.89, mse 0.97 vs 0.78
 

@@ -1,5 +1,7 @@
-"""The packed engine trains the same model as the sequential in-process engine (FedAvg, FedProx),
-and falls back to the ClientApp, saying why, for what it cannot pack."""
+"""The packed engine trains the same model as the sequential in-process engine for every method
+that declares its local step (FedAvg, FedProx, FedLD, FedLAW, clustered, CFL, IFCA, Per-FedAvg,
+tpSGD), gives ``[devices]`` and ``[attack]`` runs the ClientApp's outcomes, and falls back to the
+ClientApp, saying why, for what it cannot pack."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from clients.data import dataset_info, load_client_data
 from clients.models import build_model
 from clients.packed import PackedClient, train_packed
-from clients.training import TrainJob, local_sgd
+from clients.training import LocalPlan, TrainJob, local_sgd
 from fedge.engines import run_engine
 from scenarios.config import validate_scenario
 from scenarios.results import MODEL_FILE, load_run
@@ -35,12 +37,17 @@ BASE = {
 
 
 def _run(raw: dict, engine: str, tmp_path: Path, **engine_extra) -> tuple[list, dict]:
+    run = _run_full(raw, engine, tmp_path, **engine_extra)
+    return run.rounds, torch.load(run.run_dir / MODEL_FILE)
+
+
+def _run_full(raw: dict, engine: str, tmp_path: Path, **engine_extra):
     raw = copy.deepcopy(raw)
     raw.update(name=engine, output_dir=str(tmp_path))
     raw["engine"] = {"name": engine, **engine_extra}
     run_dir = tmp_path / engine
     run_engine(validate_scenario(raw), run_dir, show_progress=False)
-    return load_run(run_dir).rounds, torch.load(run_dir / MODEL_FILE)
+    return load_run(run_dir)
 
 
 def _assert_same_training(seq: tuple[list, dict], packed: tuple[list, dict]) -> None:
@@ -51,31 +58,86 @@ def _assert_same_training(seq: tuple[list, dict], packed: tuple[list, dict]) -> 
     for s, p in zip(seq_rounds, packed_rounds, strict=True):
         assert p.get("num_replies") == s.get("num_replies")
         assert p.get("central_loss") == pytest.approx(s.get("central_loss"), rel=1e-4)
+        assert p.get("central_accuracy") == pytest.approx(s.get("central_accuracy"), abs=1e-3)
         if s.get("train_loss") is not None:
             assert p["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        pytest.param({}, id="fedavg-mlp"),
-        pytest.param(
-            {"model": {"name": "cnn1d", "channels": 8}, "train": {**BASE["train"], "epochs": 1}},
-            id="fedavg-cnn1d",
-        ),
-        pytest.param(
-            {
-                "algorithm": {"name": "fedprox", "mu": 0.3},
-                "train": {**BASE["train"], "weight_decay": 0.01},
+def _packed_count(stdout: str) -> str:
+    """The packed engine's report: '<n> client updates packed (<m> sequential...'."""
+    line = next(x for x in stdout.splitlines() if x.startswith("fedge: packed engine:"))
+    return line.split("fedge: packed engine: ")[1]
+
+
+CLUSTERED = {"num_rounds": 3, "federation": {"fraction_evaluate": 1.0}}
+METHODS = [
+    pytest.param({}, id="fedavg-mlp"),
+    pytest.param(
+        {"model": {"name": "cnn1d", "channels": 8}, "train": {**BASE["train"], "epochs": 1}},
+        id="fedavg-cnn1d",
+    ),
+    pytest.param(
+        {
+            "algorithm": {"name": "fedprox", "mu": 0.3},
+            "train": {**BASE["train"], "weight_decay": 0.01},
+        },
+        id="fedprox-mlp",
+    ),
+    pytest.param({"algorithm": {"name": "fedld", "margin_lambda": 0.5}}, id="fedld"),
+    pytest.param(
+        {"algorithm": {"name": "fedld", "margin_lambda": 0.5, "per_sample": True}},
+        id="fedld-per-sample",
+    ),
+    pytest.param(
+        {"algorithm": {"name": "fedlaw"}, "data": {**BASE["data"], "proxy_fraction": 0.05}},
+        id="fedlaw",
+    ),
+    pytest.param(
+        {"algorithm": {"name": "clustered", "warmup_rounds": 1, "k_max": 3}, **CLUSTERED},
+        id="clustered-reptile",
+    ),
+    pytest.param(
+        {
+            "algorithm": {
+                "name": "clustered",
+                "warmup_rounds": 1,
+                "k_max": 3,
+                "meta": "perfedavg",
+                "perfedavg_alpha": 0.05,
+                "perfedavg_beta": 0.05,
             },
-            id="fedprox-mlp",
-        ),
-    ],
-)
-def test_packed_engine_trains_the_sequential_model(overrides: dict, tmp_path: Path) -> None:
+            **CLUSTERED,
+        },
+        id="clustered-perfedavg",
+    ),
+    pytest.param({"algorithm": {"name": "ifca", "num_clusters": 3}, **CLUSTERED}, id="ifca"),
+    pytest.param(
+        {"algorithm": {"name": "cfl", "warmup_rounds": 1, "eps1": 50.0, "eps2": 50.1}, **CLUSTERED},
+        id="cfl",
+    ),
+    pytest.param(
+        {"algorithm": {"name": "perfedavg", "perfedavg_alpha": 0.05, "perfedavg_beta": 0.05}},
+        id="perfedavg",
+    ),
+    pytest.param({"edge": {"trainers": {"0-3": "tpsgd"}, "export_onnx": False}}, id="tpsgd-ce-mlp"),
+    pytest.param(
+        {
+            "model": {"name": "cnn1d", "channels": 8},
+            "train": {**BASE["train"], "epochs": 1, "weight_decay": 0.01},
+            "edge": {"trainers": {"*": "tpsgd"}, "tpsgd_loss": "mse", "export_onnx": False},
+        },
+        id="tpsgd-mse-cnn1d",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides", METHODS)
+def test_packed_engine_trains_the_sequential_model(overrides: dict, tmp_path: Path, capsys) -> None:
     raw = {**BASE, **overrides}
     sequential = _run(raw, "inprocess", tmp_path)
+    capsys.readouterr()
     packed = _run(raw, "packed", tmp_path, pack_size=3)  # 7 clients: chunks of 3, 3, 1
+    assert "(0 sequential" in _packed_count(capsys.readouterr().out)
     _assert_same_training(sequential, packed)
 
 
@@ -90,10 +152,10 @@ def test_packed_trainer_matches_local_sgd_client_by_client() -> None:
     packed = train_packed(
         model,
         [
-            PackedClient(d, start, torch.Generator().manual_seed(10 + i), 0.0, caps[i])
+            PackedClient(d, start, torch.Generator().manual_seed(10 + i), max_steps=caps[i])
             for i, d in enumerate(datas)
         ],
-        scenario.train,
+        LocalPlan(cfg=scenario.train),
         torch.device("cpu"),
     )
     for i, d in enumerate(datas):
@@ -114,8 +176,8 @@ def test_packed_trainer_matches_local_sgd_client_by_client() -> None:
 
 
 def test_unpackable_clients_go_through_the_client_app(tmp_path: Path, caplog) -> None:
-    """Edge trainers are not packed: they run sequentially, the FedAvg clients packed, and the
-    model is still the in-process engine's."""
+    """Forward-forward (Adam, label draws between batches) is not packed: it runs sequentially,
+    the tpSGD and FedAvg clients packed, and the model is still the in-process engine's."""
     raw = {
         **BASE,
         "edge": {"trainers": {"0": "tpsgd", "1": "forward_forward"}, "export_onnx": False},
@@ -123,24 +185,147 @@ def test_unpackable_clients_go_through_the_client_app(tmp_path: Path, caplog) ->
     sequential = _run(raw, "inprocess", tmp_path)
     with caplog.at_level(logging.WARNING, logger="fedge.engines.packed"):
         packed = _run(raw, "packed", tmp_path)
-    assert "trainer 'tpsgd' is not FedAvg/FedProx local SGD" in caplog.text
+    assert "trainer 'forward_forward' declares no LocalPlan" in caplog.text
+    assert "'tpsgd'" not in caplog.text
     _assert_same_training(sequential, packed)
 
 
-def test_devices_clock_falls_back_to_sequential_bit_identically(tmp_path: Path, caplog) -> None:
+ROUND_OUTCOMES = (
+    "num_sampled",
+    "num_replies",
+    "num_failures",
+    "num_kept",
+    "num_late",
+    "num_unavailable",
+    "num_dropped_out",
+    "num_out_of_memory",
+    "virtual_round_time_s",
+    "cumulative_virtual_time_s",
+    "mean_work_fraction",
+    "bytes_down",
+    "bytes_up",
+    "num_invalid",
+)
+TRAINED_VALUES = ("train_loss",)  # float summation order differs in the pack, nothing else
+
+
+def _assert_same_outcomes(seq, packed) -> None:
+    """Identical per-round outcomes and identical clients.jsonl rows (trained values to float
+    noise): the same late/dropped/unavailable sets, virtual times, energy, steps and bytes."""
+    for s, p in zip(seq.rounds, packed.rounds, strict=True):
+        for key in ROUND_OUTCOMES:
+            assert p.get(key) == s.get(key), (s["round"], key)
+    assert len(seq.clients) == len(packed.clients)
+
+    def by_client(rows: list[dict]) -> dict:
+        return {(r["round"], r["partition_id"]): r for r in rows}
+
+    seq_rows, packed_rows = by_client(seq.clients), by_client(packed.clients)
+    assert seq_rows.keys() == packed_rows.keys()
+    for key, s in seq_rows.items():
+        p = packed_rows[key]
+        assert p.keys() == s.keys(), key
+        for field, value in s.items():
+            if field in TRAINED_VALUES or field.startswith(("local_", "personalized_")):
+                assert p[field] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, field)
+            else:
+                assert p[field] == value, (key, field)
+
+
+# A compute-bound device: its local epochs take ~0.1 virtual s, so a 0.0347 s deadline makes it
+# late, or (partial work) caps its steps; the catalog's devices are network-bound at this size.
+SLOW = {
+    "peak_flops": 2e7,
+    "memory_bytes": 2**30,
+    "uplink_bps": 1e8,
+    "downlink_bps": 1e8,
+    "power_w": 1.0,
+}
+HETERO_FLEET = {
+    "profiles": {"slow": SLOW},
+    "assign": "mix",
+    "mix": {
+        "a100": 1,
+        "t4": 1,
+        "jetson_nano": 1,
+        "phone_sd8gen2": 1,
+        "raspberry_pi_4": 1,
+        "slow": 2,
+    },
+    "speed_sigma": 0.3,
+    "availability": "markov",
+    "p_on_to_off": 0.2,
+    "p_off_to_on": 0.5,
+    "dropout_prob": 0.2,
+}
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param({"policy": "deadline", "deadline_s": 0.0347}, id="deadline"),
+        pytest.param(
+            {"policy": "deadline", "deadline_s": 0.0347, "partial_work": True}, id="partial-work"
+        ),
+        pytest.param({"policy": "first_k", "first_k": 3}, id="first-k"),
+    ],
+)
+def test_devices_runs_packed_give_the_clocks_outcomes(policy: dict, tmp_path: Path, capsys) -> None:
+    """[devices] (heterogeneous fleet, Markov availability, dropouts, a deadline or first-K):
+    every client gets the same verdict, virtual time, energy and step cap as through the mod."""
+    raw = {**BASE, "num_rounds": 3, "devices": {**HETERO_FLEET, **policy}}
+    seq = _run_full(raw, "inprocess", tmp_path)
+    capsys.readouterr()
+    packed = _run_full(raw, "packed", tmp_path)
+    report = _packed_count(capsys.readouterr().out)
+    assert "(0 sequential" in report and "failed by their simulated device" in report
+    outcomes = [(r["num_late"], r["num_unavailable"], r["num_dropped_out"]) for r in seq.rounds[1:]]
+    assert any(sum(o) for o in outcomes)  # the fleet really fails and delays clients
+    _assert_same_outcomes(seq, packed)
+    for s, p in zip(seq.rounds, packed.rounds, strict=True):
+        assert p.get("central_accuracy") == pytest.approx(s.get("central_accuracy"), abs=1e-3)
+    if policy.get("partial_work"):
+        assert any(r["work_fraction"] < 1 for r in packed.clients)  # capped clients
+
+
+def test_devices_out_of_memory_verdicts_are_the_clocks(tmp_path: Path) -> None:
+    """A device too small for the model fails with the clock's out-of-memory reason, packed too."""
     raw = {
         **BASE,
-        "devices": {"assign": "mix", "mix": {"t4": 1, "jetson_nano": 1}, "dropout_prob": 0.2},
+        "model": {"name": "mlp", "hidden": [256, 256]},
+        "devices": {"assign": "list", "classes": ["t4", "mcu_stm32h7"]},
     }
-    seq_rounds, seq_model = _run(raw, "inprocess", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="fedge.engines.packed"):
-        packed_rounds, packed_model = _run(raw, "packed", tmp_path)
-    assert "[devices] is set" in caplog.text
-    for key in seq_model:
-        assert torch.equal(packed_model[key], seq_model[key])
-    assert [r.get("central_loss") for r in packed_rounds] == [
-        r.get("central_loss") for r in seq_rounds
-    ]
+    seq = _run_full(raw, "inprocess", tmp_path)
+    packed = _run_full(raw, "packed", tmp_path)
+    assert seq.rounds[1]["num_out_of_memory"] > 0
+    _assert_same_outcomes(seq, packed)
+
+
+@pytest.mark.parametrize("kind", ["sign_flip", "scale", "gaussian", "free_rider"])
+def test_attack_runs_packed_rewrite_the_attackers_updates(
+    kind: str, tmp_path: Path, capsys
+) -> None:
+    raw = {**BASE, "attack": {"kind": kind, "clients": [1, 4]}}
+    sequential = _run(raw, "inprocess", tmp_path)
+    capsys.readouterr()
+    packed = _run(raw, "packed", tmp_path)
+    assert "(0 sequential" in _packed_count(capsys.readouterr().out)
+    _assert_same_training(sequential, packed)
+
+
+def test_label_flip_attackers_train_through_the_client_app(tmp_path: Path, caplog, capsys) -> None:
+    raw = {
+        **BASE,
+        "attack": {"kind": "label_flip", "clients": [1, 4]},
+        "devices": {**HETERO_FLEET, "policy": "deadline", "deadline_s": 0.0347},
+    }
+    seq = _run_full(raw, "inprocess", tmp_path)
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="fedge.packed"):
+        packed = _run_full(raw, "packed", tmp_path)
+    assert "label_flip attackers train inside the attack mod" in caplog.text
+    assert "(0 sequential" not in _packed_count(capsys.readouterr().out)
+    _assert_same_outcomes(seq, packed)
 
 
 def test_a_failing_pack_falls_back_to_the_client_app(tmp_path: Path, caplog, monkeypatch) -> None:

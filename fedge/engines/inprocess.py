@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedge.engines.errors import exception_reply
 from scenarios.config import Scenario
 
 SERVER_NODE_ID = 1
@@ -145,8 +146,7 @@ class InProcessGrid(Grid):
         try:
             return self.client_app(msg, self.contexts[dst])
         except Exception as ex:  # a failing client is an error reply, never a crashed server
-            reason = f"{type(ex).__name__}: {ex}"
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+            return exception_reply(msg, ex)
 
 
 def run_inprocess(

@@ -2,14 +2,23 @@
 messages handed to one batched trainer (``clients/packed.py``) instead of one ClientApp call each.
 
 Same ServerApp, strategies, reply validation and metrics: :class:`PackedTrainer` returns one reply
-per node, shaped exactly like ``clients/app.py::train``'s. Clients it cannot pack go through the
-ClientApp as in the ``inprocess`` engine, with the reason logged once:
+per node, shaped exactly like ``clients/app.py::train``'s. A client is packed when its trainer
+declares its local step as a ``LocalPlan`` (``clients/training.py::plan_trainer``; for an
+algorithm's own trainer the declaration must also say ``packable``): the plan is evaluated for
+each client (its objective, its starting model — e.g. the cluster model it was sent or picked —
+and its context), and clients whose plans agree train in one pack. The ClientApp's mods keep
+their meaning:
 
-- the scenario has ``[devices]`` (the virtual clock fails, caps and times each client on its own);
-- the ClientApp carries mods other than the virtual clock (and the attack mod, a no-op without
-  ``[attack]``), or the scenario simulates an ``[attack]``;
-- the client's trainer is not fedge's own FedAvg/FedProx (edge trainers, clustered, FedLD, ...);
-- the model has buffers; the client has no training data; the pack itself raised.
+- ``[devices]``: the virtual clock's own two halves (``clients/clock.py::prepare_training`` and
+  ``account_training``) run for every packed client: the same availability, out-of-memory and
+  dropout verdicts (as error replies), the same partial-work cap, virtual time and energy;
+- ``[attack]``: every packed reply passes through ``clients/attacks.py::attack_mod`` itself, which
+  rewrites the attackers' updates exactly as on the ClientApp (label-flip attackers, who train
+  inside the mod, go through the ClientApp).
+
+Clients it cannot pack go through the ClientApp as in the ``inprocess`` engine, with the reason
+logged once: a trainer that declares no plan (LoRA, forward-forward), mods other than the
+clock, LoRA downlink and attack ones, a model with buffers, no training data, a pack that raised.
 
 Memory is bounded by training at most ``engine.pack_size`` clients at a time; the largest pack's
 stacked state, the process's peak RSS (which also holds the pack's activations: ~2 MiB per client
@@ -22,6 +31,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -30,23 +40,40 @@ from flwr.common import MessageType
 from clients.app import client_identity
 from clients.arrays import received_state_dict, record_from_state_dict
 from clients.attacks import attack_mod
-from clients.clock import MAX_STEPS_KEY, virtual_clock_mod
+from clients.clock import (
+    ClockTicket,
+    DeviceError,
+    account_training,
+    prepare_training,
+    virtual_clock_mod,
+)
 from clients.data import dataset_info, load_client_data
-from clients.fedavg import train_fedavg
-from clients.fedprox import train_fedprox
 from clients.identity import IDENTITY_RECORD, TRAINER
 from clients.models import build_model
 from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
 from clients.seeding import derive_seed
 from clients.trainers import get_trainer, trainer_name_for
+from clients.training import LocalPlan, PlanFn, TrainJob, local_plan_of
 from edge.lora_downlink import lora_downlink_mod
+from fedge.engines.errors import exception_reply
 from scenarios.config import Scenario
+from scenarios.registry import UnknownAlgorithm, algorithm_config
 
 log = logging.getLogger("fedge.packed")
 
-# The trainers the pack reproduces, by identity: a re-registered "fedavg" is not packed.
-PACKABLE = {train_fedavg: 0.0, train_fedprox: None}  # trainer -> fixed mu (None: from config)
+
+@dataclass
+class _Entry:
+    """One packed client of the round: its message, plan, pack data and clock ticket."""
+
+    pos: int
+    msg: Message
+    context: Context
+    trainer_name: str
+    plan: LocalPlan
+    client: PackedClient
+    ticket: ClockTicket | None
 
 
 class PackedTrainer:
@@ -57,26 +84,26 @@ class PackedTrainer:
         self.device = device
         info = dataset_info(scenario.data)
         self.model = build_model(scenario.model, info.input_shape, info.num_classes)
+        # A CPU model the plans see (they may load a picked cluster model into it; never train).
+        self.plan_model = build_model(scenario.model, info.input_shape, info.num_classes)
         self.reason = self._scenario_reason(client_mods)
         self._logged: set[str] = set()
+        self._plans: dict[str, PlanFn | None] = {}
         self.packed_updates = 0
         self.sequential_updates = 0
+        self.failed_updates = 0
         self.peak_pack_bytes = 0
         self.train_seconds = 0.0
         if self.reason:
             self._note(self.reason)
 
     def _scenario_reason(self, client_mods: list) -> str | None:
-        if self.scenario.devices is not None:
-            return "[devices] is set: the virtual clock times and fails each client on its own"
-        if self.scenario.attack.kind != "none":
-            return "[attack] is set: attackers rewrite their own replies in a client mod"
         # The LoRA downlink mod only touches lora_sparse messages, whose trainer is never packed;
-        # the attack mod passes every message through untouched when no [attack] is set.
+        # the clock and the attack mod are run for packed clients by this trainer itself.
         if any(
             mod not in (virtual_clock_mod, lora_downlink_mod, attack_mod) for mod in client_mods
         ):
-            return "the ClientApp has mods besides the virtual clock"
+            return "the ClientApp has mods besides the virtual clock, LoRA downlink and attack"
         return unpackable_reason(self.model)
 
     def _note(self, reason: str) -> None:
@@ -84,35 +111,66 @@ class PackedTrainer:
             self._logged.add(reason)
             log.warning("packed engine: training sequentially because %s", reason)
 
+    def _plan_fn(self, trainer_name: str) -> PlanFn | None:
+        """The trainer's plan function, None (reason noted) when it declares none."""
+        if trainer_name not in self._plans:
+            plan_fn = local_plan_of(get_trainer(trainer_name))
+            try:
+                declared = algorithm_config(trainer_name)
+            except UnknownAlgorithm:
+                declared = None  # an edge trainer: its own plan is its declaration
+            if plan_fn is None:
+                self._note(f"trainer {trainer_name!r} declares no LocalPlan (clients/training.py)")
+            elif declared is not None and not declared.packable:
+                self._note(f"algorithm {trainer_name!r} does not declare packable = True")
+                plan_fn = None
+            self._plans[trainer_name] = plan_fn
+        return self._plans[trainer_name]
+
     # ------------------------------------------------------------------------------------------
-    def _client(self, msg: Message, context: Context) -> PackedClient | None:
-        """The pack's view of one message, or None (with the reason noted) if it cannot join."""
+    def _entry(self, pos: int, msg: Message, context: Context) -> _Entry | Message | None:
+        """The pack's view of one message; an error reply when the device clock failed it; None
+        (with the reason noted) when the ClientApp must train it."""
         if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
             return None  # evaluation and custom actions always go through the ClientApp
         pid = partition_id(context)
         trainer_name = trainer_name_for(self.scenario, pid)
-        trainer = get_trainer(trainer_name)
-        if trainer not in PACKABLE:
-            self._note(f"trainer {trainer_name!r} is not FedAvg/FedProx local SGD")
+        plan_fn = self._plan_fn(trainer_name)
+        if plan_fn is None:
+            return None
+        attack = self.scenario.attack
+        if attack.kind == "label_flip" and pid in attack.clients:
+            self._note("label_flip attackers train inside the attack mod (clients/attacks.py)")
             return None
         data = load_client_data(self.scenario.data, self.scenario.seed, pid)
         if len(data.x_train) == 0:
             return None  # the ClientApp replies with the trainer's own error
+        try:
+            ticket = prepare_training(msg, context)  # may put a step cap into msg's config
+        except DeviceError as ex:
+            return exception_reply(msg, ex)
         config = msg.content.get("config", ConfigRecord())
         server_round = int(config.get("server-round", 0))
-        mu = PACKABLE[trainer]
-        if mu is None:  # FedProx: as clients/fedprox.py reads it
-            mu = float(config.get("proximal-mu", getattr(self.scenario.algorithm, "mu", 0.0)))
-        return PackedClient(
-            data=data,
-            state=received_state_dict(msg.content["arrays"]),
-            # The generator clients/app.py::train gives this client this round.
-            generator=torch.Generator().manual_seed(
-                derive_seed(self.scenario.seed, server_round, pid)
-            ),
-            mu=mu,
-            max_steps=int(config[MAX_STEPS_KEY]) if MAX_STEPS_KEY in config else None,
+        model = self.plan_model
+        model.load_state_dict(received_state_dict(msg.content["arrays"]))
+        # The generator clients/app.py::train gives this client this round.
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.scenario.seed, server_round, pid)
         )
+        job = TrainJob(
+            model,
+            data,
+            self.scenario,
+            config,
+            context.state,
+            generator,
+            torch.device("cpu"),
+            received=msg.content,
+        )
+        plan = plan_fn(job).resolved(job)
+        start = {k: p.detach().clone() for k, p in model.named_parameters()}
+        client = PackedClient(data, start, generator, plan.context, plan.max_steps)
+        return _Entry(pos, msg, context, trainer_name, plan, client, ticket)
 
     def __call__(
         self, messages: list[Message], contexts: dict[int, Context]
@@ -120,68 +178,88 @@ class PackedTrainer:
         """Replies (and per-node seconds) for the messages it trained, by position in ``messages``."""
         if self.reason:
             return {}
-        chosen: list[tuple[int, Message, PackedClient]] = []
-        for pos, msg in enumerate(messages):
-            context = contexts.get(msg.metadata.dst_node_id)
-            client = self._client(msg, context) if context is not None else None
-            if client is not None:
-                chosen.append((pos, msg, client))
-        self.sequential_updates += sum(
-            m.metadata.message_type == MessageType.TRAIN for m in messages
-        ) - len(chosen)
         out: dict[int, tuple[Message, float]] = {}
+        groups: dict[object, list[_Entry]] = {}
+        num_train = 0
+        for pos, msg in enumerate(messages):
+            num_train += msg.metadata.message_type == MessageType.TRAIN
+            context = contexts.get(msg.metadata.dst_node_id)
+            entry = self._entry(pos, msg, context) if context is not None else None
+            if isinstance(entry, Message):  # failed by its simulated device: nothing to train
+                out[pos] = (entry, 0.0)
+                self.failed_updates += 1
+            elif entry is not None:
+                groups.setdefault(entry.plan.pack_key(), []).append(entry)
+        self.sequential_updates += num_train - len(out) - sum(len(g) for g in groups.values())
         size = self.scenario.engine.pack_size
         torch.set_num_threads(self.scenario.engine.client_threads)
-        for start in range(0, len(chosen), size):
-            chunk = chosen[start : start + size]
-            t0 = time.perf_counter()
-            try:
-                results = train_packed(
-                    self.model, [c for _, _, c in chunk], self.scenario.train, self.device
-                )
-            except Exception as ex:  # the ClientApp path still gives every node its own reply
-                self._note(f"the pack raised {type(ex).__name__}: {ex}")
-                self.sequential_updates += len(chunk)
-                continue
-            seconds = time.perf_counter() - t0  # the chunk's nodes trained "in parallel"
-            self.train_seconds += seconds
-            self.packed_updates += len(chunk)
-            prox = any(c.mu > 0 for _, _, c in chunk)
-            self.peak_pack_bytes = max(
-                self.peak_pack_bytes,
-                pack_bytes(self.model, len(chunk), self.scenario.train, prox)
-                + sum(c.data.x_train.nbytes + c.data.y_train.nbytes for _, _, c in chunk),
-            )
-            for (pos, msg, client), result in zip(chunk, results, strict=True):
-                # The same records, in the same order, as clients/app.py::train replies with.
-                metrics = MetricRecord(
-                    {
-                        "train_loss": result.train_loss,
-                        "num-examples": result.num_examples,
-                        "num-steps": result.num_steps,
-                    }
-                )
-                pid = client.data.partition_id
-                identity = client_identity(contexts[msg.metadata.dst_node_id], pid)
-                identity[TRAINER] = trainer_name_for(self.scenario, pid)
-                content = RecordDict(
-                    {
-                        "arrays": record_from_state_dict(result.state),
-                        "metrics": metrics,
-                        IDENTITY_RECORD: identity,
-                    }
-                )
-                out[pos] = (Message(content, reply_to=msg), seconds)
+        for group in groups.values():
+            for start in range(0, len(group), size):
+                self._train_chunk(group[start : start + size], out)
         return out
+
+    def _train_chunk(self, chunk: list[_Entry], out: dict[int, tuple[Message, float]]) -> None:
+        t0 = time.perf_counter()
+        clients = [e.client for e in chunk]
+        try:
+            results = train_packed(self.model, clients, chunk[0].plan, self.device)
+        except Exception as ex:  # the ClientApp path still gives every node its own reply
+            self._note(f"the pack raised {type(ex).__name__}: {ex}")
+            self.sequential_updates += len(chunk)
+            return
+        seconds = time.perf_counter() - t0  # the chunk's nodes trained "in parallel"
+        self.train_seconds += seconds
+        self.packed_updates += len(chunk)
+        cfg = chunk[0].plan.cfg or self.scenario.train
+        self.peak_pack_bytes = max(
+            self.peak_pack_bytes,
+            pack_bytes(self.model, clients, cfg)
+            + sum(c.data.x_train.nbytes + c.data.y_train.nbytes for c in clients),
+        )
+        for entry, result in zip(chunk, results, strict=True):
+            # The same records, in the same order, as clients/app.py::train replies with.
+            metrics = MetricRecord(
+                {
+                    "train_loss": result.train_loss,
+                    "num-examples": result.num_examples,
+                    "num-steps": result.num_steps,
+                    **entry.plan.metrics,
+                }
+            )
+            pid = entry.client.data.partition_id
+            identity = client_identity(entry.context, pid)
+            identity[TRAINER] = entry.trainer_name
+            content = RecordDict(
+                {
+                    "arrays": record_from_state_dict(result.state),
+                    "metrics": metrics,
+                    IDENTITY_RECORD: identity,
+                }
+            )
+            reply = Message(content, reply_to=entry.msg)
+            out[entry.pos] = (self._after_training(entry, reply), seconds)
+
+    def _after_training(self, entry: _Entry, reply: Message) -> Message:
+        """What the ClientApp's mods do to a trained reply: attackers rewrite it (the attack mod
+        itself, innermost), then the clock times it."""
+        if self.scenario.attack.kind != "none":
+            reply = attack_mod(entry.msg, entry.context, lambda _msg, _ctx: reply)
+        if entry.ticket is not None:
+            reply = account_training(entry.ticket, reply)
+        return reply
 
     def report(self) -> str:
         """One line: how many updates were packed, and the peak memory."""
         rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        why = f": {'; '.join(sorted(self._logged))}" if self.sequential_updates else ""
         line = (
             f"fedge: packed engine: {self.packed_updates} client updates packed "
-            f"({self.sequential_updates} sequential), {self.train_seconds:.2f} s of packed "
+            f"({self.sequential_updates} sequential{why}"
+            f"{f'; {self.failed_updates} failed by their simulated device' if self.failed_updates else ''}), "
+            f"{self.train_seconds:.2f} s of packed "
             f"training, largest pack state {self.peak_pack_bytes / 2**20:.1f} MiB (parameters, "
-            f"gradients, momentum, data; engine.pack_size={self.scenario.engine.pack_size}), "
+            f"gradients, momentum, objective context, data; "
+            f"engine.pack_size={self.scenario.engine.pack_size}), "
             f"peak RSS {rss_mib:.0f} MiB (with the activations, which grow with the pack too)"
         )
         if self.device.type == "cuda":
