@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,15 +193,14 @@ def test_local_test_fraction_is_respected() -> None:
     assert len(c.y_test) == 250 and len(c.y_train) == 750
 
 
-def test_loading_one_hundred_clients_is_fast_and_partitions_once() -> None:
+def test_loading_one_hundred_clients_partitions_once() -> None:
+    # Speed is benchmarks/startup.py's to measure (a wall-time assert fails on a busy machine);
+    # what keeps loading fast is that the federation is split once for all its clients.
     cfg = cfg_of(partitioner="dirichlet", alpha=0.5, num_clients=100, min_partition_size=5)
     misses = partitions.federation.cache_info().misses
-    start = time.perf_counter()
     clients = all_clients(cfg, 11)
-    elapsed = time.perf_counter() - start
     assert partitions.federation.cache_info().misses == misses + 1
     assert sum(len(c.y_train) + len(c.y_test) for c in clients) == 4000
-    assert elapsed < 10.0, f"loading 100 clients took {elapsed:.1f}s"
 
 
 # -- proxy and central test -------------------------------------------------------------------
