@@ -134,7 +134,7 @@ READING = """\
   (seed 0) geometric median -17.5, centered clipping -20.0, MultiKrum -19.7, FLTrust -24.7, NNM +
   GM -31.7, bucketing + CC -7.5 points; at alpha 0.5 geometric median -0.2, centered clipping
   -1.1, bucketing + CC -1.9, MultiKrum -3.8, FLTrust -10.2. fedge's defaults (norm bound + weight
-  cap) cost 0.0 and 1.1.
+  cap) cost 0.0 and 1.1 (seed 0; 0.0 and 0.4 over 2 seeds).
 - **Sign flip (x1)** has honest norms, so the norm bound cannot see it at alpha 0.5 (73.6 %, 18
   points lost); FLTrust (83.9) and MultiKrum (79.2) do best there. At alpha 0.1 the flipped
   updates are long enough to be cut by the norm bound in some rounds (defaults 56.1 vs 16.9 %
