@@ -259,8 +259,14 @@ class ReplyValidator(RoundPlugin):
         already thrown off course. The median needs honest majority: with 3+ replies only."""
         if self.relative_norm_bound <= 0 or len(kept) < 3:
             return kept, 0
-        norms = [self._norms[r.metadata.src_node_id] for r in kept]
-        limit = self.relative_norm_bound * float(np.median(norms))
+        # a reply that picked one of several models sent (IFCA) has no update norm we can trust
+        norms = [self._norms.get(r.metadata.src_node_id, 0.0) for r in kept]
+        measured = [
+            n for r, n in zip(kept, norms, strict=True) if r.metadata.src_node_id in self._norms
+        ]
+        if len(measured) < 3:
+            return kept, 0
+        limit = self.relative_norm_bound * float(np.median(measured))
         out = [r for r, n in zip(kept, norms, strict=True) if n <= limit]
         for r, n in zip(kept, norms, strict=True):
             if n > limit:
@@ -360,7 +366,10 @@ class ReplyValidator(RoundPlugin):
                 f"||update||={math.sqrt(squared):.3g} > "
                 f"robustness.max_update_norm={self.max_update_norm:g}"
             )
-        self._norms[reply.metadata.src_node_id] = math.sqrt(squared)
+        if len(pairs) == len(records_of(sent_content, ArrayRecord)):
+            # not when it answers one of several models sent (an IFCA candidate set): its norm
+            # against the record of the same name would measure the distance between models
+            self._norms[reply.metadata.src_node_id] = math.sqrt(squared)
         return None
 
     def _canonical(self, reply: Message) -> Message:
