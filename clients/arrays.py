@@ -11,7 +11,12 @@ Here:
   copy, not a parse, and :func:`view` reads it for free;
 - :func:`received_state_dict` decodes a received ``ArrayRecord`` once per process and caches the
   result by the identity of its (immutable) ``bytes`` objects, so a round's broadcast model is
-  decoded once, not once per client.
+  decoded once, not once per client;
+- :func:`records_from_stack` gives many clients' replies at once (the packed engine's): each
+  ``Array`` is a row of one read-only stacked ndarray per key and writes its ``np.save`` bytes
+  only when something reads ``Array.data`` (serialization, equality); :func:`record_bytes` sizes a
+  record without writing them and :func:`stacked_row` lets the server read a round's rows as one
+  stack (validation norms, aggregation).
 
 Across processes (Ray, deployment) arrays arrive as plain ``Array``s rebuilt from protobuf: every
 function here then falls back to Flower's own decoding, so all engines see the same numbers.
@@ -30,6 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
 R = TypeVar("R", ArrayRecord, MetricRecord, ConfigRecord)
+RD = TypeVar("RD", ArrayRecord, MetricRecord, ConfigRecord, RecordDict)
 
 # Decoded received models kept per process: a clustered/personalized round sends a few different
 # models; each entry holds one decoded copy of a model.
@@ -62,12 +68,37 @@ class DecodedArray(Array):
     __hash__ = None  # type: ignore[assignment]  (mutable, like Array)
 
 
+class StackedArray(DecodedArray):
+    """A :class:`DecodedArray` that is row ``row`` of a read-only stacked ndarray and writes its
+    ``np.save`` bytes on first use of ``data`` (an in-process reply that is never serialized never
+    pays for them)."""
+
+    __qualname__ = "Array"
+
+    @property  # type: ignore[override]
+    def data(self) -> bytes:
+        held = self.__dict__["_fedge_decoded"]
+        if held[0] is None:  # first read: the bytes np.save would write for the row
+            header = _layout(held[1].dtype, held[1].shape)[0]
+            data = header + held[1].tobytes()
+            self.__dict__["_fedge_data"] = data
+            self.__dict__["_fedge_decoded"] = (data, held[1])
+        return self.__dict__["_fedge_data"]
+
+    @data.setter
+    def data(self, value: bytes) -> None:  # new bytes: the row no longer describes them
+        self.__dict__["_fedge_data"] = value
+        self.__dict__.pop("_fedge_stack", None)
+
+
 def _own_view(arr: Array) -> np.ndarray | None:
     held = arr.__dict__.get("_fedge_decoded")
-    # The view is only valid for the bytes object it was made from (Array.data may be replaced).
-    if held is not None and held[0] is arr.data:
-        return held[1]
-    return None
+    if held is None:
+        return None
+    # The view is only valid for the bytes object it was made from (Array.data may be replaced);
+    # a StackedArray's bytes are written from the view (None: not yet).
+    raw = arr.__dict__.get("_fedge_data") if type(arr) is StackedArray else arr.__dict__["data"]
+    return held[1] if held[0] is raw else None
 
 
 @lru_cache(maxsize=512)
@@ -111,6 +142,75 @@ def record_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
     for key, tensor in state_dict.items():
         record[key] = encode(tensor.detach().cpu().numpy())
     return record
+
+
+def records_from_stack(stacks: dict[str, np.ndarray]) -> list[ArrayRecord]:
+    """One ``ArrayRecord`` per row of ``stacks`` (key -> ``(clients, *shape)`` ndarray, C-contiguous),
+    equal to ``record_from_state_dict`` of that row's arrays (same keys, order, bytes once read).
+    The stacks are made read-only: the replies share them."""
+    layouts = {}
+    for key, stack in stacks.items():
+        if not stack.flags.c_contiguous or stack.dtype.hasobject or stack.dtype.names:
+            raise ValueError(f"{key}: a stack must be a C-contiguous array of plain numbers")
+        stack.flags.writeable = False
+        _, dtype_name, shape = _layout(stack.dtype, stack.shape[1:])
+        layouts[key] = (stack, dtype_name, shape)
+    num_rows = {len(stack) for stack in stacks.values()}
+    if len(num_rows) > 1:
+        raise ValueError(f"stacks of different lengths: {sorted(num_rows)}")
+    records = []
+    for row in range(num_rows.pop() if num_rows else 0):
+        items = {}
+        for key, (stack, dtype_name, shape) in layouts.items():
+            arr = StackedArray.__new__(StackedArray)
+            arr.__dict__.update(
+                dtype=dtype_name,
+                shape=shape,
+                stype=SType.NUMPY,
+                _fedge_data=None,
+                _fedge_decoded=(None, stack[row]),
+                _fedge_stack=(stack, row),
+            )
+            items[key] = arr
+        records.append(fast_record(ArrayRecord, items))
+    return records
+
+
+_EMPTY: dict[type, Any] = {}  # one empty record of each kind, copied by fast_record
+
+
+def fast_record(kind: type[RD], items: dict) -> RD:
+    """``kind(items)`` (an ArrayRecord, MetricRecord, ConfigRecord or RecordDict) without Flower
+    re-checking every entry (a few µs per record): only for values whose types its check accepts
+    (e.g. :class:`StackedArray`s, plain ints, floats and strings). ``items`` becomes the record's
+    storage. Same class, same fields as ``kind(items)``."""
+    empty = _EMPTY.get(kind)
+    if empty is None:
+        empty = _EMPTY[kind] = kind()
+    record = empty.copy()  # TypedDict.copy: a new object sharing the type checks
+    record.__dict__["_data"] = items
+    return record
+
+
+def stacked_row(arr: Array) -> tuple[np.ndarray, int] | None:
+    """``(stack, row)`` when ``arr`` is row ``row`` of ``stack`` (see :func:`records_from_stack`)
+    and its bytes were not replaced since; else None."""
+    held = arr.__dict__.get("_fedge_stack")
+    return held if held is not None and _own_view(arr) is not None else None
+
+
+def record_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
+    """``record.count_bytes()``; for an ArrayRecord without writing unwritten bytes."""
+    if not isinstance(record, ArrayRecord):
+        return record.count_bytes()
+    total = 0
+    for key, arr in record.items():
+        held = arr.__dict__.get("_fedge_decoded") if type(arr) is StackedArray else None
+        if held is not None and held[0] is None:
+            total += len(_layout(held[1].dtype, held[1].shape)[0]) + held[1].nbytes + len(key)
+        else:
+            total += len(arr.data) + len(key)
+    return total
 
 
 def view(arr: Array) -> np.ndarray:

@@ -46,10 +46,12 @@ class PackedClient:
 
 @dataclass
 class PackedResult:
-    state: dict[str, torch.Tensor]  # trained parameters (CPU)
+    state: dict[str, torch.Tensor]  # trained parameters (CPU): row `row` of every `stack` tensor
     num_examples: int
     train_loss: float
     num_steps: int
+    stack: dict[str, torch.Tensor]  # the whole pack's trained parameters, one row per client
+    row: int
 
 
 def unpackable_reason(model: nn.Module) -> str | None:
@@ -161,7 +163,7 @@ def train_packed(
                 steps = bufs
             torch._foreach_add_(weights, steps, alpha=-cfg.lr)
 
-    cpu_params = {k: v.detach().cpu() for k, v in params.items()}
+    cpu_params = {k: v.detach().cpu().contiguous() for k, v in params.items()}
     train_loss = (loss_sum / seen.clamp(min=1)).tolist()
     results: list[PackedResult | None] = [None] * len(clients)
     for row, i in enumerate(order):
@@ -170,5 +172,7 @@ def train_packed(
             num_examples=int(sizes[row]),
             train_loss=train_loss[row],
             num_steps=int(num_steps[row]),
+            stack=cpu_params,
+            row=row,
         )
     return results  # type: ignore[return-value]

@@ -2,7 +2,8 @@
 messages handed to one batched trainer (``clients/packed.py``) instead of one ClientApp call each.
 
 Same ServerApp, strategies, reply validation and metrics: :class:`PackedTrainer` returns one reply
-per node, shaped exactly like ``clients/app.py::train``'s. Clients it cannot pack go through the
+per node, built by the ClientApp's own ``clients/replies.py::train_reply``; its arrays are rows of
+the pack's stacked result (``clients/arrays.py::records_from_stack``). Clients it cannot pack go through the
 ClientApp as in the ``inprocess`` engine, with the reason logged once:
 
 - the scenario has ``[devices]`` (the virtual clock fails, caps and times each client on its own);
@@ -24,20 +25,19 @@ import resource
 import time
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.common import MessageType
 
-from clients.app import client_identity
-from clients.arrays import received_state_dict, record_from_state_dict
+from clients.arrays import received_state_dict, records_from_stack
 from clients.attacks import attack_mod
 from clients.clock import MAX_STEPS_KEY, virtual_clock_mod
-from clients.data import dataset_info, load_client_data
+from clients.data import ClientData, dataset_info, load_client_data
 from clients.fedavg import train_fedavg
 from clients.fedprox import train_fedprox
-from clients.identity import IDENTITY_RECORD, TRAINER
 from clients.models import build_model
 from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
+from clients.replies import train_reply
 from clients.seeding import derive_seed
 from clients.trainers import get_trainer, trainer_name_for
 from edge.lora_downlink import lora_downlink_mod
@@ -63,6 +63,8 @@ class PackedTrainer:
         self.sequential_updates = 0
         self.peak_pack_bytes = 0
         self.train_seconds = 0.0
+        self._data: dict[int, ClientData] = {}  # partition id -> its data
+        self._received: dict[int, dict[str, torch.Tensor]] = {}
         if self.reason:
             self._note(self.reason)
 
@@ -85,8 +87,9 @@ class PackedTrainer:
             log.warning("packed engine: training sequentially because %s", reason)
 
     # ------------------------------------------------------------------------------------------
-    def _client(self, msg: Message, context: Context) -> PackedClient | None:
-        """The pack's view of one message, or None (with the reason noted) if it cannot join."""
+    def _client(self, msg: Message, context: Context) -> tuple[PackedClient, str] | None:
+        """The pack's view of one message and the client's trainer name, or None (with the reason
+        noted) if it cannot join."""
         if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
             return None  # evaluation and custom actions always go through the ClientApp
         pid = partition_id(context)
@@ -95,17 +98,24 @@ class PackedTrainer:
         if trainer not in PACKABLE:
             self._note(f"trainer {trainer_name!r} is not FedAvg/FedProx local SGD")
             return None
-        data = load_client_data(self.scenario.data, self.scenario.seed, pid)
+        data = self._data.get(pid)
+        if data is None:  # the data of a run's clients never changes (load_client_data caches)
+            data = self._data[pid] = load_client_data(self.scenario.data, self.scenario.seed, pid)
         if len(data.x_train) == 0:
             return None  # the ClientApp replies with the trainer's own error
-        config = msg.content.get("config", ConfigRecord())
+        config = msg.content.get("config")
+        config = config if isinstance(config, ConfigRecord) else ConfigRecord()
         server_round = int(config.get("server-round", 0))
         mu = PACKABLE[trainer]
         if mu is None:  # FedProx: as clients/fedprox.py reads it
             mu = float(config.get("proximal-mu", getattr(self.scenario.algorithm, "mu", 0.0)))
-        return PackedClient(
+        arrays = msg.content["arrays"]
+        state = self._received.get(id(arrays))  # strategies send one record to many nodes
+        if state is None:
+            state = self._received[id(arrays)] = received_state_dict(arrays)
+        client = PackedClient(
             data=data,
-            state=received_state_dict(msg.content["arrays"]),
+            state=state,
             # The generator clients/app.py::train gives this client this round.
             generator=torch.Generator().manual_seed(
                 derive_seed(self.scenario.seed, server_round, pid)
@@ -113,6 +123,7 @@ class PackedTrainer:
             mu=mu,
             max_steps=int(config[MAX_STEPS_KEY]) if MAX_STEPS_KEY in config else None,
         )
+        return client, trainer_name
 
     def __call__(
         self, messages: list[Message], contexts: dict[int, Context]
@@ -120,12 +131,14 @@ class PackedTrainer:
         """Replies (and per-node seconds) for the messages it trained, by position in ``messages``."""
         if self.reason:
             return {}
-        chosen: list[tuple[int, Message, PackedClient]] = []
+        chosen: list[tuple[int, Message, PackedClient, str]] = []
+        self._received = {}  # id(sent ArrayRecord) -> its tensors, for this call's messages
         for pos, msg in enumerate(messages):
             context = contexts.get(msg.metadata.dst_node_id)
-            client = self._client(msg, context) if context is not None else None
-            if client is not None:
-                chosen.append((pos, msg, client))
+            joined = self._client(msg, context) if context is not None else None
+            if joined is not None:
+                chosen.append((pos, msg, *joined))
+        self._received = {}
         self.sequential_updates += sum(
             m.metadata.message_type == MessageType.TRAIN for m in messages
         ) - len(chosen)
@@ -137,7 +150,7 @@ class PackedTrainer:
             t0 = time.perf_counter()
             try:
                 results = train_packed(
-                    self.model, [c for _, _, c in chunk], self.scenario.train, self.device
+                    self.model, [c for _, _, c, _ in chunk], self.scenario.train, self.device
                 )
             except Exception as ex:  # the ClientApp path still gives every node its own reply
                 self._note(f"the pack raised {type(ex).__name__}: {ex}")
@@ -146,32 +159,27 @@ class PackedTrainer:
             seconds = time.perf_counter() - t0  # the chunk's nodes trained "in parallel"
             self.train_seconds += seconds
             self.packed_updates += len(chunk)
-            prox = any(c.mu > 0 for _, _, c in chunk)
+            prox = any(c.mu > 0 for _, _, c, _ in chunk)
             self.peak_pack_bytes = max(
                 self.peak_pack_bytes,
                 pack_bytes(self.model, len(chunk), self.scenario.train, prox)
-                + sum(c.data.x_train.nbytes + c.data.y_train.nbytes for _, _, c in chunk),
+                + sum(c.data.x_train.nbytes + c.data.y_train.nbytes for _, _, c, _ in chunk),
             )
-            for (pos, msg, client), result in zip(chunk, results, strict=True):
-                # The same records, in the same order, as clients/app.py::train replies with.
-                metrics = MetricRecord(
-                    {
-                        "train_loss": result.train_loss,
-                        "num-examples": result.num_examples,
-                        "num-steps": result.num_steps,
-                    }
+            # Every reply's arrays are a row of the pack's stacked result (no copy per client;
+            # the server reads the rows back as one stack: server/validation.py, server/fedavg.py).
+            records = records_from_stack({k: v.numpy() for k, v in results[0].stack.items()})
+            for (pos, msg, client, trainer_name), result in zip(chunk, results, strict=True):
+                reply = train_reply(
+                    msg,
+                    contexts[msg.metadata.dst_node_id],
+                    client.data.partition_id,
+                    trainer_name,
+                    records[result.row],
+                    result.train_loss,
+                    result.num_examples,
+                    result.num_steps,
                 )
-                pid = client.data.partition_id
-                identity = client_identity(contexts[msg.metadata.dst_node_id], pid)
-                identity[TRAINER] = trainer_name_for(self.scenario, pid)
-                content = RecordDict(
-                    {
-                        "arrays": record_from_state_dict(result.state),
-                        "metrics": metrics,
-                        IDENTITY_RECORD: identity,
-                    }
-                )
-                out[pos] = (Message(content, reply_to=msg), seconds)
+                out[pos] = (reply, seconds)
         return out
 
     def report(self) -> str:
