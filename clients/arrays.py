@@ -199,6 +199,20 @@ def stacked_row(arr: Array) -> tuple[np.ndarray, int] | None:
     return held if held is not None and _own_view(arr) is not None else None
 
 
+def stacked_values(arrays: list[Array], decoded: list[np.ndarray] | None = None) -> np.ndarray:
+    """The values of ``arrays`` (same shape and dtype) as one ``(len(arrays), *shape)`` ndarray:
+    a slice of the packed engine's stack, unchanged, when they are its consecutive rows, else a
+    new array (do not modify the result in place). ``decoded``: their values, if already read."""
+    rows = [stacked_row(arr) for arr in arrays]
+    first = rows[0] if rows else None
+    if first is not None and all(r is not None and r[0] is first[0] for r in rows):
+        index = [r[1] for r in rows]  # type: ignore[index]
+        if index == list(range(index[0], index[0] + len(index))):
+            return first[0][index[0] : index[0] + len(index)]
+        return first[0][index]
+    return np.stack(decoded if decoded is not None else [view(arr) for arr in arrays])
+
+
 def record_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
     """``record.count_bytes()``; for an ArrayRecord without writing unwritten bytes."""
     if not isinstance(record, ArrayRecord):
