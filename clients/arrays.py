@@ -153,15 +153,16 @@ def records_from_stack(stacks: dict[str, np.ndarray]) -> list[ArrayRecord]:
         if not stack.flags.c_contiguous or stack.dtype.hasobject or stack.dtype.names:
             raise ValueError(f"{key}: a stack must be a C-contiguous array of plain numbers")
         stack.flags.writeable = False
-        _, dtype_name, shape = _layout(stack.dtype, stack.shape[1:])
-        layouts[key] = (stack, dtype_name, shape)
+        header, dtype_name, shape = _layout(stack.dtype, stack.shape[1:])
+        size = len(header) + stack[0].nbytes if len(stack) else 0  # len(Array.data), once read
+        layouts[key] = (stack, dtype_name, shape, size)
     num_rows = {len(stack) for stack in stacks.values()}
     if len(num_rows) > 1:
         raise ValueError(f"stacks of different lengths: {sorted(num_rows)}")
     records = []
     for row in range(num_rows.pop() if num_rows else 0):
         items = {}
-        for key, (stack, dtype_name, shape) in layouts.items():
+        for key, (stack, dtype_name, shape, size) in layouts.items():
             arr = StackedArray.__new__(StackedArray)
             arr.__dict__.update(
                 dtype=dtype_name,
@@ -170,6 +171,7 @@ def records_from_stack(stacks: dict[str, np.ndarray]) -> list[ArrayRecord]:
                 _fedge_data=None,
                 _fedge_decoded=(None, stack[row]),
                 _fedge_stack=(stack, row),
+                _fedge_size=size,
             )
             items[key] = arr
         records.append(fast_record(ArrayRecord, items))
@@ -204,12 +206,21 @@ def stacked_values(arrays: list[Array], decoded: list[np.ndarray] | None = None)
     a slice of the packed engine's stack, unchanged, when they are its consecutive rows, else a
     new array (do not modify the result in place). ``decoded``: their values, if already read."""
     rows = [stacked_row(arr) for arr in arrays]
-    first = rows[0] if rows else None
-    if first is not None and all(r is not None and r[0] is first[0] for r in rows):
-        index = [r[1] for r in rows]  # type: ignore[index]
-        if index == list(range(index[0], index[0] + len(index))):
-            return first[0][index[0] : index[0] + len(index)]
-        return first[0][index]
+    if rows and all(r is not None for r in rows):
+        stacks = {id(r[0]): r[0] for r in rows}  # type: ignore[index]
+        if len(stacks) == 1:
+            stack = rows[0][0]  # type: ignore[index]
+            index = [r[1] for r in rows]  # type: ignore[index]
+            if index == list(range(index[0], index[0] + len(index))):
+                return stack[index[0] : index[0] + len(index)]
+            return stack[index]
+        first = rows[0][0]  # type: ignore[index]
+        if all(s.dtype == first.dtype and s.shape[1:] == first.shape[1:] for s in stacks.values()):
+            out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+            for key, stack in stacks.items():  # one gather per stack (the engine's packs)
+                where = [i for i, r in enumerate(rows) if id(r[0]) == key]  # type: ignore[index]
+                out[where] = stack[[rows[i][1] for i in where]]  # type: ignore[index]
+            return out
     return np.stack(decoded if decoded is not None else [view(arr) for arr in arrays])
 
 
@@ -219,9 +230,8 @@ def record_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
         return record.count_bytes()
     total = 0
     for key, arr in record.items():
-        held = arr.__dict__.get("_fedge_decoded") if type(arr) is StackedArray else None
-        if held is not None and held[0] is None:
-            total += len(_layout(held[1].dtype, held[1].shape)[0]) + held[1].nbytes + len(key)
+        if arr.__dict__.get("_fedge_data", b"") is None:  # a StackedArray, bytes not yet written
+            total += arr.__dict__["_fedge_size"] + len(key)
         else:
             total += len(arr.data) + len(key)
     return total

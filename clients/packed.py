@@ -46,12 +46,16 @@ class PackedClient:
 
 @dataclass
 class PackedResult:
-    state: dict[str, torch.Tensor]  # trained parameters (CPU): row `row` of every `stack` tensor
     num_examples: int
     train_loss: float
     num_steps: int
-    stack: dict[str, torch.Tensor]  # the whole pack's trained parameters, one row per client
+    stack: dict[str, torch.Tensor]  # the whole pack's trained parameters (CPU), a row per client
     row: int
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """This client's trained parameters: row ``row`` of every ``stack`` tensor."""
+        return {k: v[self.row] for k, v in self.stack.items()}
 
 
 def unpackable_reason(model: nn.Module) -> str | None:
@@ -168,7 +172,6 @@ def train_packed(
     results: list[PackedResult | None] = [None] * len(clients)
     for row, i in enumerate(order):
         results[i] = PackedResult(
-            state={k: cpu_params[k][row] for k in names},
             num_examples=int(sizes[row]),
             train_loss=train_loss[row],
             num_steps=int(num_steps[row]),
