@@ -217,9 +217,13 @@ def stacked_values(arrays: list[Array], decoded: list[np.ndarray] | None = None)
         first = rows[0][0]  # type: ignore[index]
         if all(s.dtype == first.dtype and s.shape[1:] == first.shape[1:] for s in stacks.values()):
             out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
-            for key, stack in stacks.items():  # one gather per stack (the engine's packs)
-                where = [i for i, r in enumerate(rows) if id(r[0]) == key]  # type: ignore[index]
-                out[where] = stack[[rows[i][1] for i in where]]  # type: ignore[index]
+            where: dict[int, tuple[list[int], list[int]]] = {key: ([], []) for key in stacks}
+            for i, (stack, row) in enumerate(rows):  # type: ignore[misc]
+                positions, stack_rows = where[id(stack)]
+                positions.append(i)
+                stack_rows.append(row)
+            for key, (positions, stack_rows) in where.items():  # one gather per pack
+                out[positions] = stacks[key][stack_rows]
             return out
     return np.stack(decoded if decoded is not None else [view(arr) for arr in arrays])
 
@@ -246,7 +250,9 @@ def view(arr: Array) -> np.ndarray:
 def records_of(content: RecordDict, kind: type[R]) -> dict[str, R]:
     """The records of one type in ``content``, read-only: ``RecordDict.array_records`` & co. build
     a synced view that writes every entry back into the RecordDict (~50 µs per call)."""
-    return {key: rec for key, rec in content.items() if isinstance(rec, kind)}
+    # Flower's TypedDict keeps its entries in a plain dict; reading it skips a view per call.
+    items = content.__dict__.get("_data", content) if type(content) is RecordDict else content
+    return {key: rec for key, rec in items.items() if isinstance(rec, kind)}
 
 
 def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -163,7 +163,7 @@ def _content_bytes(content: RecordDict) -> int:
 def _squared_update_norms(
     records: list[tuple[ArrayRecord, dict[str, np.ndarray]]],
     reference: dict[str, np.ndarray],
-    block: int = 64,
+    block_bytes: int = 64 * 2**20,
 ) -> np.ndarray:
     """``update_norm(values, reference) ** 2`` for each ``(record, values)`` (values: the record's
     decoded arrays, with the keys, shapes and dtypes of ``reference``, in the same key order for
@@ -172,6 +172,8 @@ def _squared_update_norms(
     are update_norm's to the last bit."""
     keys = list(records[0][1])
     out = np.empty(len(records))
+    # float64 differences of this many records at a time (bounds memory for large models)
+    block = max(1, block_bytes // max(1, 8 * sum(reference[k].size for k in keys)))
     for start in range(0, len(records), block):
         chunk = records[start : start + block]
         total = np.zeros(len(chunk))
