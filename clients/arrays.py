@@ -233,9 +233,10 @@ def record_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
     if not isinstance(record, ArrayRecord):
         return record.count_bytes()
     total = 0
-    for key, arr in record.items():
-        if arr.__dict__.get("_fedge_data", b"") is None:  # a StackedArray, bytes not yet written
-            total += arr.__dict__["_fedge_size"] + len(key)
+    for key, arr in record.__dict__.get("_data", record).items():  # (items() adds a view layer)
+        held = arr.__dict__
+        if held.get("_fedge_data", b"") is None:  # a StackedArray, bytes not yet written
+            total += held["_fedge_size"] + len(key)
         else:
             total += len(arr.data) + len(key)
     return total

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from logging import WARNING
 
 import numpy as np
@@ -181,7 +182,7 @@ def _squared_update_norms(
             ref = reference[key]
             if ref.dtype.kind not in "fc":
                 continue
-            # (decoded already: stacked rows, or the values _stacked_norms read)
+            # (decoded already: stacked rows, or the values _check read)
             rows = stacked_values([rec[key] for rec, _ in chunk], [v[key] for _, v in chunk])
             if ref.dtype.kind == "f":
                 diff = np.subtract(rows, ref, dtype=np.float64)
@@ -191,6 +192,15 @@ def _squared_update_norms(
             total += np.add.reduce(np.multiply(diff, diff, out=diff), axis=1)
         out[start : start + len(chunk)] = np.sqrt(total) ** 2  # update_norm's sqrt, squared
     return out
+
+
+@dataclass
+class _DeferredNorm:
+    """A reply that passed every check but the norm: its record, decoded arrays, record sent."""
+
+    arrays: ArrayRecord
+    values: dict[str, np.ndarray]
+    sent: ArrayRecord
 
 
 class ReplyValidator(RoundPlugin):
@@ -220,8 +230,6 @@ class ReplyValidator(RoundPlugin):
         self._sent: dict[int, RecordDict] = {}
         self._sent_numpy: dict[int, dict[str, np.ndarray]] = {}
         self._sent_bytes: dict[int, int] = {}
-        # id(reply ArrayRecord) -> its squared update norm, computed for the round at once
-        self._squared: dict[int, float] = {}
         self._warned_extras = False
         self.total_invalid: Counter[str] = Counter()
 
@@ -260,12 +268,7 @@ class ReplyValidator(RoundPlugin):
     ) -> tuple[list[Message], Metrics]:
         kept: list[Message] = []
         invalid: Counter[str] = Counter()
-        self._squared = self._stacked_norms(replies)
-        try:
-            reasons = [self.check(reply) for reply in replies]
-        finally:
-            self._squared = {}  # keyed by id(): valid for this round's replies only
-        for reply, reason in zip(replies, reasons, strict=True):
+        for reply, reason in zip(replies, self._check_round(replies), strict=True):
             if reason is None:
                 kept.append(reply)
                 continue
@@ -325,43 +328,6 @@ class ReplyValidator(RoundPlugin):
                 )
         return out, len(kept) - len(out)
 
-    def _stacked_norms(self, replies: list[Message]) -> dict[int, float]:
-        """Squared update norms of the round's replies, computed per group of replies that answer
-        the same sent record with exactly its array names, shapes and dtypes (what ``_check``'s
-        shape checks let through); ``_check`` uses them instead of one norm per reply. Replies
-        outside a group (sparse, foreign, malformed) are checked one by one as before."""
-        if self.sparse_size is not None:
-            return {}
-        groups: dict[tuple, tuple[ArrayRecord, list]] = {}
-        for reply in replies:
-            if reply.has_error():
-                continue
-            sent = self._sent.get(reply.metadata.src_node_id)
-            if sent is None:
-                continue
-            try:
-                pairs = _reference_pairs(reply.content, sent)
-                if len(pairs) != 1 or pairs[0][2] is None:
-                    continue
-                _, arrays, ref = pairs[0]
-                reference = self._numpy_of_sent(ref)
-                values = as_numpy(arrays)
-                if values.keys() != reference.keys() or not all(
-                    v.shape == reference[k].shape and v.dtype == reference[k].dtype
-                    for k, v in values.items()
-                ):
-                    continue
-            except Exception:  # unreadable: _check says why
-                continue
-            group = groups.setdefault((id(ref), tuple(values)), (ref, []))
-            group[1].append((arrays, values))
-        squared: dict[int, float] = {}
-        for ref, records in groups.values():
-            with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf: _check reports them
-                norms = _squared_update_norms(records, self._numpy_of_sent(ref))
-            squared.update(zip((id(rec) for rec, _ in records), norms.tolist(), strict=True))
-        return squared
-
     def state(self) -> dict:
         return {"total_invalid": dict(self.total_invalid)}
 
@@ -376,7 +342,49 @@ class ReplyValidator(RoundPlugin):
         except Exception as err:  # a reply can fail its own node, never the server
             return "malformed", f"the reply cannot be read ({type(err).__name__}: {err})"[:300]
 
-    def _check(self, reply: Message) -> tuple[str, str] | None:
+    def _check_round(self, replies: list[Message]) -> list[tuple[str, str] | None]:
+        """``check`` of every reply, with the update norms of the replies that answer the same
+        sent record with exactly its array names, shapes and dtypes computed for them all at
+        once (``_squared_update_norms``: the same values). A reply whose stacked norm is not
+        finite is checked again on its own, so every reason is ``check``'s."""
+        reasons: list[tuple[str, str] | None] = []
+        pending: dict[tuple, tuple[ArrayRecord, list]] = {}  # (id(sent), keys) -> sent, replies
+        for pos, reply in enumerate(replies):
+            try:
+                reason = self._check(reply, defer_norm=True)
+            except Exception:  # check() says why
+                reason = self.check(reply)
+            if isinstance(reason, _DeferredNorm):
+                key = (id(reason.sent), tuple(reason.values))
+                group = pending.setdefault(key, (reason.sent, []))[1]
+                group.append((pos, reply, reason.arrays, reason.values))
+                reason = None
+            reasons.append(reason)
+        for sent, group in pending.values():
+            reference = self._numpy_of_sent(sent)
+            with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf: check() reports them
+                squared = _squared_update_norms([(a, v) for _, _, a, v in group], reference)
+            for (pos, reply, _, _), sq in zip(group, squared.tolist(), strict=True):
+                reasons[pos] = (
+                    self._norm_reason(reply, sq) if math.isfinite(sq) else self.check(reply)
+                )
+        return reasons
+
+    def _norm_reason(self, reply: Message, squared: float) -> tuple[str, str] | None:
+        """The norm bound on a reply whose squared update norm is ``squared`` (recorded if kept)."""
+        if not math.sqrt(squared) <= self.max_update_norm:
+            return "norm", (
+                f"||update||={math.sqrt(squared):.3g} > "
+                f"robustness.max_update_norm={self.max_update_norm:g}"
+            )
+        self._norms[reply.metadata.src_node_id] = math.sqrt(squared)
+        return None
+
+    def _check(
+        self, reply: Message, defer_norm: bool = False
+    ) -> tuple[str, str] | _DeferredNorm | None:
+        """``check``'s reasons; with ``defer_norm``, a reply that passes everything up to its
+        update norm (one dense record answering one sent record) returns what the norm needs."""
         if reply.has_error():
             return "error", reply.error.reason
         content = reply.content
@@ -412,12 +420,6 @@ class ReplyValidator(RoundPlugin):
             )
         squared = 0.0
         for name, arrays, sent in pairs:
-            known = self._squared.get(id(arrays))
-            if known is not None and math.isfinite(known):
-                # Names, shapes and dtypes already matched the record sent (_stacked_norms); a
-                # finite distance to the (finite) model sent means every value is finite.
-                squared += known
-                continue
             # Compare the *decoded* arrays: an Array's declared shape/dtype can lie about its bytes.
             values, reference = as_numpy(arrays), self._numpy_of_sent(sent)
             sparse = self.sparse_size is not None and is_sparse_encoded(values)
@@ -438,6 +440,8 @@ class ReplyValidator(RoundPlugin):
                         return "shape", (
                             f"{key}: got {arr.dtype}{list(arr.shape)}, sent {ref.dtype}{list(ref.shape)}"
                         )
+                if defer_norm and len(pairs) == 1:  # the norm, with the round's others
+                    return _DeferredNorm(arrays, values, sent)
             with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf are reported below
                 update_sq = (
                     _sparse_update_sq(values) if sparse else update_norm(values, reference) ** 2
@@ -447,13 +451,7 @@ class ReplyValidator(RoundPlugin):
             if (sparse or not math.isfinite(update_sq)) and not all_finite(values):
                 return "nonfinite", "arrays hold NaN or Inf"
             squared += update_sq
-        if not math.sqrt(squared) <= self.max_update_norm:
-            return "norm", (
-                f"||update||={math.sqrt(squared):.3g} > "
-                f"robustness.max_update_norm={self.max_update_norm:g}"
-            )
-        self._norms[reply.metadata.src_node_id] = math.sqrt(squared)
-        return None
+        return self._norm_reason(reply, squared)
 
     def _canonical(self, reply: Message) -> Message:
         """Name the reply's records as the server expects: each ArrayRecord as the record it
