@@ -38,7 +38,7 @@ from clients.models import build_model
 from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
 from clients.replies import train_reply
-from clients.seeding import derive_seed
+from clients.seeding import derive_seeds
 from clients.trainers import get_trainer, trainer_name_for
 from edge.lora_downlink import lora_downlink_mod
 from scenarios.config import Scenario
@@ -87,9 +87,9 @@ class PackedTrainer:
             log.warning("packed engine: training sequentially because %s", reason)
 
     # ------------------------------------------------------------------------------------------
-    def _client(self, msg: Message, context: Context) -> tuple[PackedClient, str] | None:
-        """The pack's view of one message and the client's trainer name, or None (with the reason
-        noted) if it cannot join."""
+    def _client(self, msg: Message, context: Context) -> tuple[PackedClient, str, int] | None:
+        """The pack's view of one message, the client's trainer name and the server round, or
+        None (with the reason noted) if it cannot join."""
         if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
             return None  # evaluation and custom actions always go through the ClientApp
         pid = partition_id(context)
@@ -116,14 +116,11 @@ class PackedTrainer:
         client = PackedClient(
             data=data,
             state=state,
-            # The generator clients/app.py::train gives this client this round.
-            generator=torch.Generator().manual_seed(
-                derive_seed(self.scenario.seed, server_round, pid)
-            ),
+            generator=torch.Generator(),  # seeded by __call__, for every client at once
             mu=mu,
             max_steps=int(config[MAX_STEPS_KEY]) if MAX_STEPS_KEY in config else None,
         )
-        return client, trainer_name
+        return client, trainer_name, server_round
 
     def __call__(
         self, messages: list[Message], contexts: dict[int, Context]
@@ -132,13 +129,25 @@ class PackedTrainer:
         if self.reason:
             return {}
         chosen: list[tuple[int, Message, PackedClient, str]] = []
+        rounds: list[int] = []
         self._received = {}  # id(sent ArrayRecord) -> its tensors, for this call's messages
         for pos, msg in enumerate(messages):
             context = contexts.get(msg.metadata.dst_node_id)
             joined = self._client(msg, context) if context is not None else None
             if joined is not None:
-                chosen.append((pos, msg, *joined))
+                client, trainer_name, server_round = joined
+                chosen.append((pos, msg, client, trainer_name))
+                rounds.append(server_round)
         self._received = {}
+        # The generator clients/app.py::train gives each client this round.
+        seeds = derive_seeds(
+            [
+                (self.scenario.seed, server_round, client.data.partition_id)
+                for server_round, (_, _, client, _) in zip(rounds, chosen, strict=True)
+            ]
+        )
+        for (_, _, client, _), seed in zip(chosen, seeds, strict=True):
+            client.generator.manual_seed(seed)
         self.sequential_updates += sum(
             m.metadata.message_type == MessageType.TRAIN for m in messages
         ) - len(chosen)
