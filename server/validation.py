@@ -203,6 +203,20 @@ class _DeferredNorm:
     sent: ArrayRecord
 
 
+def _named_as_sent(content: RecordDict, sent: RecordDict) -> bool:
+    """True when ``content`` is ``{<the one ArrayRecord's name sent>: ArrayRecord, "metrics":
+    MetricRecord, <ConfigRecords>...}`` in this order: what ``_canonical`` would leave as it is."""
+    items = list(content.items())
+    if len(items) < 2 or items[1][0] != "metrics" or not isinstance(items[1][1], MetricRecord):
+        return False
+    sent_arrays = [name for name, rec in sent.items() if isinstance(rec, ArrayRecord)]
+    return (
+        sent_arrays == [items[0][0]]
+        and isinstance(items[0][1], ArrayRecord)
+        and all(isinstance(rec, ConfigRecord) for _, rec in items[2:])
+    )
+
+
 class ReplyValidator(RoundPlugin):
     """Excludes invalid training replies (see the module docstring); works with any strategy."""
 
@@ -458,8 +472,11 @@ class ReplyValidator(RoundPlugin):
         answers (a lone record may come back under any name) and the MetricRecord ``metrics``.
         Flower's FedAvg looks records up by the first reply's names and raises on a mismatch."""
         content = reply.content
-        pairs = _reference_pairs(content, self._sent[reply.metadata.src_node_id])
-        sent_names = {id(ref): n for n, ref in self._sent[reply.metadata.src_node_id].items()}
+        sent = self._sent[reply.metadata.src_node_id]
+        if _named_as_sent(content, sent):
+            return reply  # fedge's own clients: nothing to rebuild
+        pairs = _reference_pairs(content, sent)
+        sent_names = {id(ref): n for n, ref in sent.items()}
         names = [sent_names[id(ref)] for _, _, ref in pairs]
         configs = [n for n in records_of(content, ConfigRecord) if n not in names]
         if [n for n, _, _ in pairs] == names and list(content) == [*names, "metrics", *configs]:
