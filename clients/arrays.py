@@ -123,16 +123,16 @@ def encode(ndarray: np.ndarray) -> Array:
     header, dtype_name, shape = _layout(ndarray.dtype, ndarray.shape)
     data = header + ndarray.tobytes()
     decoded = np.frombuffer(data, dtype=ndarray.dtype, count=ndarray.size, offset=len(header))
-    # The fields Array(dtype=, shape=, stype=, data=) sets, without its argument dispatch (a
-    # third of a small reply's encoding time); tests/test_arrays.py checks the object id matches.
-    out = DecodedArray.__new__(DecodedArray)
-    out.__dict__.update(
-        dtype=dtype_name,
-        shape=shape,
-        stype=SType.NUMPY,
-        data=data,
-        _fedge_decoded=(data, decoded.reshape(shape)),  # a read-only view of data
-    )
+    decoded = decoded.reshape(shape)  # a read-only view of data
+    return _new_array(DecodedArray, dtype_name, shape, data=data, _fedge_decoded=(data, decoded))
+
+
+def _new_array(kind: type[Array], dtype_name: str, shape: tuple[int, ...], **fields: Any) -> Any:
+    """A ``kind`` with the fields ``Array(dtype=, shape=, stype=, data=)`` sets, without its
+    argument dispatch (a third of a small reply's encoding time; tests/test_arrays.py checks the
+    object id matches), plus fedge's own ``fields``."""
+    out = kind.__new__(kind)
+    out.__dict__.update(dtype=dtype_name, shape=shape, stype=SType.NUMPY, **fields)
     return out
 
 
@@ -163,17 +163,15 @@ def records_from_stack(stacks: dict[str, np.ndarray]) -> list[ArrayRecord]:
     for row in range(num_rows.pop() if num_rows else 0):
         items = {}
         for key, (stack, dtype_name, shape, size) in layouts.items():
-            arr = StackedArray.__new__(StackedArray)
-            arr.__dict__.update(
-                dtype=dtype_name,
-                shape=shape,
-                stype=SType.NUMPY,
+            items[key] = _new_array(
+                StackedArray,
+                dtype_name,
+                shape,
                 _fedge_data=None,
                 _fedge_decoded=(None, stack[row]),
                 _fedge_stack=(stack, row),
                 _fedge_size=size,
             )
-            items[key] = arr
         records.append(fast_record(ArrayRecord, items))
     return records
 
