@@ -195,8 +195,12 @@ def fast_record(kind: type[RD], items: dict) -> RD:
 def stacked_row(arr: Array) -> tuple[np.ndarray, int] | None:
     """``(stack, row)`` when ``arr`` is row ``row`` of ``stack`` (see :func:`records_from_stack`)
     and its bytes were not replaced since; else None."""
-    held = arr.__dict__.get("_fedge_stack")
-    return held if held is not None and _own_view(arr) is not None else None
+    fields = arr.__dict__
+    held = fields.get("_fedge_stack")
+    # a StackedArray whose bytes, if written, are still the ones written from its row
+    if held is not None and fields["_fedge_decoded"][0] is fields["_fedge_data"]:
+        return held
+    return None
 
 
 def stacked_values(arrays: list[Array], decoded: list[np.ndarray] | None = None) -> np.ndarray:
