@@ -375,9 +375,12 @@ class ReplyValidator(RoundPlugin):
                 reason = None
             reasons.append(reason)
         for sent, group in pending.values():
-            reference = self._numpy_of_sent(sent)
-            with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf: check() reports them
-                squared = _squared_update_norms([(a, v) for _, _, a, v in group], reference)
+            try:
+                reference = self._numpy_of_sent(sent)
+                with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf: check() says
+                    squared = _squared_update_norms([(a, v) for _, _, a, v in group], reference)
+            except Exception:  # never the server's failure: each reply on its own, as check()
+                squared = np.full(len(group), np.nan)
             for (pos, reply, _, _), sq in zip(group, squared.tolist(), strict=True):
                 reasons[pos] = (
                     self._norm_reason(reply, sq) if math.isfinite(sq) else self.check(reply)
