@@ -194,15 +194,17 @@ def main() -> None:
         rows = load_run(Path(tmp) / "packed" / f"packed-{args.clients}").clients
         packed_steps = int(sum(row.get("num_steps", 0) for row in rows))
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     bare_acc = bare_fedavg(scenario)
-    bare_s = time.perf_counter() - t0
+    bare_s, bare_cpu = time.perf_counter() - t0, time.process_time() - c0
 
-    print(f"bare PyTorch loop : {bare_s:7.2f} s   acc {bare_acc:.4f}")
-    print(f"pfl 0.6.0         : {pfl_s:7.2f} s   acc {pfl_acc:.4f}   {pfl_steps} local steps")
-    print(
-        f"fedge packed      : {packed_s:7.2f} s   acc {packed_acc:.4f}   {packed_steps} local steps"
-    )
+    for name, wall, cpu, acc, steps in (
+        ("bare PyTorch loop", bare_s, bare_cpu, bare_acc, None),
+        ("pfl 0.6.0", pfl_s, pfl_cpu, pfl_acc, pfl_steps),
+        ("fedge packed", packed_s, packed_cpu, packed_acc, packed_steps),
+    ):
+        counted = f"   {steps} local steps" if steps is not None else ""
+        print(f"{name:<18}: {wall:7.2f} s  cpu {cpu:7.2f} s   acc {acc:.4f}{counted}")
     if not pfl_steps == packed_steps == expected:
         sys.exit(
             f"local steps differ: pfl {pfl_steps}, fedge packed {packed_steps}, expected {expected}"
