@@ -7,11 +7,14 @@ A reply's content is ``{"arrays": ArrayRecord, "metrics": MetricRecord, "client"
 ``train_loss`` / ``num-examples`` / ``num-steps`` and the trainer's extra metrics, and who the
 client is (``clients/identity.py``). The records are built without Flower re-checking each entry
 when their values are the plain ints, floats and strings built here (a few µs per reply, which
-the packed engine pays hundreds of times a round); anything else (a trainer's extra metrics) goes
-through Flower's checks, and a bad value raises as it always did.
+the packed engine pays hundreds of times a round), a trainer's plain int/float extra metrics
+included; anything else goes through Flower's checks, and a bad value raises as it always did.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -51,15 +54,20 @@ def train_reply(
     train_loss: float,
     num_examples: int,
     num_steps: int,
-    extra_metrics: dict | None = None,
+    extra_metrics: Mapping[str, Any] | None = None,
 ) -> Message:
     """The reply to train instruction ``msg`` from client ``pid`` (node ``context``), whose trainer
-    ``trainer_name`` trained ``arrays`` with this loss, number of examples and steps."""
+    ``trainer_name`` trained ``arrays`` with this loss, number of examples and steps, and the
+    trainer's extra metrics (``TrainResult.metrics``, a packed client's ``LocalPlan.metrics``)."""
     values = {"train_loss": train_loss, "num-examples": num_examples, "num-steps": num_steps}
-    if extra_metrics or not all(type(v) in (int, float) for v in values.values()):
-        metrics = MetricRecord({**values, **(extra_metrics or {})})  # Flower checks each value
-    else:
+    if extra_metrics:  # e.g. a LocalPlan's cluster id: after the three, as the ClientApp sent them
+        values.update(extra_metrics)
+    # Plain str keys and int/float values pass Flower's checks as they are (a packed plan's extra
+    # metrics included, so every packed method keeps the fast path); anything else is checked.
+    if all(type(k) is str and type(v) in (int, float) for k, v in values.items()):
         metrics = fast_record(MetricRecord, values)
+    else:
+        metrics = MetricRecord(values)  # Flower checks each value; a bad one raises
     identity = client_identity(context, pid, trainer_name)
     content = fast_record(
         RecordDict, {"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity}
