@@ -189,3 +189,21 @@ def test_round_validation_gives_every_reply_its_own_check() -> None:
     assert validator._norms == one_by_one._norms  # the norms kept replies are measured by
     kept, metrics = validator.filter_train_replies(1, replies)
     assert len(kept) == n - 6 and metrics["num_invalid_nonfinite"] == 2
+
+
+def test_train_reply_metrics_with_a_plans_extras_are_flowers() -> None:
+    """A plan's extra metrics (e.g. the cluster id IFCA and clustered send) come after the three
+    fixed ones, fast-built or Flower-checked alike; a value Flower rejects still raises."""
+    sent = record_from_state_dict({k: torch.zeros(s) for k, s in SHAPES.items()})
+    msg = _instructions(1, sent)[0]
+    context = Context(run_id=1, node_id=100, node_config={}, state=RecordDict(), run_config={})
+    record = records_from_stack(_stacks(1, seed=5))[0]
+    values = {"train_loss": 0.5, "num-examples": 10, "num-steps": 3}
+    for extra in ({"cluster-id": 2}, {"cluster-id": np.float64(2.0)}):  # fast path, checked path
+        reply = train_reply(msg, context, 0, "ifca", record, 0.5, 10, 3, extra)
+        metrics = reply.content["metrics"]
+        assert isinstance(metrics, MetricRecord)
+        assert dict(metrics) == dict(MetricRecord({**values, **extra}))
+        assert list(metrics) == [*values, "cluster-id"]
+    with pytest.raises(TypeError):
+        train_reply(msg, context, 0, "ifca", record, 0.5, 10, 3, {"cluster-id": "two"})
