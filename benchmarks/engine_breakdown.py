@@ -6,8 +6,9 @@
 Part 1 runs the in-process and the packed engine on the same scenario (mnist1d MLP, 1 local
 epoch, 3 rounds, one warm-up round first) with timers around the round loop's parts: local
 training, the rest of a client update (ClientApp/PackedTrainer: loading the model, building the
-reply), reply validation, Flower's ``FedAvg.aggregate_train``, central evaluation, and the rest
-(broadcast, round records). It prints seconds per round and microseconds per client update.
+reply), reply validation, the strategy's ``aggregate_train`` (fedge's FedAvg: Flower's weighted mean
+over the stacked replies, ``server/stacked_mean.py``), central evaluation, and the rest (broadcast,
+round records). It prints seconds per round and microseconds per client update.
 
 Part 2 is what Flower itself costs per client update (no fedge code in the way), the floor of
 any engine that sends every client its own message and aggregates with Flower's strategy.
@@ -45,6 +46,7 @@ from clients.data import dataset_info, load_client_data
 from clients.models import build_model
 from fedge.engines import run_engine
 from scenarios.config import load_scenario
+from server.stacked_mean import StackedMean
 from server.validation import ReplyValidator
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -78,7 +80,8 @@ def instrument() -> None:
     timed(packed_engine.PackedTrainer, "__call__", "packed call")
     timed(engines.InProcessGrid, "_deliver", "client app call")
     timed(ReplyValidator, "filter_train_replies", "reply validation")
-    timed(FedAvg, "aggregate_train", "FedAvg.aggregate_train (Flower)")
+    timed(FedAvg, "aggregate_train", "aggregation")  # Flower's (robust rules, fallbacks)
+    timed(StackedMean, "aggregate_train", "aggregation")  # fedge's FedAvg/FedProx
     timed(loop, "_central", "central evaluation")
 
 
@@ -125,7 +128,7 @@ def breakdown(args: argparse.Namespace) -> None:
                 "training": train,
                 "rest of the client update": client_rest,
                 "reply validation (fedge)": s.get("reply validation", 0.0),
-                "FedAvg.aggregate_train (Flower)": s.get("FedAvg.aggregate_train (Flower)", 0.0),
+                "aggregation (FedAvg.aggregate_train)": s.get("aggregation", 0.0),
                 "central evaluation": s.get("central evaluation", 0.0),
             }
             parts["everything else"] = s["rounds"] - sum(parts.values())
@@ -263,6 +266,11 @@ def flower_floor(args: argparse.Namespace) -> None:
     for name, sec in timings.items():
         print(f"{name:<42} {sec / n * 1e6:6.1f} µs")
     print(f"{'total':<42} {sum(timings.values()) / n * 1e6:6.1f} µs")
+    from server.fedavg import FedAvg as StackedFedAvg
+
+    stacked = StackedFedAvg()
+    sec = min(_seconds(lambda: stacked.aggregate_train(1, replies)) for _ in range(3))
+    print(f"{'fedge FedAvg.aggregate_train (same bits)':<42} {sec / n * 1e6:6.1f} µs")
 
 
 def _seconds(fn) -> float:

@@ -18,18 +18,14 @@ from clients.attacks import attack_mod
 from clients.clock import virtual_clock_mod
 from clients.data import ClientData, dataset_info, load_client_data
 from clients.identity import (
-    DEVICE_PROFILE,
     IDENTITY_RECORD,
-    PARTITION_ID,
-    RAY_NODE_ID,
-    TRAINER,
-    ray_node_id,
 )
 from clients.models import build_model
 from clients.node import node_scenario, partition_id, resolve_device
 from clients.personalization import finetune_metrics
+from clients.replies import client_identity, train_reply
 from clients.seeding import derive_seed, seed_global_torch
-from clients.state import STATE_ACTION, attach_state, restore_state
+from clients.state import STATE_ACTION, restore_state
 from clients.trainers import trainer_for, trainer_name_for
 from clients.training import TrainJob, evaluate
 from edge.lora_downlink import lora_downlink_mod
@@ -179,24 +175,22 @@ def train(msg: Message, context: Context) -> Message:
             model, data, scenario, config, context.state, generator, device, received=msg.content
         )
     )
-    metrics = MetricRecord(
-        {
-            "train_loss": result.train_loss,
-            "num-examples": result.num_examples,
-            "num-steps": result.num_steps,
-            **result.metrics,
-        }
-    )
     arrays = (
         result.reply_arrays
         if result.reply_arrays is not None
         else record_from_state_dict(loaded.state_dict())  # tensors are moved to the CPU there
     )
-    identity = client_identity(context, data.partition_id)
-    identity[TRAINER] = trainer_name_for(scenario, data.partition_id)
-    content = RecordDict({"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity})
-    attach_state(content, context, config)  # for the server's checkpoint (clients/state.py)
-    return Message(content, reply_to=msg)
+    return train_reply(
+        msg,
+        context,
+        data.partition_id,
+        trainer_name_for(scenario, data.partition_id),
+        arrays,
+        result.train_loss,
+        result.num_examples,
+        result.num_steps,
+        result.metrics,
+    )
 
 
 @app.query(STATE_ACTION)
@@ -205,18 +199,6 @@ def node_state(msg: Message, context: Context) -> Message:
     restore_state(msg, context)
     pid = partition_id(context)
     return Message(RecordDict({IDENTITY_RECORD: client_identity(context, pid)}), reply_to=msg)
-
-
-def client_identity(context: Context, pid: int) -> ConfigRecord:
-    """Who this client is, kept out of the metrics that strategies average (clients/identity.py)."""
-    identity = ConfigRecord({PARTITION_ID: pid})
-    profile = context.node_config.get(DEVICE_PROFILE)  # `fedge deploy supernode --device-profile`
-    if profile:
-        identity[DEVICE_PROFILE] = str(profile)
-    node = ray_node_id()  # which machine of a Ray cluster ran this client (clients.jsonl)
-    if node is not None:
-        identity[RAY_NODE_ID] = node
-    return identity
 
 
 @app.evaluate()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 IDENTITY_RECORD = "client"
 PARTITION_ID = "partition-id"
@@ -45,11 +45,12 @@ def reply_identity(msg: Message) -> dict[str, int | float | str | bool]:
     ``partition-id`` into their metrics (as some Flower examples do) that one; else ``{}``."""
     if msg.has_error():
         return {}
-    record = msg.content.config_records.get(IDENTITY_RECORD)
-    if record is not None:
+    # Read the records directly: RecordDict.config_records & co. build a synced copy per call.
+    record = msg.content.get(IDENTITY_RECORD)
+    if isinstance(record, ConfigRecord):
         return {k: v for k, v in record.items() if isinstance(v, int | float | str | bool)}
-    for metrics in msg.content.metric_records.values():
-        if PARTITION_ID in metrics:
+    for metrics in msg.content.values():
+        if isinstance(metrics, MetricRecord) and PARTITION_ID in metrics:
             return {PARTITION_ID: int(metrics[PARTITION_ID])}
     return {}
 

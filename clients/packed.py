@@ -53,10 +53,16 @@ class PackedClient:
 
 @dataclass
 class PackedResult:
-    state: dict[str, torch.Tensor]  # trained parameters (CPU)
     num_examples: int
     train_loss: float
     num_steps: int
+    stack: dict[str, torch.Tensor]  # the whole pack's trained parameters (CPU), a row per client
+    row: int
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """This client's trained parameters: row ``row`` of every ``stack`` tensor."""
+        return {k: v[self.row] for k, v in self.stack.items()}
 
 
 def unpackable_reason(model: nn.Module) -> str | None:
@@ -203,15 +209,17 @@ def train_packed(
             client_loss, params, context, cfg, num_steps, x_all, y_all, index, valid, loss_sum, seen
         )
 
-    cpu_params = {k: v.detach().cpu() for k, v in params.items()}
+    # Contiguous stacks: each client's reply arrays are rows of them (clients/arrays.py).
+    cpu_params = {k: v.detach().cpu().contiguous() for k, v in params.items()}
     train_loss = (loss_sum / seen.clamp(min=1)).tolist()
     results: list[PackedResult | None] = [None] * len(clients)
     for row, i in enumerate(order):
         results[i] = PackedResult(
-            state={k: cpu_params[k][row] for k in names},
             num_examples=int(sizes[row]),
             train_loss=train_loss[row] if seen[row] > 0 else float("nan"),
             num_steps=int(num_steps[row]),
+            stack=cpu_params,
+            row=row,
         )
     return results  # type: ignore[return-value]
 

@@ -35,9 +35,10 @@ class ClientStateKeeper(RoundPlugin):
         self, server_round: int, replies: list[Message]
     ) -> tuple[list[Message], Metrics]:
         for reply in replies:
-            if reply.has_error() or STATE_RECORD not in reply.content.config_records:
+            # (RecordDict.config_records builds a synced copy per call: read the record itself)
+            record = None if reply.has_error() else reply.content.get(STATE_RECORD)
+            if not isinstance(record, ConfigRecord):
                 continue
-            record = reply.content.config_records[STATE_RECORD]
             del reply.content[STATE_RECORD]  # never aggregated, validated or counted as traffic
             pid = reply_partition_id(reply)
             raw = record.get(STATE_KEY)

@@ -22,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from clients.arrays import records_of, view
+from clients.arrays import record_bytes, records_of, view
 from clients.identity import reply_identity, reply_partition_id
 from scenarios.results import RunWriter
 from server.plugins import RoundPlugin
@@ -74,7 +74,7 @@ def message_bytes(msg: Message) -> int:
     """Serialized size of the arrays a message carries (what crosses the network for the model)."""
     if msg.has_error():
         return 0
-    return sum(rec.count_bytes() for rec in records_of(msg.content, ArrayRecord).values())
+    return sum(record_bytes(rec) for rec in msg.content.values() if isinstance(rec, ArrayRecord))
 
 
 def _client_metrics(msg: Message) -> dict[str, float]:
@@ -195,7 +195,10 @@ def run_rounds(
             for plugin in plugins or []:
                 plugin.observe_train_instructions(server_round, instructions)
             replies = sort_replies(grid.send_and_receive(instructions, timeout=timeout))
-            record.update(_round_traffic(instructions, replies))
+            # Each reply's size, once: the round's traffic and its clients.jsonl row (plugins may
+            # drop replies or rename their records, never change their arrays).
+            sizes = {id(r): (r, message_bytes(r)) for r in replies}
+            record.update(_round_traffic(instructions, replies, sizes))
             for plugin in plugins or []:
                 replies, plugin_metrics = plugin.filter_train_replies(server_round, replies)
                 record.update(plugin_metrics)
@@ -209,7 +212,9 @@ def run_rounds(
                 log(WARNING, "round %d: aggregate is not finite; keeping the model", server_round)
                 record["aggregate_nonfinite"] = 1
             record.update(_flat(train_metrics))
-            rows = {r.metadata.src_node_id: _client_row(r) for r in replies if not r.has_error()}
+            rows = {
+                r.metadata.src_node_id: _client_row(r, sizes) for r in replies if not r.has_error()
+            }
 
             eval_config = (
                 ConfigRecord() if evaluate_config is None else evaluate_config(server_round)
@@ -268,18 +273,29 @@ def _identity_row(reply: Message) -> dict[str, float | int | str | bool]:
     return row
 
 
-def _client_row(reply: Message) -> dict[str, float | int | str | bool]:
+def _client_row(
+    reply: Message, sizes: dict[int, tuple[Message, int]]
+) -> dict[str, float | int | str | bool]:
+    """The reply's clients.jsonl row; ``sizes``: id(reply) -> (reply, message_bytes) known so far."""
     row = {**_identity_row(reply), **_client_metrics(reply)}
-    row["bytes_up"] = message_bytes(reply)
+    known = sizes.get(id(reply))
+    row["bytes_up"] = known[1] if known is not None and known[0] is reply else message_bytes(reply)
     return row
 
 
-def _round_traffic(instructions: list[Message], replies: list[Message]) -> dict[str, int]:
+def _round_traffic(
+    instructions: list[Message], replies: list[Message], sizes: dict[int, tuple[Message, int]]
+) -> dict[str, int]:
+    """The round's message counts and bytes; ``sizes``: id(reply) -> (reply, message_bytes)."""
     failures = sum(r.has_error() for r in replies)
+    sent: dict[int, int] = {}  # strategies send one RecordDict to many nodes: size it once
+    for m in instructions:
+        if id(m.content) not in sent:
+            sent[id(m.content)] = message_bytes(m)
     return {
         "num_sampled": len(instructions),
         "num_replies": len(replies) - failures,
         "num_failures": failures + len(instructions) - len(replies),
-        "bytes_down": sum(message_bytes(m) for m in instructions),
-        "bytes_up": sum(message_bytes(m) for m in replies),
+        "bytes_down": sum(sent[id(m.content)] for m in instructions),
+        "bytes_up": sum(sizes[id(r)][1] for r in replies),
     }

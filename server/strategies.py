@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from clients.data import DatasetInfo
 from clients.identity import DEVICE_INDEX, PARTITION_ID
@@ -55,11 +54,30 @@ def build_strategy(setup: ServerSetup) -> Strategy:
 
 
 def aggregate_client_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
-    """Flower's weighted metric average, minus per-client identifiers."""
-    merged = aggregate_metricrecords(records, weighting_metric_name)
+    """Flower's weighted metric average (``aggregate_metricrecords``: the same sums in the same
+    order, so the same values), minus per-client identifiers; it reads the records directly
+    rather than through ``RecordDict.metric_records``, a synced copy per call (~6 µs a reply)."""
+    metric_records = [[r for r in rd.values() if isinstance(r, MetricRecord)] for rd in records]
+    weights = [found[0][weighting_metric_name] for found in metric_records]
+    total_weight = sum(weights)
+    factors = [w / total_weight for w in weights]
+    merged: dict = {}
+    for found, weight in zip(metric_records, factors, strict=True):
+        for record in found:
+            for key, value in record.items():
+                if key == weighting_metric_name:
+                    continue
+                if key not in merged:
+                    merged[key] = (
+                        [v * weight for v in value] if isinstance(value, list) else value * weight
+                    )
+                elif isinstance(value, list):
+                    merged[key] = [c + v * weight for c, v in zip(merged[key], value, strict=True)]
+                else:
+                    merged[key] = merged[key] + value * weight
     for key in CLIENT_ID_KEYS:
         merged.pop(key, None)
-    return merged
+    return MetricRecord(merged)
 
 
 def fedavg_kwargs(scenario: Scenario) -> dict[str, Any]:

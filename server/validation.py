@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from logging import WARNING
 
 import numpy as np
@@ -48,7 +49,12 @@ from algorithms.lora_sparse import (
     dense_packet_bytes,
     is_sparse_encoded,
 )
-from clients.arrays import as_numpy, records_of  # in-process replies are read without parsing
+from clients.arrays import (  # in-process replies are read without parsing
+    as_numpy,
+    record_bytes,
+    records_of,
+    stacked_values,
+)
 from server.plugins import Metrics, RoundPlugin
 from server.strategies import ServerSetup
 
@@ -120,13 +126,18 @@ def _metric_problem(metrics: MetricRecord) -> tuple[str, str] | None:
             f"{WEIGHT_KEY}={weight:.3g} is implausibly large (> {MAX_NUM_EXAMPLES:g})",
         )
     for key in IDENTITY_KEYS:
-        value = metrics.get(key)
+        if key not in metrics:  # (Mapping.get raises and catches inside: slow)
+            continue
+        value = metrics[key]
         integral = (isinstance(value, int) and not isinstance(value, bool)) or (
             isinstance(value, float) and value.is_integer()
         )
-        if value is not None and not (integral and abs(value) < 2**63):
+        if not (integral and abs(value) < 2**63):
             return "malformed", f"{key}={value!r} must be an integer"
     for key, value in metrics.items():
+        kind = type(value)  # plain floats and ints first: the checks below, answered directly
+        if kind is float and math.isfinite(value) or kind is int and abs(value) <= 2**63 - 1:
+            continue
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
             return "malformed", f"metric {key!r} is not a number or list of numbers"
@@ -144,9 +155,65 @@ def _sparse_update_sq(tensors: dict[str, np.ndarray]) -> float:
 
 def _content_bytes(content: RecordDict) -> int:
     return sum(
-        rec.count_bytes()
+        record_bytes(rec)
         for rec in content.values()
         if isinstance(rec, ArrayRecord | MetricRecord | ConfigRecord)
+    )
+
+
+def _squared_update_norms(
+    records: list[tuple[ArrayRecord, dict[str, np.ndarray]]],
+    reference: dict[str, np.ndarray],
+    block_bytes: int = 64 * 2**20,
+) -> np.ndarray:
+    """``update_norm(values, reference) ** 2`` for each ``(record, values)`` (values: the record's
+    decoded arrays, with the keys, shapes and dtypes of ``reference``, in the same key order for
+    all), computed over the stacked records: one subtraction per array name for a block of
+    records instead of one per record and name. The sums run in the same order, so the values
+    are update_norm's to the last bit."""
+    keys = list(records[0][1])
+    out = np.empty(len(records))
+    # float64 differences of this many records at a time (bounds memory for large models)
+    block = max(1, block_bytes // max(1, 8 * sum(reference[k].size for k in keys)))
+    for start in range(0, len(records), block):
+        chunk = records[start : start + block]
+        total = np.zeros(len(chunk))
+        for key in keys:
+            ref = reference[key]
+            if ref.dtype.kind not in "fc":
+                continue
+            # (decoded already: stacked rows, or the values _check read)
+            rows = stacked_values([rec[key] for rec, _ in chunk], [v[key] for _, v in chunk])
+            if ref.dtype.kind == "f":
+                diff = np.subtract(rows, ref, dtype=np.float64)
+            else:
+                diff = rows.astype(np.float64) - ref.astype(np.float64)
+            diff = diff.reshape(len(chunk), -1)
+            total += np.add.reduce(np.multiply(diff, diff, out=diff), axis=1)
+        out[start : start + len(chunk)] = np.sqrt(total) ** 2  # update_norm's sqrt, squared
+    return out
+
+
+@dataclass
+class _DeferredNorm:
+    """A reply that passed every check but the norm: its record, decoded arrays, record sent."""
+
+    arrays: ArrayRecord
+    values: dict[str, np.ndarray]
+    sent: ArrayRecord
+
+
+def _named_as_sent(content: RecordDict, sent: RecordDict) -> bool:
+    """True when ``content`` is ``{<the one ArrayRecord's name sent>: ArrayRecord, "metrics":
+    MetricRecord, <ConfigRecords>...}`` in this order: what ``_canonical`` would leave as it is."""
+    items = list(content.items())
+    if len(items) < 2 or items[1][0] != "metrics" or not isinstance(items[1][1], MetricRecord):
+        return False
+    sent_arrays = [name for name, rec in sent.items() if isinstance(rec, ArrayRecord)]
+    return (
+        sent_arrays == [items[0][0]]
+        and isinstance(items[0][1], ArrayRecord)
+        and all(isinstance(rec, ConfigRecord) for _, rec in items[2:])
     )
 
 
@@ -170,7 +237,7 @@ class ReplyValidator(RoundPlugin):
         self.array_records_per_reply = array_records_per_reply
         # > 0: also exclude updates longer than this multiple of the round's median update norm
         self.relative_norm_bound = relative_norm_bound
-        self._norms: dict[int, float] = {}
+        self._norms: dict[int, tuple[bool, float]] = {}  # node -> (sparse?, update norm)
         self.max_update_norm = max_update_norm
         self.max_reply_factor = max_reply_factor
         self.min_valid = min_valid
@@ -215,8 +282,7 @@ class ReplyValidator(RoundPlugin):
     ) -> tuple[list[Message], Metrics]:
         kept: list[Message] = []
         invalid: Counter[str] = Counter()
-        for reply in replies:
-            reason = self.check(reply)
+        for reply, reason in zip(replies, self._check_round(replies), strict=True):
             if reason is None:
                 kept.append(reply)
                 continue
@@ -259,16 +325,25 @@ class ReplyValidator(RoundPlugin):
         already thrown off course. The median needs honest majority: with 3+ replies only."""
         if self.relative_norm_bound <= 0 or len(kept) < 3:
             return kept, 0
-        # a reply that picked one of several models sent (IFCA) has no update norm we can trust
-        norms = [self._norms.get(r.metadata.src_node_id, 0.0) for r in kept]
-        measured = [
-            n for r, n in zip(kept, norms, strict=True) if r.metadata.src_node_id in self._norms
-        ]
-        if len(measured) < 3:
+        # A reply that picked one of several models sent (IFCA) has no update norm we can trust;
+        # a LoRA packet's norm and a dense client's (a mixed federation) measure different
+        # things: each kind is bounded by its own median.
+        measured = [self._norms.get(r.metadata.src_node_id) for r in kept]
+        limits: dict[bool, float] = {}
+        for sparse in (False, True):
+            same_kind = [m[1] for m in measured if m is not None and m[0] == sparse]
+            if len(same_kind) >= 3:
+                limits[sparse] = self.relative_norm_bound * float(np.median(same_kind))
+        if not limits:
             return kept, 0
-        limit = self.relative_norm_bound * float(np.median(measured))
-        out = [r for r, n in zip(kept, norms, strict=True) if n <= limit]
-        for r, n in zip(kept, norms, strict=True):
+        out, norms, bounds = [], [], []
+        for r, m in zip(kept, measured, strict=True):
+            norm, limit = (0.0, math.inf) if m is None else (m[1], limits.get(m[0], math.inf))
+            norms.append(norm)
+            bounds.append(limit)
+            if norm <= limit:
+                out.append(r)
+        for r, n, limit in zip(kept, norms, bounds, strict=True):
             if n > limit:
                 log(
                     WARNING,
@@ -296,7 +371,60 @@ class ReplyValidator(RoundPlugin):
         except Exception as err:  # a reply can fail its own node, never the server
             return "malformed", f"the reply cannot be read ({type(err).__name__}: {err})"[:300]
 
-    def _check(self, reply: Message) -> tuple[str, str] | None:
+    def _check_round(self, replies: list[Message]) -> list[tuple[str, str] | None]:
+        """``check`` of every reply, with the update norms of the replies that answer the same
+        sent record with exactly its array names, shapes and dtypes computed for them all at
+        once (``_squared_update_norms``: the same values). A reply whose stacked norm is not
+        finite is checked again on its own, so every reason is ``check``'s."""
+        reasons: list[tuple[str, str] | None] = []
+        pending: dict[tuple, tuple[ArrayRecord, list]] = {}  # (id(sent), keys) -> sent, replies
+        for pos, reply in enumerate(replies):
+            try:
+                reason = self._check(reply, defer_norm=True)
+            except Exception:  # check() says why
+                reason = self.check(reply)
+            if isinstance(reason, _DeferredNorm):
+                key = (id(reason.sent), tuple(reason.values))
+                group = pending.setdefault(key, (reason.sent, []))[1]
+                group.append((pos, reply, reason.arrays, reason.values))
+                reason = None
+            reasons.append(reason)
+        for sent, group in pending.values():
+            try:
+                reference = self._numpy_of_sent(sent)
+                with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf: check() says
+                    squared = _squared_update_norms([(a, v) for _, _, a, v in group], reference)
+            except Exception:  # never the server's failure: each reply on its own, as check()
+                squared = np.full(len(group), np.nan)
+            for (pos, reply, _, _), sq in zip(group, squared.tolist(), strict=True):
+                reasons[pos] = (
+                    self._norm_reason(reply, sq) if math.isfinite(sq) else self.check(reply)
+                )
+        return reasons
+
+    def _norm_reason(
+        self, reply: Message, squared: float, sparse: bool = False
+    ) -> tuple[str, str] | None:
+        """The norm bound on a reply whose squared update norm is ``squared`` (recorded if kept,
+        with whether it measured a sparse LoRA packet: the relative bound compares like with
+        like)."""
+        if not math.sqrt(squared) <= self.max_update_norm:
+            return "norm", (
+                f"||update||={math.sqrt(squared):.3g} > "
+                f"robustness.max_update_norm={self.max_update_norm:g}"
+            )
+        sent = self._sent[reply.metadata.src_node_id]
+        if len(records_of(reply.content, ArrayRecord)) == len(records_of(sent, ArrayRecord)):
+            # not when it answers one of several models sent (an IFCA candidate set): its norm
+            # against the record of the same name would measure the distance between models
+            self._norms[reply.metadata.src_node_id] = (sparse, math.sqrt(squared))
+        return None
+
+    def _check(
+        self, reply: Message, defer_norm: bool = False
+    ) -> tuple[str, str] | _DeferredNorm | None:
+        """``check``'s reasons; with ``defer_norm``, a reply that passes everything up to its
+        update norm (one dense record answering one sent record) returns what the norm needs."""
         if reply.has_error():
             return "error", reply.error.reason
         content = reply.content
@@ -330,11 +458,12 @@ class ReplyValidator(RoundPlugin):
                 f"{size} bytes > robustness.max_reply_factor={self.max_reply_factor:g} "
                 f"× {sent_size} bytes sent"
             )
-        squared = 0.0
+        squared, any_sparse = 0.0, False
         for name, arrays, sent in pairs:
             # Compare the *decoded* arrays: an Array's declared shape/dtype can lie about its bytes.
             values, reference = as_numpy(arrays), self._numpy_of_sent(sent)
             sparse = self.sparse_size is not None and is_sparse_encoded(values)
+            any_sparse |= sparse
             if sparse:
                 # A LoRA packet has its own key by design and the strategy decodes it; its
                 # values *are* the update entries.
@@ -352,6 +481,8 @@ class ReplyValidator(RoundPlugin):
                         return "shape", (
                             f"{key}: got {arr.dtype}{list(arr.shape)}, sent {ref.dtype}{list(ref.shape)}"
                         )
+                if defer_norm and len(pairs) == 1:  # the norm, with the round's others
+                    return _DeferredNorm(arrays, values, sent)
             with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf are reported below
                 update_sq = (
                     _sparse_update_sq(values) if sparse else update_norm(values, reference) ** 2
@@ -361,24 +492,18 @@ class ReplyValidator(RoundPlugin):
             if (sparse or not math.isfinite(update_sq)) and not all_finite(values):
                 return "nonfinite", "arrays hold NaN or Inf"
             squared += update_sq
-        if not math.sqrt(squared) <= self.max_update_norm:
-            return "norm", (
-                f"||update||={math.sqrt(squared):.3g} > "
-                f"robustness.max_update_norm={self.max_update_norm:g}"
-            )
-        if len(pairs) == len(records_of(sent_content, ArrayRecord)):
-            # not when it answers one of several models sent (an IFCA candidate set): its norm
-            # against the record of the same name would measure the distance between models
-            self._norms[reply.metadata.src_node_id] = math.sqrt(squared)
-        return None
+        return self._norm_reason(reply, squared, sparse=any_sparse)
 
     def _canonical(self, reply: Message) -> Message:
         """Name the reply's records as the server expects: each ArrayRecord as the record it
         answers (a lone record may come back under any name) and the MetricRecord ``metrics``.
         Flower's FedAvg looks records up by the first reply's names and raises on a mismatch."""
         content = reply.content
-        pairs = _reference_pairs(content, self._sent[reply.metadata.src_node_id])
-        sent_names = {id(ref): n for n, ref in self._sent[reply.metadata.src_node_id].items()}
+        sent = self._sent[reply.metadata.src_node_id]
+        if _named_as_sent(content, sent):
+            return reply  # fedge's own clients: nothing to rebuild
+        pairs = _reference_pairs(content, sent)
+        sent_names = {id(ref): n for n, ref in sent.items()}
         names = [sent_names[id(ref)] for _, _, ref in pairs]
         configs = [n for n in records_of(content, ConfigRecord) if n not in names]
         if [n for n, _, _ in pairs] == names and list(content) == [*names, "metrics", *configs]:

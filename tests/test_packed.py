@@ -341,3 +341,22 @@ def test_a_failing_pack_falls_back_to_the_client_app(tmp_path: Path, caplog, mon
     assert "the pack raised RuntimeError: out of memory (simulated)" in caplog.text
     for key in seq_model:  # every client went through the ClientApp: the very same model
         assert torch.equal(packed_model[key], seq_model[key])
+
+
+def test_packed_replies_are_built_like_the_clientapps(tmp_path: Path) -> None:
+    """Both engines build replies with clients/replies.py::train_reply: every clients.jsonl row
+    has the same fields, identity, byte count and step count (the loss within float tolerance)."""
+    _run(BASE, "inprocess", tmp_path)
+    _run(BASE, "packed", tmp_path)
+
+    def rows(engine: str) -> list[dict]:
+        found = load_run(tmp_path / engine).clients
+        return sorted(found, key=lambda r: (r["round"], r["partition_id"]))
+
+    sequential, packed = rows("inprocess"), rows("packed")
+    assert len(packed) == len(sequential) == BASE["num_rounds"] * BASE["data"]["num_clients"]
+    for s, p in zip(sequential, packed, strict=True):
+        assert p.keys() == s.keys()
+        for key in ("round", "partition_id", "trainer", "bytes_up", "num_examples", "num_steps"):
+            assert p[key] == s[key], key
+        assert p["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)

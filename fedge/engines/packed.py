@@ -2,12 +2,13 @@
 messages handed to one batched trainer (``clients/packed.py``) instead of one ClientApp call each.
 
 Same ServerApp, strategies, reply validation and metrics: :class:`PackedTrainer` returns one reply
-per node, shaped exactly like ``clients/app.py::train``'s. A client is packed when its trainer
-declares its local step as a ``LocalPlan`` (``clients/training.py::plan_trainer``; for an
-algorithm's own trainer the declaration must also say ``packable``): the plan is evaluated for
-each client (its objective, its starting model — e.g. the cluster model it was sent or picked —
-and its context), and clients whose plans agree train in one pack. The ClientApp's mods keep
-their meaning:
+per node, built by the ClientApp's own ``clients/replies.py::train_reply`` (the plan's extra
+metrics included), its arrays rows of the pack's stacked result
+(``clients/arrays.py::records_from_stack``). A client is packed when its trainer declares its
+local step as a ``LocalPlan`` (``clients/training.py::plan_trainer``; for an algorithm's own
+trainer the declaration must also say ``packable``): the plan is evaluated for each client (its
+objective, its starting model — e.g. the cluster model it was sent or picked — and its context),
+and clients whose plans agree train in one pack. The ClientApp's mods keep their meaning:
 
 - ``[devices]``: the virtual clock's own two halves (``clients/clock.py::prepare_training`` and
   ``account_training``) run for every packed client: the same availability, out-of-memory and
@@ -34,11 +35,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import MessageType
 
-from clients.app import client_identity
-from clients.arrays import received_state_dict, record_from_state_dict
+from clients.arrays import received_state_dict, records_from_stack
 from clients.attacks import attack_mod
 from clients.clock import (
     ClockTicket,
@@ -47,12 +47,12 @@ from clients.clock import (
     prepare_training,
     virtual_clock_mod,
 )
-from clients.data import dataset_info, load_client_data
-from clients.identity import IDENTITY_RECORD, TRAINER
+from clients.data import ClientData, dataset_info, load_client_data
 from clients.models import build_model
 from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
-from clients.seeding import derive_seed
+from clients.replies import train_reply
+from clients.seeding import derive_seeds
 from clients.trainers import get_trainer, trainer_name_for
 from clients.training import LocalPlan, PlanFn, TrainJob, local_plan_of
 from edge.lora_downlink import lora_downlink_mod
@@ -71,6 +71,7 @@ class _Entry:
     msg: Message
     context: Context
     trainer_name: str
+    server_round: int
     plan: LocalPlan
     client: PackedClient
     ticket: ClockTicket | None
@@ -94,6 +95,11 @@ class PackedTrainer:
         self.failed_updates = 0
         self.peak_pack_bytes = 0
         self.train_seconds = 0.0
+        self._data: dict[int, ClientData] = {}  # partition id -> its data
+        # id(sent ArrayRecord) -> its tensors, for one call's messages
+        self._received: dict[int, dict[str, torch.Tensor]] = {}
+        # The received state the plan model holds, with its parameters' versions when loaded.
+        self._loaded: tuple[dict[str, torch.Tensor], list[tuple[int, int]]] | None = None
         if self.reason:
             self._note(self.reason)
 
@@ -142,21 +148,23 @@ class PackedTrainer:
         if attack.kind == "label_flip" and pid in attack.clients:
             self._note("label_flip attackers train inside the attack mod (clients/attacks.py)")
             return None
-        data = load_client_data(self.scenario.data, self.scenario.seed, pid)
+        data = self._data.get(pid)
+        if data is None:  # the data of a run's clients never changes (load_client_data caches)
+            data = self._data[pid] = load_client_data(self.scenario.data, self.scenario.seed, pid)
         if len(data.x_train) == 0:
             return None  # the ClientApp replies with the trainer's own error
         try:
             ticket = prepare_training(msg, context)  # may put a step cap into msg's config
         except DeviceError as ex:
             return exception_reply(msg, ex)
-        config = msg.content.get("config", ConfigRecord())
+        config = msg.content.get("config")
+        config = config if isinstance(config, ConfigRecord) else ConfigRecord()
         server_round = int(config.get("server-round", 0))
+        start = self._start_model(msg.content["arrays"])
         model = self.plan_model
-        model.load_state_dict(received_state_dict(msg.content["arrays"]))
-        # The generator clients/app.py::train gives this client this round.
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.scenario.seed, server_round, pid)
-        )
+        # Seeded by __call__ for every client at once (derive_seeds): a plan function never
+        # trains, so it draws nothing from the generator before then.
+        generator = torch.Generator()
         job = TrainJob(
             model,
             data,
@@ -168,9 +176,36 @@ class PackedTrainer:
             received=msg.content,
         )
         plan = plan_fn(job).resolved(job)
-        start = {k: p.detach().clone() for k, p in model.named_parameters()}
+        if not self._plan_model_holds(start):
+            # The plan loaded other weights (e.g. IFCA's picked cluster model): start from those.
+            start = {k: p.detach().clone() for k, p in model.named_parameters()}
+            self._loaded = None
         client = PackedClient(data, start, generator, plan.context, plan.max_steps)
-        return _Entry(pos, msg, context, trainer_name, plan, client, ticket)
+        return _Entry(pos, msg, context, trainer_name, server_round, plan, client, ticket)
+
+    def _start_model(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The received model's tensors (converted once per sent record: strategies send one
+        record to many nodes), loaded into the plan model unless it holds them already."""
+        state = self._received.get(id(arrays))
+        if state is None:
+            state = self._received[id(arrays)] = received_state_dict(arrays)
+        if not self._plan_model_holds(state):
+            self.plan_model.load_state_dict(state)
+            self._loaded = (state, self._param_versions())
+        return state
+
+    def _param_versions(self) -> list[tuple[int, int]]:
+        # In-place writes (load_state_dict's copy_, an optimizer step) bump a tensor's _version.
+        return [(id(p), p._version) for p in self.plan_model.parameters()]
+
+    def _plan_model_holds(self, state: dict[str, torch.Tensor]) -> bool:
+        """Whether the plan model's parameters are ``state``'s, untouched since they were loaded
+        (then ``state`` itself, read-only in the pack, is the client's starting model)."""
+        return (
+            self._loaded is not None
+            and self._loaded[0] is state
+            and self._loaded[1] == self._param_versions()
+        )
 
     def __call__(
         self, messages: list[Message], contexts: dict[int, Context]
@@ -178,6 +213,9 @@ class PackedTrainer:
         """Replies (and per-node seconds) for the messages it trained, by position in ``messages``."""
         if self.reason:
             return {}
+        # Per call: id() keys of this call's sent records are only unique while they are alive.
+        self._received = {}
+        self._loaded = None
         out: dict[int, tuple[Message, float]] = {}
         groups: dict[object, list[_Entry]] = {}
         num_train = 0
@@ -193,6 +231,15 @@ class PackedTrainer:
         self.sequential_updates += num_train - len(out) - sum(len(g) for g in groups.values())
         size = self.scenario.engine.pack_size
         torch.set_num_threads(self.scenario.engine.client_threads)
+        entries = [e for group in groups.values() for e in group]
+        # The generator clients/app.py::train gives each client this round, all seeded at once.
+        seeds = derive_seeds(
+            [(self.scenario.seed, e.server_round, e.client.data.partition_id) for e in entries]
+        )
+        for entry, seed in zip(entries, seeds, strict=True):
+            entry.client.generator.manual_seed(seed)
+        self._received = {}
+        self._loaded = None
         for group in groups.values():
             for start in range(0, len(group), size):
                 self._train_chunk(group[start : start + size], out)
@@ -216,27 +263,22 @@ class PackedTrainer:
             pack_bytes(self.model, clients, cfg)
             + sum(c.data.x_train.nbytes + c.data.y_train.nbytes for c in clients),
         )
+        # Every reply's arrays are a row of the pack's stacked result (no copy per client; the
+        # server reads the rows back as one stack: server/validation.py, server/stacked_mean.py).
+        records = records_from_stack({k: v.numpy() for k, v in results[0].stack.items()})
         for entry, result in zip(chunk, results, strict=True):
-            # The same records, in the same order, as clients/app.py::train replies with.
-            metrics = MetricRecord(
-                {
-                    "train_loss": result.train_loss,
-                    "num-examples": result.num_examples,
-                    "num-steps": result.num_steps,
-                    **entry.plan.metrics,
-                }
+            # The ClientApp's own reply builder: the same records, in the same order.
+            reply = train_reply(
+                entry.msg,
+                entry.context,
+                entry.client.data.partition_id,
+                entry.trainer_name,
+                records[result.row],
+                result.train_loss,
+                result.num_examples,
+                result.num_steps,
+                entry.plan.metrics,
             )
-            pid = entry.client.data.partition_id
-            identity = client_identity(entry.context, pid)
-            identity[TRAINER] = entry.trainer_name
-            content = RecordDict(
-                {
-                    "arrays": record_from_state_dict(result.state),
-                    "metrics": metrics,
-                    IDENTITY_RECORD: identity,
-                }
-            )
-            reply = Message(content, reply_to=entry.msg)
             out[entry.pos] = (self._after_training(entry, reply), seconds)
 
     def _after_training(self, entry: _Entry, reply: Message) -> Message:
