@@ -30,23 +30,16 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from fedge.engines import run_engine
-from scenarios.config import load_scenario, validate_scenario
+from scenarios.config import AttackConfig, load_scenario, validate_scenario
 from scenarios.stats import format_mean_std, std_caption
 
-KINDS = [
-    "sign_flip",
-    "scale",
-    "gaussian",
-    "label_flip",
-    "free_rider",
-    "inflated_weight",
-    "alie",
-    "ipm",
-]
+# every attack the schema knows, in its order
+KINDS = [k for k in get_args(AttackConfig.model_fields["kind"].annotation) if k != "none"]
 ATTACKERS = {10: [1, 2, 3], 50: [2, 5, 10]}
 ALPHAS = [0.5, 0.1]
 SEEDS = [0, 1, 2]
