@@ -75,10 +75,10 @@ def start_auth_superlink(group, certs_dir: Path, host: str, port: int) -> None:
 
 
 @pytest.mark.slow
-def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path) -> None:
+def test_tls_and_supernode_auth_loopback_deployment(tmp_path: Path, tiny_scenario) -> None:
     certs = make_certs(tmp_path / "certs")
     keys = make_keys(tmp_path / "keys", 4)  # sn0..sn2 registered; sn3 is an intruder
-    scenario = tiny("deployment", tmp_path, federation={"round_timeout_s": 120.0})
+    scenario = tiny("deployment", tiny_scenario, federation={"round_timeout_s": 120.0})
     run_dir = tmp_path / "run"
     port = free_port()
     address = f"127.0.0.1:{port}"

@@ -91,7 +91,7 @@ def test_fedavg_run_and_help_import_no_peft(tmp_path: Path) -> None:
 
 
 def test_a_plugin_gets_the_conservative_capabilities(
-    installed_plugin: None, tmp_path: Path, capsys
+    installed_plugin: None, tmp_path: Path, capsys, tiny_scenario
 ) -> None:
     """A plug-in that declares no capability is not packed (the packed engine trains it through
     the ClientApp, saying why), gets no robust aggregation rule and no sparse replies."""
@@ -99,11 +99,11 @@ def test_a_plugin_gets_the_conservative_capabilities(
     assert not (declared.packable or declared.fedavg_aggregation or declared.sparse_replies)
     with pytest.raises(ScenarioError, match="replaces FedAvg's mean and works with fedavg"):
         validate_scenario(
-            {**tiny(tmp_path, {"name": "tinyavg"}), "robustness": {"aggregation": "median"}}
+            {**tiny(tiny_scenario, {"name": "tinyavg"}), "robustness": {"aggregation": "median"}}
         )
     rounds = {}
     for engine in ("inprocess", "packed"):
-        raw = {**tiny(tmp_path, {"name": "tinyavg"}), "engine": {"name": engine}}
+        raw = {**tiny(tiny_scenario, {"name": "tinyavg"}), "engine": {"name": engine}}
         run_engine(validate_scenario(raw), tmp_path / engine, show_progress=False)
         rounds[engine] = [r.get("central_loss") for r in load_run(tmp_path / engine).rounds]
     assert "0 client updates packed (6 sequential: trainer 'tinyavg' declares no LocalPlan" in (
