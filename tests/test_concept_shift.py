@@ -270,8 +270,11 @@ def test_packed_engine_trains_the_shifted_federation_as_inprocess(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ray", "deployment"])
 def test_done_when_command_runs_on_ray_and_deployment(engine: str, tmp_path: Path) -> None:
-    run_engine(_done_when("inprocess", tmp_path), tmp_path / "inprocess", show_progress=False)
-    summary = run_engine(_done_when(engine, tmp_path), tmp_path / engine)
+    # one client per group: half the SuperNodes (processes) of the fast tests' federation
+    small = ("algorithm.warmup_rounds=1", "data.num_clients=4")
+    inprocess = _done_when("inprocess", tmp_path, *small)
+    run_engine(inprocess, tmp_path / "inprocess", show_progress=False)
+    summary = run_engine(_done_when(engine, tmp_path, *small), tmp_path / engine)
     ours = load_run(tmp_path / "inprocess")
     theirs = load_run(tmp_path / engine)
     assert [r["central_accuracy_group3"] for r in theirs.rounds] == [
