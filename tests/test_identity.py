@@ -162,35 +162,15 @@ def test_a_claim_that_is_no_integer_cannot_crash_the_round_loop() -> None:
 def test_two_supernodes_claiming_one_partition_on_a_loopback_deployment(tmp_path: Path) -> None:
     """Real SuperNodes on a loopback SuperLink, both started with partition-id 0: each round one
     reply is refused (the later claimant), partition 0 trains once, the run stays ok."""
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-
-    from fedge.deploy import superlink_args, supernode_args
-    from fedge.engines import find_executable, flower_processes, free_port, wait_for_port
+    from fedge.engines import flower_processes
+    from fedge.engines.deployment import start_loopback_deployment
     from fedge.engines.submit import submit_app
 
     scenario = small_scenario(tmp_path, num_clients=2)
     run_dir = tmp_path / "run"
     with flower_processes(tmp_path / "logs") as group:
-        port = free_port()
-        link = group.start(
-            "superlink",
-            superlink_args(
-                find_executable("flower-superlink"),
-                certs=None,
-                host="127.0.0.1",
-                port=port,
-                database=FLWR_IN_MEMORY_DB_NAME,
-            ),
-        )
-        wait_for_port(port, link, "superlink", group)
-        for i in range(2):
-            group.start(
-                f"supernode-{i}",
-                supernode_args(
-                    find_executable("flower-supernode"), f"127.0.0.1:{port}", 0, 2, port=free_port()
-                ),
-            )
-        summary = submit_app(scenario, run_dir, group, f"127.0.0.1:{port}", None)
+        address = start_loopback_deployment(group, [0, 0], 2)  # both claim partition 0
+        summary = submit_app(scenario, run_dir, group, address, None)
         server_log = (tmp_path / "logs" / "flwr-run.log").read_text()
     assert summary["status"] == "ok"
     run = load_run(run_dir)
