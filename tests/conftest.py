@@ -67,3 +67,15 @@ class TinyScenario:
 def tiny_scenario(tmp_path: Path) -> TinyScenario:
     """The tiny scenario's builder, writing runs under the test's ``tmp_path``."""
     return TinyScenario(tmp_path)
+
+
+# -------------------- parallel runs (pytest-xdist, `-n 2` in pyproject's addopts)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start a Ray runtime share one xdist group, so they run one at a time in one
+    worker: two Ray runtimes at once would each claim every core and the object-store memory.
+    The other worker meanwhile runs the deployment tests, which mostly wait on Flower's polls."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))

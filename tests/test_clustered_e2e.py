@@ -165,6 +165,7 @@ def test_cluster_state_round_trips() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_clustered_ray_matches_inprocess(tmp_path: Path) -> None:
     algorithm = {"name": "clustered", "warmup_rounds": 1, "k_max": 4, "s_min": -1.0}
     run_engine(small(tmp_path, algorithm), tmp_path / "inprocess", show_progress=False)

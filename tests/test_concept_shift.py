@@ -268,7 +268,7 @@ def test_packed_engine_trains_the_shifted_federation_as_inprocess(tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ray", "deployment"])
+@pytest.mark.parametrize("engine", [pytest.param("ray", marks=pytest.mark.ray), "deployment"])
 def test_done_when_command_runs_on_ray_and_deployment(engine: str, tmp_path: Path) -> None:
     # one client per group: half the SuperNodes (processes) of the fast tests' federation
     small = ("algorithm.warmup_rounds=1", "data.num_clients=4")

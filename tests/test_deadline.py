@@ -144,6 +144,7 @@ def test_hetero_gpus_inprocess_end_to_end_and_seeded(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_hetero_gpus_on_ray_matches_inprocess(tmp_path: Path) -> None:
     # seed 0, 4 clients, 2 rounds: one offline client, two dropouts and a late phone
     over = SHRINK[1:] + [

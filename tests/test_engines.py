@@ -84,6 +84,7 @@ def test_client_exception_becomes_error_reply() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_matches_inprocess(tmp_path: Path, tiny_scenario) -> None:
     run_engine(tiny("inprocess", tiny_scenario), tmp_path / "inprocess", show_progress=False)
     run_engine(tiny("ray", tiny_scenario), tmp_path / "ray")

@@ -97,6 +97,7 @@ def test_fedlaw_operator_proxy_file(tmp_path: Path, tiny_scenario) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_fedlaw_ray_matches_inprocess(tmp_path: Path, tiny_scenario) -> None:
     algorithm = {"name": "fedlaw", "server_epochs": 3}
     for engine in ("inprocess", "ray"):

@@ -28,7 +28,7 @@ from server.checkpoint import load_checkpoint
 from tests.checkpoints import wait_for_checkpoint
 from tests.test_client_state_resume import lora_scenario
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[1]
 
 
