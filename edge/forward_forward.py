@@ -13,6 +13,13 @@ concatenate instead of overwriting the first C inputs (Hinton's MNIST trick) bec
   cannot read the previous layer's goodness off the vector's norm.
 * All layers train simultaneously, each on its own **detached** input: autograd never spans more
   than one layer (the physical-network "model-free" constraint).
+* The local update is declared once (:func:`forward_forward_plan`, a ``LocalPlan``): Adam
+  (``rule="adam"``) on :class:`FFObjective`, the sum of the layers' losses (the stop-gradients make
+  one backward of the sum per-layer training), with the negative labels drawn per batch by
+  :class:`NegativeLabels`. The ClientApp runs it on the model, the packed engine on a stack of
+  clients (each with its own Adam moments and its own draws); :func:`ff_step` back-propagates the
+  same layer losses one at a time, as a device would. Like every plan, it stops at the virtual
+  clock's step cap (partial work).
 * Inference (``FFMLP.forward``): for each of the C labels embed it, run the layers, sum the goodness
   of every layer, return the (B, C) scores; the prediction is the argmax. Hinton skips the first
   layer (``skip_first_layer=True``); on our 2-layer nets that scored *below chance* for the first
