@@ -51,6 +51,8 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "clustered": ("clustered_dir01.toml", ["algorithm.warmup_rounds=1"]),
     "hetero_gpus": ("hetero_gpus.toml", []),
     "edge_mixed": ("edge_mixed.toml", []),
+    # the same federation with forward-forward clients (Adam) on the ff_mlp instead of tpSGD ones
+    "edge_mixed_ff": ("edge_mixed.toml", ["model.name=ff_mlp"]),
     "fedavg_attack": ("quickstart.toml", ["attack.kind=sign_flip"]),
 }
 REPORT = re.compile(
@@ -72,6 +74,10 @@ def scenario_for(family: str, engine: str, args: argparse.Namespace):
     ]
     if family == "fedavg_attack":  # a tenth of the clients attack
         overrides.append(f"attack.clients={list(range(0, args.clients, 10))}")
+    if family == "edge_mixed_ff":  # the second half of the clients train forward-forward
+        overrides.append(
+            f'edge.trainers={{"{args.clients // 2}-{args.clients - 1}" = "forward_forward"}}'
+        )
     scenario = load_scenario(SCENARIOS / toml, overrides)
     if scenario.data.dataset == "mnist1d":
         scenario = load_scenario(

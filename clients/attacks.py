@@ -20,23 +20,26 @@ Being a mod, it wraps every trainer without touching any. For the partition ids 
 with Δ = w_trained − w_sent over the floating-point tensors (integer buffers are left alone). The
 noise is seeded from (scenario seed, round, partition id), so attacked runs are reproducible.
 The server marks attackers in ``clients.jsonl`` (``attacker = 1``, see ``server/robust.py``).
-For label_flip the attacker trains with plain SGD whatever the algorithm's own trainer is.
+For label_flip the attacker trains with plain SGD whatever the algorithm's own trainer is, by a
+declared local step (:func:`label_flip_plan`) that the packed engine trains too.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from clients.arrays import record_from_state_dict
 from clients.data import dataset_info, load_client_data
-from clients.identity import IDENTITY_RECORD, PARTITION_ID, TRAINER
 from clients.models import build_model
 from clients.node import node_scenario, resolve_device
+from clients.replies import train_reply
 from clients.seeding import derive_seed
-from clients.training import TrainJob, local_sgd
+from clients.training import LocalPlan, TrainJob, cross_entropy_objective, run_local_plan
 from scenarios.config import Scenario
 
 DEFAULT_STRENGTH = {
@@ -50,6 +53,7 @@ DEFAULT_STRENGTH = {
 # Attacks that need every honest update of the round: simulated on the server, not in this mod.
 SERVER_SIDE_KINDS = ("alie", "ipm")
 ATTACK_SEED_TAG = 0xA77AC
+LABEL_FLIP_TRAINER = "local_sgd (label_flip attacker)"  # the trainer its clients.jsonl rows name
 
 
 def strength_of(scenario: Scenario) -> float:
@@ -84,31 +88,59 @@ def poison_arrays(
     return out
 
 
+@dataclass(frozen=True)
+class FlippedLabelsObjective:
+    """The label-flip attacker's local objective (an ``Objective``): plain cross-entropy against
+    the flipped labels y → C − 1 − y. The one place the flip is declared: the attack mod trains
+    by it (:func:`label_flip_plan`), and so does the packed engine."""
+
+    num_classes: int
+
+    def __call__(
+        self,
+        params: dict[str, torch.Tensor],
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor | None,
+        context: dict[str, Any],
+    ) -> torch.Tensor:
+        return cross_entropy_objective(params, logits, self.num_classes - 1 - y, weight, context)
+
+
+def label_flip_plan(job: TrainJob) -> LocalPlan:
+    """What a label-flip attacker trains, whatever the algorithm's own trainer is: plain local SGD
+    (the scenario's [train]) on flipped labels, from the model it was sent."""
+    return LocalPlan(FlippedLabelsObjective(dataset_info(job.scenario.data).num_classes))
+
+
+def trains_flipped_labels(scenario: Scenario, pid: int) -> bool:
+    """Whether client ``pid`` is a label-flip attacker (it trains by :func:`label_flip_plan`)."""
+    return scenario.attack.kind == "label_flip" and pid in scenario.attack.clients
+
+
 def _label_flip_train(msg: Message, context: Context, scenario: Scenario, pid: int) -> Message:
-    """Plain local SGD on this client's data with every label y replaced by C − 1 − y."""
+    """The label-flip attacker's reply: :func:`label_flip_plan` trained on this client's data."""
     info = dataset_info(scenario.data)
     data = load_client_data(scenario.data, scenario.seed, pid)
-    flipped = dataclasses.replace(data, y_train=(info.num_classes - 1 - data.y_train))
     config = msg.content.get("config", ConfigRecord())
     server_round = int(config.get("server-round", 0))
     device = resolve_device(scenario.engine.device)
     model = build_model(scenario.model, info.input_shape, info.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     generator = torch.Generator().manual_seed(derive_seed(scenario.seed, server_round, pid))
-    result = local_sgd(
-        TrainJob(model.to(device), flipped, scenario, config, context.state, generator, device)
+    job = TrainJob(model.to(device), data, scenario, config, context.state, generator, device)
+    result = run_local_plan(job, label_flip_plan(job))
+    return train_reply(
+        msg,
+        context,
+        pid,
+        LABEL_FLIP_TRAINER,
+        record_from_state_dict(model.state_dict()),
+        result.train_loss,
+        result.num_examples,
+        result.num_steps,
+        result.metrics,
     )
-    metrics = MetricRecord(
-        {
-            "train_loss": result.train_loss,
-            "num-examples": result.num_examples,
-            "num-steps": result.num_steps,
-        }
-    )
-    arrays = ArrayRecord(model.to("cpu").state_dict())
-    identity = ConfigRecord({PARTITION_ID: pid, TRAINER: "local_sgd (label_flip attacker)"})
-    content = RecordDict({"arrays": arrays, "metrics": metrics, IDENTITY_RECORD: identity})
-    return Message(content, reply_to=msg)
 
 
 def attack_mod(msg: Message, context: Context, call_next) -> Message:
@@ -120,7 +152,7 @@ def attack_mod(msg: Message, context: Context, call_next) -> Message:
     pid = int(context.node_config.get("partition-id", -1))
     if attack.kind in ("none", *SERVER_SIDE_KINDS) or pid not in attack.clients:
         return call_next(msg, context)
-    if attack.kind == "label_flip":
+    if trains_flipped_labels(scenario, pid):
         return _label_flip_train(msg, context, scenario, pid)
 
     reply = call_next(msg, context)

@@ -16,6 +16,13 @@ buffers, so the result is the sequential trainer's up to float summation order:
   0 in the objective;
 - rule ``"sgd"`` is ``torch.optim.SGD``'s update written out: d = g + wd * w; buf = d (first
   step) or momentum * buf + d; w -= lr * buf;
+- rule ``"adam"`` is ``torch.optim.Adam``'s (betas (0.9, 0.999), eps 1e-8), with every client's
+  own moments: d = g + wd * w; m = lerp(m, d, 1 - b1); v = b2 * v + (1 - b2) * d²;
+  w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), t the client's step count (the
+  same for every client of a step: they all start together);
+- a plan's per-batch draw (``LocalPlan.draw``, e.g. forward-forward's negative labels) is made
+  when the batches are planned, from each client's generator right after its batch's epoch
+  shuffle, in the order the sequential trainer makes it;
 - rule ``"perfedavg_fo"`` (``algorithms/meta.py::perfedavg_fo_step``) over consecutive batch
   pairs: w~ = w - alpha * g(w; D), w -= beta * g(w~; D') (an unpaired last batch is both D and D').
 
@@ -35,7 +42,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from clients.data import ClientData
-from clients.training import LocalPlan
+from clients.training import BatchDraw, LocalPlan
 from scenarios.config import TrainConfig
 
 
@@ -66,27 +73,50 @@ class PackedResult:
 
 
 def unpackable_reason(model: nn.Module) -> str | None:
-    """Why ``model`` cannot be trained packed (None when it can)."""
-    if any(True for _ in model.buffers()):
+    """Why ``model`` cannot be trained packed (None when it can). Non-persistent buffers are
+    constants of the model's definition (e.g. ``FFMLP.label_codes``): the pack reads the
+    template's own."""
+    state = model.state_dict()
+    if any(name in state for name, _ in model.named_buffers()):
         return "the model has buffers (e.g. BatchNorm statistics), which the pack does not carry"
-    if [k for k, _ in model.named_parameters()] != list(model.state_dict()):
+    if [k for k, _ in model.named_parameters()] != list(state):
         return "the model's state dict is not exactly its parameters"
     return None
 
 
 def _batch_plan(
-    n: int, batch_size: int, epochs: int, generator: torch.Generator, max_steps: int | None
-) -> np.ndarray:
-    """(steps, batch_size) sample indices, -1 = padding; the same shuffles as ``batches()``."""
+    data: ClientData,
+    batch_size: int,
+    epochs: int,
+    generator: torch.Generator,
+    max_steps: int | None,
+    draw: BatchDraw | None,
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """(steps, batch_size) sample indices, -1 = padding, with the same shuffles as ``batches()``;
+    and with ``draw``, its (steps, batch_size, ...) draws (padding: zeros), drawn as
+    ``clients/training.py::local_steps`` draws them: after each batch, before the next shuffle."""
+    n = len(data.x_train)
     per_epoch = math.ceil(n / batch_size)
-    if max_steps is not None:  # the epochs a capped run starts (it draws no later shuffle)
-        epochs = min(epochs, math.ceil(max(max_steps, 1) / per_epoch))
-    plan = np.full((epochs, per_epoch * batch_size), -1, dtype=np.int64)
-    for epoch in range(epochs):
+    # local_steps checks its cap after a step: a cap of 0 still trains one step
+    steps = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max(max_steps, 1))
+    plan = np.full((math.ceil(steps / per_epoch), per_epoch * batch_size), -1, dtype=np.int64)
+    draws: list[torch.Tensor] = []
+    for epoch in range(len(plan)):  # the epochs a capped run starts (it draws no later shuffle)
         plan[epoch, :n] = torch.randperm(n, generator=generator).numpy()
-    plan = plan.reshape(epochs * per_epoch, batch_size)
-    # local_sgd checks its cap after a step: a cap of 0 still trains one step
-    return plan if max_steps is None else plan[: max(max_steps, 1)]
+        if draw is None:
+            continue
+        for start in range(0, n, batch_size):
+            if len(draws) == steps:
+                break
+            idx = plan[epoch, start : min(start + batch_size, n)]
+            draws.append(draw(torch.from_numpy(data.y_train[idx]), generator))
+    plan = plan.reshape(-1, batch_size)[:steps]
+    if draw is None:
+        return plan, None
+    drawn = torch.zeros((steps, batch_size, *draws[0].shape[1:]), dtype=draws[0].dtype)
+    for step, values in enumerate(draws):
+        drawn[step, : len(values)] = values
+    return plan, drawn
 
 
 def _context_tensors(context: dict[str, Any]) -> list[torch.Tensor]:
@@ -99,11 +129,15 @@ def _context_tensors(context: dict[str, Any]) -> list[torch.Tensor]:
     return out
 
 
-def pack_bytes(model: nn.Module, clients: list[PackedClient], cfg: TrainConfig) -> int:
-    """Bytes the stacked state of ``clients`` takes: parameters, gradients, momentum buffers and
-    the objective's context tensors (e.g. FedProx's received model)."""
+def pack_bytes(model: nn.Module, clients: list[PackedClient], plan: LocalPlan) -> int:
+    """Bytes the stacked state of ``clients`` takes: parameters, gradients, the optimizer's
+    buffers (SGD momentum, Adam's two moments) and the objective's context tensors (e.g.
+    FedProx's received model)."""
     per_client = sum(p.numel() * p.element_size() for p in model.parameters())
-    copies = 2 + (1 if cfg.momentum else 0)
+    cfg = plan.cfg
+    if cfg is None:
+        raise ValueError("pack_bytes needs a resolved plan (LocalPlan.resolved sets cfg)")
+    copies = 2 + (2 if plan.rule == "adam" else 1 if cfg.momentum and plan.rule == "sgd" else 0)
     context = sum(
         t.numel() * t.element_size() for c in clients for t in _context_tensors(c.context)
     )
@@ -139,29 +173,41 @@ def train_packed(
         raise ValueError("train_packed needs a resolved plan (LocalPlan.resolved sets cfg)")
     batch = cfg.batch_size
     meta = plan.rule == "perfedavg_fo"
+    if meta and plan.draw is not None:
+        raise ValueError("the perfedavg_fo rule runs objectives of the logits and labels only")
     plans = [
         # Per-FedAvg ignores the step cap, as algorithms/meta.py::run_perfedavg does.
         _batch_plan(
-            len(c.data.x_train), batch, cfg.epochs, c.generator, None if meta else c.max_steps
+            c.data, batch, cfg.epochs, c.generator, None if meta else c.max_steps, plan.draw
         )
         for c in clients
     ]
     # Longest first: at step s the clients still training are a prefix of the pack.
-    order = sorted(range(len(clients)), key=lambda i: -len(plans[i]))
-    batch_rows = np.array([len(plans[i]) for i in order])
+    order = sorted(range(len(clients)), key=lambda i: -len(plans[i][0]))
+    batch_rows = np.array([len(plans[i][0]) for i in order])
     total_rows = int(batch_rows[0])
 
     # All clients' samples in one tensor; a plan's local indices become global row numbers.
     sizes = np.array([len(clients[i].data.x_train) for i in order])
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     x_all = torch.from_numpy(np.concatenate([clients[i].data.x_train for i in order])).to(device)
-    y_all = torch.from_numpy(np.concatenate([clients[i].data.y_train for i in order])).to(device)
     index_np = np.full((len(order), total_rows, batch), -1, dtype=np.int64)
     for row, i in enumerate(order):
-        index_np[row, : len(plans[i])] = plans[i]
+        index_np[row, : len(plans[i][0])] = plans[i][0]
     valid_np = index_np >= 0
     index = torch.from_numpy(np.where(valid_np, index_np + offsets[:, None, None], 0)).to(device)
     valid = torch.from_numpy(valid_np).to(device, torch.float32)
+    # What the objective sees as labels at every (client, step, slot): the samples' own, or the
+    # plan's draws (padding: zeros, weighted 0 like the padded samples).
+    if plan.draw is None:
+        y_all = np.concatenate([clients[i].data.y_train for i in order])
+        labels = torch.from_numpy(y_all).to(device)[index]
+    else:
+        drawn = [plans[i][1] for i in order]
+        labels = torch.zeros((len(order), total_rows, *drawn[0].shape[1:]), dtype=drawn[0].dtype)
+        for row, values in enumerate(drawn):
+            labels[row, : len(values)] = values
+        labels = labels.to(device)
 
     names = [k for k, _ in model.named_parameters()]
     params = {
@@ -197,7 +243,7 @@ def train_packed(
             plan.meta_steps,
             num_steps,
             x_all,
-            y_all,
+            labels,
             index,
             valid,
             loss_sum,
@@ -205,8 +251,19 @@ def train_packed(
         )
     else:
         num_steps = batch_rows
-        _sgd_steps(
-            client_loss, params, context, cfg, num_steps, x_all, y_all, index, valid, loss_sum, seen
+        update = _AdamUpdate(params, cfg) if plan.rule == "adam" else _SgdUpdate(params, cfg)
+        _local_steps(
+            client_loss,
+            params,
+            context,
+            update,
+            num_steps,
+            x_all,
+            labels,
+            index,
+            valid,
+            loss_sum,
+            seen,
         )
 
     # Contiguous stacks: each client's reply arrays are rows of them (clients/arrays.py).
@@ -228,40 +285,80 @@ def _prefix(tree: Any, k: int) -> Any:
     return tree_map(lambda t: t[:k], tree)
 
 
-def _sgd_steps(
-    client_loss, params, context, cfg, num_steps, x_all, y_all, index, valid, loss_sum, seen
+class _SgdUpdate:
+    """``torch.optim.SGD``'s update, on every client's tensors at once; per-client momentum."""
+
+    def __init__(self, params: dict[str, torch.Tensor], cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.momentum = [torch.zeros_like(v) for v in params.values()] if cfg.momentum else None
+
+    def __call__(self, step: int, k: int, weights: list[torch.Tensor], grads: list[torch.Tensor]):
+        cfg = self.cfg
+        if cfg.weight_decay:
+            grads = torch._foreach_add(grads, weights, alpha=cfg.weight_decay)
+        if self.momentum is not None:
+            bufs = [buf[:k] for buf in self.momentum]
+            if step == 0:
+                torch._foreach_copy_(bufs, grads)
+            else:
+                torch._foreach_mul_(bufs, cfg.momentum)
+                torch._foreach_add_(bufs, grads)
+            grads = bufs
+        torch._foreach_add_(weights, grads, alpha=-cfg.lr)
+
+
+class _AdamUpdate:
+    """``torch.optim.Adam``'s update (default betas and eps, L2 weight decay), on every client's
+    tensors at once, with every client's own moments. Every client of step ``step`` is at Adam
+    step ``step + 1``: the bias corrections are one number per step."""
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, params: dict[str, torch.Tensor], cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.exp_avg = [torch.zeros_like(v) for v in params.values()]
+        self.exp_avg_sq = [torch.zeros_like(v) for v in params.values()]
+
+    def __call__(self, step: int, k: int, weights: list[torch.Tensor], grads: list[torch.Tensor]):
+        cfg, (beta1, beta2) = self.cfg, self.BETAS
+        if cfg.weight_decay:
+            grads = torch._foreach_add(grads, weights, alpha=cfg.weight_decay)
+        exp_avg = [m[:k] for m in self.exp_avg]
+        exp_avg_sq = [v[:k] for v in self.exp_avg_sq]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        t = step + 1
+        bias_correction1 = 1 - beta1**t
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, self.EPS)
+        torch._foreach_addcdiv_(weights, exp_avg, denom, value=-cfg.lr / bias_correction1)
+
+
+def _local_steps(
+    client_loss, params, context, update, num_steps, x_all, labels, index, valid, loss_sum, seen
 ) -> None:
-    """Mini-batch SGD on every client at once (``torch.optim.SGD``'s update written out)."""
+    """Mini-batch steps on every client at once: ``update`` (SGD's, Adam's) applied to the
+    vmapped gradients of the clients with a step left."""
     names = list(params)
     step_fn = vmap(grad_and_value(client_loss))
-    momentum = {k: torch.zeros_like(v) for k, v in params.items()} if cfg.momentum else None
     for s in range(int(num_steps[0])):
         k = int((num_steps > s).sum())  # the clients with a step left are a prefix
         mask = valid[:k, s]
-        rows = index[:k, s]
         p_k = _prefix(params, k)
-        grads, losses = step_fn(p_k, x_all[rows], y_all[rows], mask, _prefix(context, k))
+        grads, losses = step_fn(p_k, x_all[index[:k, s]], labels[:k, s], mask, _prefix(context, k))
         counts = mask.sum(1).to(torch.float64)
         loss_sum[:k] += losses.detach().to(torch.float64) * counts
         seen[:k] += counts
-        with torch.no_grad():  # torch.optim.SGD's update, on every client's tensors at once
-            weights = [p_k[name] for name in names]
-            steps = [grads[name] for name in names]
-            if cfg.weight_decay:
-                steps = torch._foreach_add(steps, weights, alpha=cfg.weight_decay)
-            if momentum is not None:
-                bufs = [momentum[name][:k] for name in names]
-                if s == 0:
-                    torch._foreach_copy_(bufs, steps)
-                else:
-                    torch._foreach_mul_(bufs, cfg.momentum)
-                    torch._foreach_add_(bufs, steps)
-                steps = bufs
-            torch._foreach_add_(weights, steps, alpha=-cfg.lr)
+        with torch.no_grad():
+            update(s, k, [p_k[name] for name in names], [grads[name] for name in names])
 
 
 def _perfedavg_steps(
-    client_loss, params, context, meta_steps, num_pairs, x_all, y_all, index, valid, loss_sum, seen
+    client_loss, params, context, meta_steps, num_pairs, x_all, labels, index, valid, loss_sum, seen
 ) -> None:
     """First-order Per-FedAvg on every client at once; ``loss_sum / seen`` ends as the mean
     post-adaptation loss over pairs (unweighted, as ``run_perfedavg`` reports it)."""
@@ -286,16 +383,15 @@ def _perfedavg_steps(
         else:
             second = torch.where(has_second, second, torch.full_like(second, first))
         clients = torch.arange(k, device=index.device)
-        rows1, w1 = index[:k, first], valid[:k, first]
-        rows2, w2 = index[clients, second], valid[clients, second]
+        w1, w2 = valid[:k, first], valid[clients, second]
         p_k = _prefix(params, k)
         grads, losses = step_fn(
             p_k,
-            x_all[rows1],
-            y_all[rows1],
+            x_all[index[:k, first]],
+            labels[:k, first],
             w1,
-            x_all[rows2],
-            y_all[rows2],
+            x_all[index[clients, second]],
+            labels[clients, second],
             w2,
             _prefix(context, k),
         )

@@ -105,6 +105,14 @@ def _call_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+# (y of a batch, the client's shuffling generator) -> the labels the forward's outputs are scored
+# against: drawn right after the batch (and its epoch's shuffle) from the same generator, so a
+# client's stream of draws is the same one batch at a time or planned ahead by the pack.
+BatchDraw = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+Rule = Literal["sgd", "adam", "perfedavg_fo"]
+
+
 @dataclass
 class LocalPlan:
     """What one client's local update is, declared once and run either by :func:`run_local_plan`
@@ -116,6 +124,8 @@ class LocalPlan:
 
     - ``"sgd"``: mini-batch SGD (``torch.optim.SGD`` with ``cfg``'s lr, momentum, weight decay)
       for ``cfg.epochs`` shuffled epochs, or ``max_steps`` steps;
+    - ``"adam"``: the same steps with ``torch.optim.Adam`` (``cfg``'s lr and weight decay, the
+      default betas and eps; ``cfg.momentum`` is not read);
     - ``"perfedavg_fo"``: first-order Per-FedAvg over consecutive batch pairs (D, D'):
       ``θ̃ = θ − α∇f(θ;D)``, ``θ ← θ − β∇f(θ̃;D')`` with ``(α, β) = meta_steps``
       (``algorithms/meta.py::run_perfedavg``).
@@ -125,10 +135,11 @@ class LocalPlan:
     context: dict[str, Any] = field(default_factory=dict)  # client constants for the objective
     cfg: TrainConfig | None = None  # None: the scenario's [train]
     max_steps: int | None = None  # None: the virtual clock's cap (config max-local-steps), if any
-    rule: Literal["sgd", "perfedavg_fo"] = "sgd"
+    rule: Rule = "sgd"
     meta_steps: tuple[float, float] = (0.0, 0.0)  # Per-FedAvg's (alpha, beta)
     metrics: dict[str, float] = field(default_factory=dict)  # extra reply metrics
     forward: PlanForward | None = None  # None: the objective sees the model's logits
+    draw: BatchDraw | None = None  # None: the objective sees the batch's labels
 
     def resolved(self, job: TrainJob) -> LocalPlan:
         """This plan with ``cfg`` and ``max_steps`` filled in from the scenario and the config."""
@@ -141,7 +152,7 @@ class LocalPlan:
 
     def pack_key(self) -> Hashable:
         """Plans with equal keys train in one pack (same objective, rule and optimizer)."""
-        return (self.objective, self.forward, self.rule, self.meta_steps, self.cfg)
+        return (self.objective, self.forward, self.draw, self.rule, self.meta_steps, self.cfg)
 
 
 PlanFn = Callable[["TrainJob"], LocalPlan]
@@ -155,18 +166,20 @@ def run_local_plan(job: TrainJob, plan: LocalPlan) -> TrainResult:
     def loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return plan.objective(params, logits, y, None, plan.context)
 
-    if plan.rule == "sgd":
+    if plan.rule in ("sgd", "adam"):
         forward = plan.forward
-        result = local_sgd(
+        result = local_steps(
             job,
             loss,
             plan.cfg,
             plan.max_steps,
             None if forward is None else lambda x: forward(job.model, _call_module, x),
+            plan.draw,
+            plan.rule,
         )
     else:
-        if plan.forward is not None:
-            raise ValueError("the perfedavg_fo rule runs objectives of the logits only")
+        if plan.forward is not None or plan.draw is not None:
+            raise ValueError("the perfedavg_fo rule runs objectives of the logits and labels only")
         if len(job.data.x_train) == 0:
             raise ValueError(f"client {job.data.partition_id} has no training data")
         job.model.train()
@@ -228,6 +241,29 @@ def local_sgd(
 ) -> TrainResult:
     """Mini-batch SGD over the client's train split for ``cfg.epochs`` epochs (or ``max_steps``).
     ``loss_fn`` sees ``forward(x)`` of each batch (default: the model's logits)."""
+    return local_steps(job, loss_fn, cfg, max_steps, forward)
+
+
+def _optimizer(rule: str, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if rule == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def local_steps(
+    job: TrainJob,
+    loss_fn: BatchLoss = cross_entropy,
+    cfg: TrainConfig | None = None,
+    max_steps: int | None = None,
+    forward: Callable[[torch.Tensor], Any] | None = None,
+    draw: BatchDraw | None = None,
+    rule: Literal["sgd", "adam"] = "sgd",
+) -> TrainResult:
+    """Mini-batch steps of ``rule`` (a :class:`LocalPlan`'s) over the client's train split for
+    ``cfg.epochs`` epochs (or ``max_steps``). ``loss_fn`` sees ``forward(x)`` of each batch
+    (default: the model's logits) and ``draw(y, job.generator)`` (default: the labels y)."""
     cfg = cfg or job.scenario.train
     model, data = job.model, job.data
     if max_steps is None and "max-local-steps" in job.config:
@@ -239,16 +275,15 @@ def local_sgd(
             f"client {data.partition_id} has no training data; lower data.num_clients or change the partitioner"
         )
     model.train()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    opt = _optimizer(rule, model, cfg)
     total, seen, steps = 0.0, 0, 0
     for _ in range(cfg.epochs):
         for xb, yb in batches(
             data.x_train, data.y_train, cfg.batch_size, job.generator, job.device
         ):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, model(xb) if forward is None else forward(xb), yb)
+            labels = yb if draw is None else draw(yb, job.generator)
+            loss = loss_fn(model, model(xb) if forward is None else forward(xb), labels)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(yb)

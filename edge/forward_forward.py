@@ -13,6 +13,13 @@ concatenate instead of overwriting the first C inputs (Hinton's MNIST trick) bec
   cannot read the previous layer's goodness off the vector's norm.
 * All layers train simultaneously, each on its own **detached** input: autograd never spans more
   than one layer (the physical-network "model-free" constraint).
+* The local update is declared once (:func:`forward_forward_plan`, a ``LocalPlan``): Adam
+  (``rule="adam"``) on :class:`FFObjective`, the sum of the layers' losses (the stop-gradients make
+  one backward of the sum per-layer training), with the negative labels drawn per batch by
+  :class:`NegativeLabels`. The ClientApp runs it on the model, the packed engine on a stack of
+  clients (each with its own Adam moments and its own draws); :func:`ff_step` back-propagates the
+  same layer losses one at a time, as a device would. Like every plan, it stops at the virtual
+  clock's step cap (partial work).
 * Inference (``FFMLP.forward``): for each of the C labels embed it, run the layers, sum the goodness
   of every layer, return the (B, C) scores; the prediction is the argmax. Hinton skips the first
   layer (``skip_first_layer=True``); on our 2-layer nets that scored *below chance* for the first
@@ -31,12 +38,15 @@ first layer has a different input width.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clients.training import TrainJob, TrainResult, batches
+from clients.training import LocalPlan, TrainJob, plan_trainer, weighted_mean
 
 EPS = 1e-6
 
@@ -46,9 +56,12 @@ def goodness(h: torch.Tensor) -> torch.Tensor:
     return h.pow(2).mean(1)
 
 
-def ff_layer_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float) -> torch.Tensor:
-    """mean over the batch of softplus(−(G_pos − θ)) + softplus(G_neg − θ)."""
-    return (F.softplus(-(g_pos - theta)) + F.softplus(g_neg - theta)).mean()
+def ff_layer_loss(
+    g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mean over the batch of softplus(−(G_pos − θ)) + softplus(G_neg − θ); with ``weight``
+    (0/1 per sample) over the weighted samples only."""
+    return weighted_mean(F.softplus(-(g_pos - theta)) + F.softplus(g_neg - theta), weight)
 
 
 def normalize(h: torch.Tensor) -> torch.Tensor:
@@ -79,8 +92,9 @@ class FFMLP(nn.Module):
         self.register_buffer("label_codes", torch.eye(num_classes), persistent=False)
 
     def embed(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Flattened features with the one-hot of ``labels`` appended."""
-        return torch.cat([x.flatten(1), F.one_hot(labels, self.num_classes).to(x.dtype)], dim=1)
+        """Flattened features with the one-hot of ``labels`` appended (rows of ``label_codes``:
+        ``F.one_hot`` reads the labels' values, which ``torch.func.vmap`` cannot)."""
+        return torch.cat([x.flatten(1), self.label_codes[labels].to(x.dtype)], dim=1)
 
     def layer_outputs(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Activity of every layer for embedded inputs ``z`` (normalised between layers)."""
@@ -111,23 +125,98 @@ def wrong_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) 
     return (y + shift) % num_classes
 
 
-def ff_step(
-    model: FFMLP, xb: torch.Tensor, yb: torch.Tensor, theta: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Accumulate every layer's local FF gradient for one batch; return the summed layer loss."""
-    a_pos = model.embed(xb, yb)
-    a_neg = model.embed(xb, wrong_labels(yb, model.num_classes, generator))
-    total = torch.zeros((), device=xb.device)
+@dataclass(frozen=True)
+class NegativeLabels:
+    """FF's per-batch draw (a ``BatchDraw``): (B, 2) labels, the true one and a wrong one
+    (:func:`wrong_labels`) per sample, drawn from the client's shuffling generator."""
+
+    num_classes: int
+
+    def __call__(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.stack([y, wrong_labels(y, self.num_classes, generator)], dim=1)
+
+
+def layer_losses(
+    model: FFMLP,
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    theta: float,
+    weight: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """Every layer's FF loss (:func:`ff_layer_loss`) for batch ``x`` with ``labels[:, 0]``
+    (positive) and ``labels[:, 1]`` (negative) embedded, in layer order. Each layer reads the
+    *detached* activity of the layer before (normalised), so no loss reaches an earlier layer; the
+    losses are computed lazily, so a caller may back-propagate (and free) one before the next
+    layer runs. ``call(layer, input)`` runs a layer on other parameters (the pack)."""
+    a_pos, a_neg = model.embed(x, labels[:, 0]), model.embed(x, labels[:, 1])
     for index, layer in enumerate(model.layers):
-        # detached input: this layer's loss cannot reach the layers before it
         in_pos, in_neg = a_pos.detach(), a_neg.detach()
         if index > 0:
             in_pos, in_neg = normalize(in_pos), normalize(in_neg)
-        h_pos, h_neg = F.relu(layer(in_pos)), F.relu(layer(in_neg))
-        loss = ff_layer_loss(goodness(h_pos), goodness(h_neg), theta)
+        if call is None:
+            h_pos, h_neg = F.relu(layer(in_pos)), F.relu(layer(in_neg))
+        else:
+            h_pos, h_neg = F.relu(call(layer, in_pos)), F.relu(call(layer, in_neg))
+        yield ff_layer_loss(goodness(h_pos), goodness(h_neg), theta, weight)
+        a_pos, a_neg = h_pos.detach(), h_neg.detach()
+
+
+@dataclass
+class FFBatch:
+    """What FF's objective sees of a batch: the model, the parameters to run it on and the batch,
+    scored once the labels are known (:func:`layer_losses`)."""
+
+    model: FFMLP
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    x: torch.Tensor
+
+    def layer_losses(
+        self, labels: torch.Tensor, theta: float, weight: torch.Tensor | None
+    ) -> Iterator[torch.Tensor]:
+        return layer_losses(self.model, self.call, self.x, labels, theta, weight)
+
+
+@dataclass(frozen=True)
+class FFForward:
+    """FF's forward (a ``PlanForward``): the batch, held until the objective embeds the labels."""
+
+    def __call__(self, model: nn.Module, call, x: torch.Tensor) -> FFBatch:
+        return FFBatch(require_ff_model(model), call, x)
+
+
+@dataclass(frozen=True)
+class FFObjective:
+    """FF's local objective (an ``Objective`` over :class:`FFForward` and :class:`NegativeLabels`):
+    the sum of every layer's loss. The stop-gradients between layers make the gradient of each
+    layer's weights that of its own loss only, so one backward of the sum is per-layer training."""
+
+    theta: float
+
+    def __call__(
+        self,
+        params: dict[str, torch.Tensor],
+        batch: FFBatch,
+        labels: torch.Tensor,
+        weight: torch.Tensor | None,
+        context: dict[str, Any],
+    ) -> torch.Tensor:
+        return sum(batch.layer_losses(labels, self.theta, weight))
+
+
+def ff_step(
+    model: FFMLP, xb: torch.Tensor, yb: torch.Tensor, theta: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Accumulate every layer's local FF gradient for one batch; return the summed layer loss.
+
+    The update :func:`forward_forward_plan` declares, with each layer's loss back-propagated as
+    soon as it is computed, so at most one layer's graph is alive at a time (what a device does;
+    ``edge/memory.py`` measures it)."""
+    labels = NegativeLabels(model.num_classes)(yb, generator)
+    total = torch.zeros((), device=xb.device)
+    for loss in layer_losses(model, None, xb, labels, theta):
         loss.backward()
         total = total + loss.detach()
-        a_pos, a_neg = h_pos.detach(), h_neg.detach()
     return total
 
 
@@ -140,24 +229,21 @@ def require_ff_model(model: nn.Module) -> FFMLP:
     return model
 
 
-def train_forward_forward(job: TrainJob) -> TrainResult:
+def forward_forward_plan(job: TrainJob) -> LocalPlan:
     """Forward-forward on the client's data (Adam, lr = ``edge.ff_lr``) for ``train.epochs`` epochs."""
-    model, data, cfg = job.model, job.data, job.scenario.train
-    require_ff_model(model)
-    if len(data.x_train) == 0:
-        raise ValueError(f"client {data.partition_id} has no training data")
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=job.scenario.edge.ff_lr)
-    theta = job.scenario.edge.ff_threshold
-    total, seen, steps = 0.0, 0, 0
-    for _ in range(cfg.epochs):
-        for xb, yb in batches(
-            data.x_train, data.y_train, cfg.batch_size, job.generator, job.device
-        ):
-            opt.zero_grad(set_to_none=True)
-            loss = ff_step(model, xb, yb, theta, job.generator)
-            opt.step()
-            total += float(loss) * len(yb)
-            seen += len(yb)
-            steps += 1
-    return TrainResult(len(data.x_train), total / max(seen, 1), steps)
+    model = require_ff_model(job.model)
+    edge = job.scenario.edge
+    # Adam with FF's own learning rate and no weight decay (momentum is not Adam's).
+    cfg = job.scenario.train.model_copy(
+        update={"lr": edge.ff_lr, "momentum": 0.0, "weight_decay": 0.0}
+    )
+    return LocalPlan(
+        FFObjective(edge.ff_threshold),
+        cfg=cfg,
+        rule="adam",
+        forward=FFForward(),
+        draw=NegativeLabels(model.num_classes),
+    )
+
+
+train_forward_forward = plan_trainer(forward_forward_plan)

@@ -1,13 +1,14 @@
 """The packed engine trains the same model as the sequential in-process engine for every method
 that declares its local step (FedAvg, FedProx, FedLD, FedLAW, clustered, CFL, IFCA, Per-FedAvg,
-tpSGD), gives ``[devices]`` and ``[attack]`` runs the ClientApp's outcomes, and falls back to the
-ClientApp, saying why, for what it cannot pack."""
+tpSGD, forward-forward), gives ``[devices]`` and ``[attack]`` runs (label-flip attackers included)
+the ClientApp's outcomes, and falls back to the ClientApp, saying why, for what it cannot pack."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import torch
 from clients.data import dataset_info, load_client_data
 from clients.models import build_model
 from clients.packed import PackedClient, train_packed
-from clients.training import LocalPlan, TrainJob, local_sgd
+from clients.training import LocalPlan, TrainJob, local_sgd, run_local_plan
+from edge.forward_forward import forward_forward_plan
 from fedge.engines import run_engine
 from scenarios.config import validate_scenario
 from scenarios.results import MODEL_FILE, load_run
@@ -128,6 +130,26 @@ METHODS = [
         },
         id="tpsgd-mse-cnn1d",
     ),
+    pytest.param(  # Adam and negative-label draws; the other clients backprop the same model
+        {
+            "model": {"name": "ff_mlp", "hidden": [32, 32]},
+            "edge": {"trainers": {"0-4": "forward_forward"}, "export_onnx": False},
+        },
+        id="forward-forward-and-fedavg",
+    ),
+    pytest.param(
+        {
+            "model": {"name": "ff_mlp", "hidden": [32, 32]},
+            "train": {**BASE["train"], "epochs": 3},
+            "edge": {
+                "trainers": {"*": "forward_forward"},
+                "ff_lr": 0.02,
+                "ff_threshold": 1.0,
+                "export_onnx": False,
+            },
+        },
+        id="forward-forward",
+    ),
 ]
 
 
@@ -175,9 +197,82 @@ def test_packed_trainer_matches_local_sgd_client_by_client() -> None:
         assert torch.equal(start[key], value)
 
 
+def test_packed_forward_forward_matches_its_trainer_client_by_client() -> None:
+    """Adam with every client's own moments, the negative labels drawn from every client's own
+    generator between its batches, ragged data and step caps: each client's result is the one
+    the sequential forward-forward trainer gives it."""
+    scenario = validate_scenario(
+        {**BASE, "name": "unit", "model": {"name": "ff_mlp", "hidden": [32, 32]}}
+    )
+    info = dataset_info(scenario.data)
+    model = build_model(scenario.model, info.input_shape, info.num_classes)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    datas = [load_client_data(scenario.data, scenario.seed, pid) for pid in range(4)]
+    assert len({len(d.x_train) for d in datas}) > 1  # ragged on purpose
+    caps = [None, 3, None, 1]  # partial work on two clients
+
+    def job(i: int, model: torch.nn.Module) -> TrainJob:
+        config = {} if caps[i] is None else {"max-local-steps": caps[i]}
+        generator = torch.Generator().manual_seed(10 + i)
+        return TrainJob(model, datas[i], scenario, config, None, generator, torch.device("cpu"))
+
+    plans = [forward_forward_plan(job(i, model)).resolved(job(i, model)) for i in range(4)]
+    assert len({p.pack_key() for p in plans}) == 1 and plans[0].rule == "adam"
+    packed = train_packed(
+        model,
+        [
+            PackedClient(d, start, torch.Generator().manual_seed(10 + i), max_steps=caps[i])
+            for i, d in enumerate(datas)
+        ],
+        plans[0],
+        torch.device("cpu"),
+    )
+    for i, d in enumerate(datas):
+        alone = build_model(scenario.model, info.input_shape, info.num_classes)
+        alone.load_state_dict(start)
+        result = run_local_plan(job(i, alone), forward_forward_plan(job(i, alone)))
+        steps = caps[i] or scenario.train.epochs * math.ceil(len(d.x_train) / 16)
+        assert packed[i].num_steps == result.num_steps == steps
+        assert packed[i].train_loss == pytest.approx(result.train_loss, rel=1e-5)
+        for key, value in alone.state_dict().items():
+            # Adam divides by sqrt(v): an entry with tiny gradients amplifies their float noise
+            # (summation order), so the engines' tolerance, not SGD's 1e-5.
+            torch.testing.assert_close(packed[i].state[key], value, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        pytest.param({}, id="tpsgd-and-backprop"),
+        pytest.param(  # the same federation with forward-forward phones instead of tpSGD ones
+            {
+                "model": {"name": "ff_mlp", "hidden": [128, 128]},
+                "trainers": {"4-7": "forward_forward"},
+            },
+            id="forward-forward-and-backprop",
+        ),
+    ],
+)
+def test_the_mixed_edge_federation_is_packed_whole(edge: dict, tmp_path: Path, capsys) -> None:
+    """``scenarios/edge_mixed.toml`` (2 rounds): every client packed, the in-process model."""
+    raw = tomllib.loads(Path(__file__).parents[1].joinpath("scenarios/edge_mixed.toml").read_text())
+    raw["num_rounds"] = 2
+    raw["model"] = edge.get("model", raw["model"])
+    raw["edge"] = {**raw["edge"], "trainers": edge.get("trainers", raw["edge"]["trainers"])}
+    raw["edge"]["export_onnx"] = False
+    sequential = _run(raw, "inprocess", tmp_path)
+    capsys.readouterr()
+    packed = _run(raw, "packed", tmp_path)
+    assert _packed_count(capsys.readouterr().out).startswith(
+        "16 client updates packed (0 sequential"
+    )
+    _assert_same_training(sequential, packed)
+
+
 def test_unpackable_clients_go_through_the_client_app(tmp_path: Path, caplog) -> None:
-    """Forward-forward (Adam, label draws between batches) is not packed: it runs sequentially,
-    the tpSGD and FedAvg clients packed, and the model is still the in-process engine's."""
+    """A trainer whose plan cannot train the run's model (forward-forward needs ``ff_mlp``) goes
+    through the ClientApp, which replies with the trainer's error; the tpSGD and FedAvg clients
+    are packed, and the model is still the in-process engine's."""
     raw = {
         **BASE,
         "edge": {"trainers": {"0": "tpsgd", "1": "forward_forward"}, "export_onnx": False},
@@ -185,8 +280,10 @@ def test_unpackable_clients_go_through_the_client_app(tmp_path: Path, caplog) ->
     sequential = _run(raw, "inprocess", tmp_path)
     with caplog.at_level(logging.WARNING, logger="fedge.engines.packed"):
         packed = _run(raw, "packed", tmp_path)
-    assert "trainer 'forward_forward' declares no LocalPlan" in caplog.text
+    assert "trainer 'forward_forward''s plan raised ValueError" in caplog.text
+    assert "model.name = 'ff_mlp'" in caplog.text
     assert "'tpsgd'" not in caplog.text
+    assert sequential[0][1]["num_replies"] == packed[0][1]["num_replies"] == 6  # one failed
     _assert_same_training(sequential, packed)
 
 
@@ -313,19 +410,26 @@ def test_attack_runs_packed_rewrite_the_attackers_updates(
     _assert_same_training(sequential, packed)
 
 
-def test_label_flip_attackers_train_through_the_client_app(tmp_path: Path, caplog, capsys) -> None:
+def test_label_flip_attackers_are_packed(tmp_path: Path, capsys) -> None:
+    """Label-flip attackers train the attack mod's own plan (plain SGD on flipped labels) in the
+    pack: the same replies, outcomes and model as through the ClientApp, with a device clock."""
     raw = {
         **BASE,
+        "algorithm": {"name": "fedprox", "mu": 0.3},  # the attackers train plain SGD regardless
         "attack": {"kind": "label_flip", "clients": [1, 4]},
         "devices": {**HETERO_FLEET, "policy": "deadline", "deadline_s": 0.0347},
     }
     seq = _run_full(raw, "inprocess", tmp_path)
     capsys.readouterr()
-    with caplog.at_level(logging.WARNING, logger="fedge.packed"):
-        packed = _run_full(raw, "packed", tmp_path)
-    assert "label_flip attackers train inside the attack mod" in caplog.text
-    assert "(0 sequential" not in _packed_count(capsys.readouterr().out)
+    packed = _run_full(raw, "packed", tmp_path)
+    assert "(0 sequential" in _packed_count(capsys.readouterr().out)
+    attackers = [r for r in packed.clients if r["partition_id"] in (1, 4) and "trainer" in r]
+    assert attackers and {r["trainer"] for r in attackers} == {"local_sgd (label_flip attacker)"}
     _assert_same_outcomes(seq, packed)
+    _assert_same_training(
+        (seq.rounds, torch.load(seq.run_dir / MODEL_FILE)),
+        (packed.rounds, torch.load(packed.run_dir / MODEL_FILE)),
+    )
 
 
 def test_a_failing_pack_falls_back_to_the_client_app(tmp_path: Path, caplog, monkeypatch) -> None:

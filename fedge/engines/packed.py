@@ -14,12 +14,15 @@ and clients whose plans agree train in one pack. The ClientApp's mods keep their
   ``account_training``) run for every packed client: the same availability, out-of-memory and
   dropout verdicts (as error replies), the same partial-work cap, virtual time and energy;
 - ``[attack]``: every packed reply passes through ``clients/attacks.py::attack_mod`` itself, which
-  rewrites the attackers' updates exactly as on the ClientApp (label-flip attackers, who train
-  inside the mod, go through the ClientApp).
+  rewrites the attackers' updates exactly as on the ClientApp; label-flip attackers, whom the mod
+  trains itself, are packed with the mod's own plan (``clients/attacks.py::label_flip_plan``:
+  plain SGD on flipped labels) and replied as the mod replies.
 
 Clients it cannot pack go through the ClientApp as in the ``inprocess`` engine, with the reason
-logged once: a trainer that declares no plan (LoRA, forward-forward), mods other than the
-clock, LoRA downlink and attack ones, a model with buffers, no training data, a pack that raised.
+logged once: a trainer that declares no plan (LoRA), a plan that raised (e.g. forward-forward on
+a model other than ``ff_mlp``: the ClientApp replies with the trainer's error), mods other than
+the clock, LoRA downlink and attack ones, a model with (persistent) buffers, no training data, a
+pack that raised.
 
 Memory is bounded by training at most ``engine.pack_size`` clients at a time; the largest pack's
 stacked state, the process's peak RSS (which also holds the pack's activations: ~2 MiB per client
@@ -39,7 +42,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import MessageType
 
 from clients.arrays import received_state_dict, records_from_stack
-from clients.attacks import attack_mod
+from clients.attacks import (
+    LABEL_FLIP_TRAINER,
+    attack_mod,
+    label_flip_plan,
+    trains_flipped_labels,
+)
 from clients.clock import (
     ClockTicket,
     DeviceError,
@@ -140,13 +148,13 @@ class PackedTrainer:
         if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
             return None  # evaluation and custom actions always go through the ClientApp
         pid = partition_id(context)
-        trainer_name = trainer_name_for(self.scenario, pid)
-        plan_fn = self._plan_fn(trainer_name)
+        if trains_flipped_labels(self.scenario, pid):
+            # The attack mod trains it by its own plan, whatever the algorithm's trainer is.
+            trainer_name, plan_fn = LABEL_FLIP_TRAINER, label_flip_plan
+        else:
+            trainer_name = trainer_name_for(self.scenario, pid)
+            plan_fn = self._plan_fn(trainer_name)
         if plan_fn is None:
-            return None
-        attack = self.scenario.attack
-        if attack.kind == "label_flip" and pid in attack.clients:
-            self._note("label_flip attackers train inside the attack mod (clients/attacks.py)")
             return None
         data = self._data.get(pid)
         if data is None:  # the data of a run's clients never changes (load_client_data caches)
@@ -175,7 +183,12 @@ class PackedTrainer:
             torch.device("cpu"),
             received=msg.content,
         )
-        plan = plan_fn(job).resolved(job)
+        try:
+            plan = plan_fn(job).resolved(job)
+        except Exception as ex:  # e.g. a trainer that cannot train this model
+            self._note(f"trainer {trainer_name!r}'s plan raised {type(ex).__name__}: {ex}")
+            self._loaded = None  # the plan may have loaded other weights before raising
+            return None  # the ClientApp replies with the trainer's own error
         if not self._plan_model_holds(start):
             # The plan loaded other weights (e.g. IFCA's picked cluster model): start from those.
             start = {k: p.detach().clone() for k, p in model.named_parameters()}
@@ -257,10 +270,9 @@ class PackedTrainer:
         seconds = time.perf_counter() - t0  # the chunk's nodes trained "in parallel"
         self.train_seconds += seconds
         self.packed_updates += len(chunk)
-        cfg = chunk[0].plan.cfg or self.scenario.train
         self.peak_pack_bytes = max(
             self.peak_pack_bytes,
-            pack_bytes(self.model, clients, cfg)
+            pack_bytes(self.model, clients, chunk[0].plan)
             + sum(c.data.x_train.nbytes + c.data.y_train.nbytes for c in clients),
         )
         # Every reply's arrays are a row of the pack's stacked result (no copy per client; the
@@ -283,8 +295,9 @@ class PackedTrainer:
 
     def _after_training(self, entry: _Entry, reply: Message) -> Message:
         """What the ClientApp's mods do to a trained reply: attackers rewrite it (the attack mod
-        itself, innermost), then the clock times it."""
-        if self.scenario.attack.kind != "none":
+        itself, innermost), then the clock times it. A label-flip attacker's reply is already
+        the attack mod's (the pack trained the mod's own plan), so there is nothing to rewrite."""
+        if self.scenario.attack.kind != "none" and entry.trainer_name != LABEL_FLIP_TRAINER:
             reply = attack_mod(entry.msg, entry.context, lambda _msg, _ctx: reply)
         if entry.ticket is not None:
             reply = account_training(entry.ticket, reply)
