@@ -43,13 +43,17 @@ KINDS = [k for k in get_args(AttackConfig.model_fields["kind"].annotation) if k 
 ATTACKERS = {10: [1, 2, 3], 50: [2, 5, 10]}
 ALPHAS = [0.5, 0.1]
 SEEDS = [0, 1, 2]
-NO_DEFENCE = {"relative_norm_bound": 0.0, "max_weight_share": 1.0}
-# name -> [robustness] settings on top of fedge's defaults (relative norm bound 3, weight cap
-# "auto"), except the first, which turns those off: the plain mean of the earlier defaults.
+NO_DEFENCE = {"relative_norm_bound": 0.0, "max_weight_share": 1.0, "direction_check": False}
+# issue #23's defaults (relative norm bound 3, weight cap "auto"), without #24's direction check
+NORM_BOUND_AND_CAP = {"direction_check": False}
+# name -> [robustness] settings. 'direction check' is fedge's defaults (#24: norm bound, weight
+# cap and direction check); every other column turns the direction check off (the rules were
+# measured on top of #23's defaults) and the first turns everything off: the plain mean.
 # num_malicious (f) is filled in per federation size (F_ASSUMED).
 DEFENCES: dict[str, dict] = {
     "mean (no checks)": NO_DEFENCE,
-    "mean (defaults)": {},
+    "norm bound + cap": NORM_BOUND_AND_CAP,
+    "direction check": {},
     "median": {"aggregation": "median"},
     "trimmed mean 0.2": {"aggregation": "trimmed_mean", "trim_beta": 0.2},
     "Krum": {"aggregation": "krum"},
@@ -61,6 +65,11 @@ DEFENCES: dict[str, dict] = {
     "NNM + GM": {"aggregation": "geometric_median", "preaggregation": "nnm"},
     "FLTrust": {"trust_scoring": True},
 }
+for _name, _settings in DEFENCES.items():
+    if _name != "direction check":
+        _settings.setdefault("direction_check", False)
+# the quickstart's columns: the shipped defaults, and #23's
+QUICKSTART_DEFENCES = {"defaults": {}, "norm bound + cap": NORM_BOUND_AND_CAP}
 F_ASSUMED = {10: 3, 50: 10}
 SETTINGS = {
     "num_rounds": 20,
@@ -89,6 +98,13 @@ QUICKSTART_CASES: dict[str, list[str]] = {
     "2 sign-flippers at ids 0,1": ["attack.kind=sign_flip", "attack.clients=[0, 1]"],
     "2 ALIE at ids 0,1": ["attack.kind=alie", "attack.clients=[0, 1]"],
     "2 IPM at ids 0,1": ["attack.kind=ipm", "attack.clients=[0, 1]"],
+    # no attack: what any defence that excludes the attackers can reach at best. Free riders
+    # send a zero update (cosine 0): a direction threshold just above 0 drops them every round
+    "floor: ids 0,1 left out": [
+        "attack.kind=free_rider",
+        "attack.clients=[0, 1]",
+        "robustness.direction_threshold=0.01",
+    ],
 }
 ALGORITHMS = {
     "fedld": {"name": "fedld"},
@@ -256,13 +272,14 @@ def run_quickstart(seeds: list[int]) -> None:
         for seed in seeds:
             for case, overrides in QUICKSTART_CASES.items():
                 # the attacked runs without checks are in issue #23 / #24; clean measures the cost
-                for defaults in ("defaults", "no checks") if case == "clean" else ("defaults",):
+                labels = ["defaults"] + (["no checks"] if case == "clean" else [])
+                for defaults in labels:
                     key = cell_key("quickstart", case, defaults, seed)
                     if key in cache:
                         continue
                     extra = [f"seed={seed}", "robustness.checkpoint=false", f"output_dir={tmp}"]
-                    if defaults == "no checks":
-                        extra += [f"robustness.{k}={v}" for k, v in NO_DEFENCE.items()]
+                    settings = NO_DEFENCE if defaults == "no checks" else {}
+                    extra += [f"robustness.{k}={str(v).lower()}" for k, v in settings.items()]
                     scenario = load_scenario(QUICKSTART, overrides + extra)
                     cache[key] = run_one(scenario, Path(tmp))
                     print(f"{key}: {100 * cache[key]['final_accuracy']:.1f}%", flush=True)
@@ -277,7 +294,7 @@ def run_algorithms(seeds: list[int], defence: str, alpha: float = 0.5) -> None:
         for seed in seeds:
             for algo, table in ALGORITHMS.items():
                 for kind, attackers in (("none", 0), ("sign_flip", 2)):
-                    for name in ("mean (no checks)", "mean (defaults)", defence):
+                    for name in ("mean (no checks)", "norm bound + cap", defence):
                         key = cell_key("algorithm", algo, alpha, kind, attackers, name, seed)
                         if key in cache:
                             continue
@@ -395,27 +412,30 @@ def clean_cost_lines(summary: dict) -> list[str]:
 
 
 def quickstart_table(cache: dict) -> list[str]:
-    """Per case: accuracy with fedge's defaults per seed, and its cost against the clean run
-    without checks of the same seed."""
+    """Per case and column (QUICKSTART_DEFENCES): accuracy per seed, and its cost against the
+    clean run without checks of the same seed."""
     clean = _by_seed(cache, ("quickstart", "clean", "no checks"))
     lines = [
-        "| case | " + " | ".join(f"seed {s}: acc (cost)" for s in SEEDS) + " |",
-        "|---|" + "---|" * len(SEEDS),
+        "| case | defence | " + " | ".join(f"seed {s}: acc (cost)" for s in SEEDS) + " |",
+        "|---|---|" + "---|" * len(SEEDS),
     ]
     have = False
     for case in QUICKSTART_CASES:
-        accs = _by_seed(cache, ("quickstart", case, "defaults"))
-        have = have or bool(accs)
-        cells = [
-            f"{accs[s]:.1f} ({clean[s] - accs[s]:+.1f})" if s in accs and s in clean else "–"
-            for s in SEEDS
-        ]
-        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+        for label in QUICKSTART_DEFENCES:
+            accs = _by_seed(cache, ("quickstart", case, label))
+            if not accs:
+                continue
+            have = True
+            cells = [
+                f"{accs[s]:.1f} ({clean[s] - accs[s]:+.1f})" if s in accs and s in clean else "–"
+                for s in SEEDS
+            ]
+            lines.append(f"| {case} | {label} | " + " | ".join(cells) + " |")
     return lines if have else []
 
 
 def algorithm_table(cache: dict, defence: str, alpha: float = 0.5) -> list[str]:
-    names = ("mean (no checks)", "mean (defaults)", defence)
+    names = tuple(dict.fromkeys(("mean (no checks)", "norm bound + cap", "FLTrust", defence)))
     lines = [
         "| algorithm | attack | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
@@ -519,7 +539,9 @@ def main() -> None:
     parser.add_argument("--grid", action="store_true", help="run the (narrowed) grid")
     parser.add_argument("--quickstart", action="store_true", help="fedge's defaults, quickstart")
     parser.add_argument("--algorithms", action="store_true", help="FedLD, FedLAW, clustered")
-    parser.add_argument("--recommended", default="FLTrust", help="third defence for --algorithms")
+    parser.add_argument(
+        "--recommended", default="direction check", help="third defence for --algorithms"
+    )
     parser.add_argument("--table", action="store_true", help=f"write {TABLE} from the cache")
     parser.add_argument(
         "--cache",
