@@ -354,16 +354,15 @@ def test_default_norm_bound_and_weight_cap_hold_against_one_client(tmp_path: Pat
 
 
 def test_direction_check_excludes_sign_flippers_end_to_end(tmp_path: Path) -> None:
-    """Two of six x1 sign-flippers (honest norms: the norm bound keeps them): the default
-    direction check excludes both in every round and the model stays near the clean one;
-    without it they cost accuracy. Fails if the check is off or its sign inverted (it would
-    then drop two honest replies and keep the flippers)."""
+    """Two of six x1 sign-flippers (honest norms: the norm bound keeps them): the direction
+    check excludes both in every round and the model stays near the clean one; without it (the
+    default) they cost accuracy. Fails if the check is off or its sign inverted (it would then
+    drop two honest replies and keep the flippers)."""
     attack = {"kind": "sign_flip", "clients": [0, 1], "strength": 1.0}
-    checked = _accuracy(tmp_path, "checked", attack=attack)
-    unchecked = _accuracy(
-        tmp_path, "unchecked", attack=attack, robustness={"direction_check": False}
-    )
-    clean = _accuracy(tmp_path, "clean")
+    on = {"direction_check": True}
+    checked = _accuracy(tmp_path, "checked", attack=attack, robustness=on)
+    unchecked = _accuracy(tmp_path, "unchecked", attack=attack)
+    clean = _accuracy(tmp_path, "clean", robustness=on)
     assert checked > unchecked + 0.05
     assert checked >= clean - 0.03
     rounds = load_run(tmp_path / "checked").rounds[1:]

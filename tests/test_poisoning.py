@@ -34,14 +34,8 @@ def scenario(tmp_path: Path, **extra):
         "model": {"name": "mlp", "hidden": [32]},
         "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "federation": {"fraction_evaluate": 0.0},
-        # the defaults before #23 (no norm bound, no weight cap) and #24 (no direction check):
-        # these tests measure the rules alone
-        "robustness": {
-            "checkpoint": False,
-            "relative_norm_bound": 0.0,
-            "max_weight_share": 1.0,
-            "direction_check": False,
-        },
+        # the defaults before #23 (no norm bound, no weight cap): these tests measure the rules alone
+        "robustness": {"checkpoint": False, "relative_norm_bound": 0.0, "max_weight_share": 1.0},
     }
     for key, value in extra.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
