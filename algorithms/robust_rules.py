@@ -22,6 +22,11 @@ al., AISTATS 2023) and weights:
   TSᵢ = ReLU(cos(Δᵢ, g₀)) against a reference update g₀ trained on the server's clean set, and
   every Δᵢ rescaled to ‖g₀‖; the weighted mean with weights TSᵢ is FLTrust's aggregate.
 - :func:`capped_weights` — aggregation weights with no one share above a cap (water filling).
+
+Checks that exclude rows:
+
+- :func:`direction_outliers` — the direction check: rows whose cosine with a robust reference
+  direction (the coordinate-wise median of the rows) falls below a threshold.
 """
 
 from __future__ import annotations
@@ -163,3 +168,36 @@ def capped_weights(weights: torch.Tensor, max_share: float) -> torch.Tensor:
         if order[k - 1] >= threshold >= order[k]:
             return torch.clamp(w, max=threshold)
     return torch.full_like(w, float(w.max()))
+
+
+def direction_cosines(updates: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    r""":math:`\cos(\Delta_i, r)` per row, against ``reference`` r or, when None, the
+    coordinate-wise median of the rows (robust to a minority of rows, whatever they hold). A zero
+    row or a zero reference scores 0 (no direction to judge)."""
+    _check_stack(updates)
+    ref = updates.median(dim=0).values if reference is None else reference.to(updates.dtype)
+    ref_norm = float(ref.norm())
+    if ref_norm == 0.0:
+        return torch.zeros(updates.shape[0], dtype=updates.dtype)
+    norms = updates.norm(dim=1)
+    cos = (updates @ ref) / (norms * ref_norm).clamp_min(1e-30)
+    return torch.where(norms > 0, cos, torch.zeros_like(cos))
+
+
+def direction_outliers(
+    updates: torch.Tensor, threshold: float, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Direction check: which rows to exclude (a bool mask), those whose
+    :math:`\cos(\Delta_i, r) < ` ``threshold`` (r: :func:`direction_cosines`'s reference, the
+    coordinate-wise median by default). Aimed at updates of honest norm that point the wrong
+    way (sign flip, IPM). The median reference assumes an honest majority: with fewer than 3
+    rows nothing is excluded, and never more than ⌊(n − 1)/2⌋ rows (the lowest cosines first,
+    ties to the lower index)."""
+    cos = direction_cosines(updates, reference)
+    n = updates.shape[0]
+    out = torch.zeros(n, dtype=torch.bool)
+    if n < 3:
+        return out
+    below = [i for i in torch.argsort(cos, stable=True).tolist() if float(cos[i]) < threshold]
+    out[below[: (n - 1) // 2]] = True
+    return out

@@ -336,6 +336,24 @@ class RobustnessConfig(_Strict):
         "(num-examples capped by water filling; 1: off); 'auto' = 1.5 / the round's replies. "
         "Works with every algorithm that weights by num-examples",
     )
+    direction_check: bool = Field(
+        False,
+        description="exclude replies whose update points away from the round's consensus: "
+        "cosine with the coordinate-wise median update below direction_threshold (sign flip, "
+        "IPM; honest norms pass the norm bound). Every algorithm with dense replies. Off by "
+        "default: under strong label skew (Dirichlet 0.1) it excludes honest clients",
+    )
+    direction_threshold: float = Field(
+        0.0,
+        description="direction_check: the lowest cosine kept, in [-1, 1) (0: an update must not "
+        "point against the median update)",
+    )
+    direction_scope: Literal["body", "all"] = Field(
+        "body",
+        description="direction_check compares 'body': every array before the model's last "
+        "weight matrix (its output layer, where label-skewed clients legitimately disagree), or "
+        "'all' arrays",
+    )
     clip_radius: float = Field(
         0.0,
         ge=0.0,
@@ -365,6 +383,16 @@ class RobustnessConfig(_Strict):
     dp_noise_multiplier: float = Field(
         0.0, ge=0.0, description="with dp_clipping_norm: Gaussian noise multiplier (0: clip only)"
     )
+
+    @field_validator("direction_threshold")
+    @classmethod
+    def _direction_threshold(cls, v: float) -> float:
+        if not -1.0 <= v < 1.0:
+            raise ValueError(
+                f"robustness.direction_threshold={v!r} must be a cosine in [-1, 1) (-1 keeps "
+                "every update; turn the check off with robustness.direction_check = false)"
+            )
+        return v
 
     @field_validator("max_weight_share")
     @classmethod
@@ -556,6 +584,11 @@ class Scenario(_Strict):
             raise ValueError(
                 "robustness.preaggregation and trust_scoring transform dense model updates; "
                 "lora_sparse replies are sparse adapter updates: turn them off for lora_sparse"
+            )
+        if defense.direction_check and getattr(declared, "sparse_replies", False):
+            raise ValueError(
+                f"robustness.direction_check compares dense model updates; {algo} replies are "
+                "sparse adapter updates: set robustness.direction_check = false"
             )
         if defense.trust_scoring and self.data.proxy_fraction == 0:
             raise ValueError(

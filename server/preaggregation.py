@@ -2,6 +2,18 @@
 compose with every strategy (FedAvg and its robust rules, FedProx, FedLD, FedLAW, the clustered
 family): a :class:`RoundPlugin` placed after the reply validator. In order:
 
+0. **Direction check** (``robustness.direction_check``, off by default): a reply whose update's
+   cosine with the round's coordinate-wise median update is below
+   ``robustness.direction_threshold`` is excluded (logged, counted as
+   ``num_excluded_direction``): updates of honest norm that point the wrong way (a ×1 sign flip,
+   IPM) pass the norm bound but not this. ``direction_scope = "body"`` compares every array
+   before the model's last weight matrix (the output layer, where label-skewed clients
+   legitimately pull apart: on the quickstart 3-9 % of clean updates point against the median
+   over all arrays, none over the body). Per group of at least 3 replies; never more than
+   ⌊(n − 1)/2⌋ of a group (``algorithms/robust_rules.py``). Not for sparse (``lora_sparse``)
+   replies (the schema refuses it). Off by default: at Dirichlet 0.1 it excludes honest
+   clients whose rare classes pull the body away from the median too (digits: 5-16 points of
+   clean accuracy, docs/results/robustness.md).
 1. **Weight cap** (``robustness.max_weight_share``, on by default): no reply's ``num-examples``
    exceeds the given share of the round's total (water filling, ``algorithms/robust_rules.py``);
    ``"auto"`` = 1.5 / the number of replies (at most 1.5 equal shares: on the quickstart a cap of
@@ -33,6 +45,8 @@ from flwr.common.logger import log
 from algorithms.robust_rules import (
     bucketing,
     capped_weights,
+    direction_cosines,
+    direction_outliers,
     nearest_neighbour_mixing,
     rescale_to,
     trust_scores,
@@ -85,6 +99,11 @@ class UpdateTransform(RoundPlugin):
         self.bucket_size = rob.bucket_size
         self.num_malicious = rob.num_malicious
         self.trust_scoring = rob.trust_scoring
+        sparse = getattr(setup.scenario.algorithm, "sparse_replies", False)
+        self.direction_check = rob.direction_check and not sparse
+        self.direction_threshold = rob.direction_threshold
+        self.direction_scope = rob.direction_scope
+        self.total_excluded_direction = 0
         self.device = setup.device
         self._model = copy.deepcopy(setup.model) if rob.trust_scoring else None
         self._proxy: ClientData | None = None
@@ -97,7 +116,12 @@ class UpdateTransform(RoundPlugin):
     @classmethod
     def wanted(cls, scenario: Scenario) -> bool:
         rob = scenario.robustness
-        return rob.max_weight_share != 1.0 or rob.trust_scoring or rob.preaggregation != "none"
+        return (
+            rob.max_weight_share != 1.0
+            or rob.trust_scoring
+            or rob.preaggregation != "none"
+            or (rob.direction_check and not getattr(scenario.algorithm, "sparse_replies", False))
+        )
 
     def observe_train_instructions(self, server_round: int, instructions: list[Message]) -> None:
         self._sent = {m.metadata.dst_node_id: m.content for m in instructions}
@@ -108,6 +132,12 @@ class UpdateTransform(RoundPlugin):
         if not replies:
             return replies, {}
         metrics: Metrics = {}
+        if self.direction_check:
+            replies, metrics["num_excluded_direction"] = self._check_directions(
+                server_round, replies
+            )
+            if not replies:
+                return replies, metrics
         share = max_share_of(self.max_weight_share, len(replies))
         if share < 1.0:
             metrics["num_weight_capped"] = self._cap_weights(replies, share)
@@ -141,6 +171,44 @@ class UpdateTransform(RoundPlugin):
         kept = [r for r, k in zip(replies, keep, strict=True) if k]
         metrics["num_after_preaggregation"] = len(kept)
         return kept, metrics
+
+    def _check_directions(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[list[Message], int]:
+        """Drop the replies :func:`direction_outliers` flags, group by group (see step 0)."""
+        excluded: set[int] = set()
+        for group in group_updates(replies, self._sent):
+            if len(group.indices) < 3:
+                continue
+            rows = group.updates
+            if self.direction_scope == "body":
+                rows = rows[:, : body_size(group.sent, group.keys)]
+            flagged = direction_outliers(rows, self.direction_threshold)
+            if not bool(flagged.any()):
+                continue
+            cosines = direction_cosines(rows)
+            for row, i in enumerate(group.indices):
+                if not bool(flagged[row]):
+                    continue
+                excluded.add(i)
+                log(
+                    WARNING,
+                    "round %d: excluded reply from node %d (direction): cos(update, the round's "
+                    "median update)=%.3f < robustness.direction_threshold=%g (scope %s)",
+                    server_round,
+                    replies[i].metadata.src_node_id,
+                    float(cosines[row]),
+                    self.direction_threshold,
+                    self.direction_scope,
+                )
+        self.total_excluded_direction += len(excluded)
+        return [r for i, r in enumerate(replies) if i not in excluded], len(excluded)
+
+    def state(self) -> dict:
+        return {"total_excluded_direction": self.total_excluded_direction}
+
+    def load_state(self, state: dict) -> None:
+        self.total_excluded_direction = int(state.get("total_excluded_direction", 0))
 
     def _cap_weights(self, replies: list[Message], share: float) -> int:
         weights = torch.tensor([_weight(r) for r in replies], dtype=torch.float64)
@@ -192,6 +260,16 @@ class UpdateTransform(RoundPlugin):
         local_sgd(job, cfg=cfg, max_steps=steps or None)
         trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         return flatten(trained, group.keys) - flatten(group.sent, group.keys)
+
+
+def body_size(sent: dict[str, np.ndarray], keys: list[str]) -> int:
+    """Entries of the flattened update (``keys``' order) before the last array of two or more
+    dimensions (the output layer's weight matrix in fedge's models, whose state dicts end with
+    the head): the model's body. All entries when no array comes before that matrix."""
+    matrices = [i for i, k in enumerate(keys) if np.ndim(sent[k]) >= 2]
+    if not matrices or matrices[-1] == 0:
+        return sum(int(np.size(sent[k])) for k in keys)
+    return sum(int(np.size(sent[k])) for k in keys[: matrices[-1]])
 
 
 def small_federation_warnings(scenario: Scenario) -> list[str]:

@@ -20,6 +20,8 @@ from algorithms.robust_rules import (
     bucketing,
     capped_weights,
     centered_clipping,
+    direction_cosines,
+    direction_outliers,
     geometric_median,
     nearest_neighbour_mixing,
     rescale_to,
@@ -105,6 +107,28 @@ def test_capped_weights_hand_cases() -> None:
     assert max_share_of("auto", 10) == pytest.approx(0.15) and max_share_of("auto", 2) == 0.75
 
 
+def test_direction_check_hand_case() -> None:
+    updates = f64([[2, 0], [1, 1], [0, 2], [-3, -1], [1, -1]])
+    # coordinate-wise median (1, 0); cosines 1, 1/sqrt2, 0, -3/sqrt10, 1/sqrt2
+    expected = f64([1, 1 / math.sqrt(2), 0, -3 / math.sqrt(10), 1 / math.sqrt(2)])
+    assert torch.allclose(direction_cosines(updates), expected)
+    # threshold 0: only the row pointing against the median (cosine 0 is kept)
+    assert direction_outliers(updates, 0.0).tolist() == [False, False, False, True, False]
+    # threshold 0.8: four rows below it, but at most (5 - 1) // 2 = 2 go, the lowest first
+    assert direction_outliers(updates, 0.8).tolist() == [False, False, True, True, False]
+    # an explicit reference (0, 1): cosines 0, 1/sqrt2, 1, -1/sqrt10, -1/sqrt2
+    assert direction_outliers(updates, 0.0, f64([0, 1])).tolist() == [
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+    # a zero row scores 0; fewer than 3 rows: no majority to define a consensus, nothing goes
+    assert float(direction_cosines(f64([[0, 0], [1, 0], [2, 0]]))[0]) == 0.0
+    assert not direction_outliers(f64([[1, 0], [-1, 0]]), 0.0).any()
+
+
 def test_alie_hand_case_and_z() -> None:
     honest = f64([[1, 2], [3, 2], [2, 5]])
     # mean (2, 3); sample std (1, sqrt(3))
@@ -161,6 +185,22 @@ def test_trust_scoring_beats_the_mean_against_sign_flips() -> None:
     scaled = rescale_to(stack, float(reference.norm()))
     fltrust = (scores @ scaled) / scores.sum()
     assert _error(fltrust, honest) < 0.5 * _error(stack.mean(0), honest)
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "ipm"])
+def test_direction_check_beats_the_mean_against_honest_norm_attacks(attack: str) -> None:
+    """Two of ten attackers with honest norms (x1 sign flip) or a small one (IPM): the norm
+    bound keeps them, the direction check drops exactly them, and the mean of what it keeps is
+    closer to the honest mean than the plain mean (which a ×1 flip and IPM drag backwards)."""
+    honest = _honest(8, spread=1.0)  # heterogeneous: every honest row's cosine is below 0.9
+    attackers = -honest[:2] if attack == "sign_flip" else ipm_update(honest).expand(2, -1)
+    stack = torch.cat([honest, attackers])
+    norms = stack.norm(dim=1)
+    assert float(norms[8:].max()) <= 3 * float(norms.median())  # the norm bound keeps them
+    excluded = direction_outliers(stack, 0.0)
+    assert excluded.tolist() == [False] * 8 + [True, True]
+    checked = stack[~excluded].mean(dim=0)
+    assert _error(checked, honest) < 0.5 * _error(stack.mean(dim=0), honest)
 
 
 def test_alie_passes_the_norm_bound_and_moves_the_median() -> None:
@@ -247,6 +287,16 @@ def test_omniscient_attack_replaces_the_attackers_replies_only(kind: str) -> Non
         ({"robustness": {"max_weight_share": 0.0}}, "max_weight_share"),
         ({"robustness": {"preaggregation": "bucket"}}, "did you mean 'bucketing'"),
         ({"attack": {"kind": "alie"}}, "needs attack.clients"),
+        ({"robustness": {"direction_threshold": 1.0}}, "direction_threshold=1.0 must be a cosine"),
+        ({"robustness": {"direction_scope": "head"}}, "direction_scope"),
+        (
+            {
+                "algorithm": {"name": "lora_sparse"},
+                "data": {"proxy_fraction": 0.05},
+                "robustness": {"direction_check": True},
+            },
+            "direction_check = false",
+        ),
         (
             {"algorithm": {"name": "fedld"}, "robustness": {"aggregation": "geometric_median"}},
             "relative_norm_bound",
@@ -301,6 +351,27 @@ def test_default_norm_bound_and_weight_cap_hold_against_one_client(tmp_path: Pat
     assert undefended < clean - 0.05
     rounds = load_run(tmp_path / "defaults").rounds[1:]
     assert [r["num_invalid_norm"] for r in rounds] == [1, 1, 1]
+
+
+def test_direction_check_excludes_sign_flippers_end_to_end(tmp_path: Path) -> None:
+    """Two of six x1 sign-flippers (honest norms: the norm bound keeps them): the direction
+    check excludes both in every round and the model stays near the clean one; without it (the
+    default) they cost accuracy. Fails if the check is off or its sign inverted (it would then
+    drop two honest replies and keep the flippers)."""
+    attack = {"kind": "sign_flip", "clients": [0, 1], "strength": 1.0}
+    on = {"direction_check": True}
+    checked = _accuracy(tmp_path, "checked", attack=attack, robustness=on)
+    unchecked = _accuracy(tmp_path, "unchecked", attack=attack)
+    clean = _accuracy(tmp_path, "clean", robustness=on)
+    assert checked > unchecked + 0.05
+    assert checked >= clean - 0.03
+    rounds = load_run(tmp_path / "checked").rounds[1:]
+    assert [r["num_excluded_direction"] for r in rounds] == [2, 2, 2]
+    assert [r["num_excluded_direction"] for r in load_run(tmp_path / "clean").rounds[1:]] == [
+        0,
+        0,
+        0,
+    ]
 
 
 @pytest.mark.parametrize("algorithm", ["fedld", "clustered"])

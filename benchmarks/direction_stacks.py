@@ -1,0 +1,189 @@
+"""Capture the round's update stacks of a few runs, then score direction-check variants on them.
+
+    PYTHONPATH=. nice python benchmarks/direction_stacks.py --capture   # writes /tmp stacks
+    PYTHONPATH=. python benchmarks/direction_stacks.py --score
+
+The capture runs each case with fedge's defaults (no direction check), recording per round the
+updates (after the reply validator) and which rows are attackers; the score step counts, per
+variant (reference x threshold), the share of honest updates excluded (false exclusions) and of
+attacker updates excluded (detections). Used to choose ``robustness.direction_threshold``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+import server.setup as setup_module
+from benchmarks.robustness import QUICKSTART, grid_scenario
+from clients.identity import reply_partition_id
+from fedge.engines import run_engine
+from scenarios.config import load_scenario
+from server.plugins import RoundPlugin
+from server.update_stack import group_updates
+
+OUT = Path("/tmp/direction_stacks")
+
+
+class Capture(RoundPlugin):
+    def __init__(self, attackers: set[int]) -> None:
+        self.attackers = attackers
+        self.rounds: list[dict] = []
+        self._sent = {}
+
+    def observe_train_instructions(self, server_round, instructions):
+        self._sent = {m.metadata.dst_node_id: m.content for m in instructions}
+
+    def filter_train_replies(self, server_round, replies):
+        for group in group_updates(replies, self._sent):
+            pids = [reply_partition_id(replies[i]) for i in group.indices]
+            self.rounds.append(
+                {
+                    "round": server_round,
+                    "updates": group.updates.float(),
+                    "attacker": torch.tensor([p in self.attackers for p in pids]),
+                }
+            )
+        return replies, {}
+
+
+def cases() -> dict[str, tuple]:
+    out = {}
+    for seed in (0, 1, 2):
+        out[f"quickstart-clean-{seed}"] = ("q", [], seed, set())
+    for kind in ("sign_flip", "ipm", "alie"):
+        out[f"quickstart-{kind}-0"] = (
+            "q",
+            [f"attack.kind={kind}", "attack.clients=[0, 1]"],
+            0,
+            {0, 1},
+        )
+    for alpha in (0.5, 0.1):
+        out[f"digits{alpha}-clean-0"] = ("g", (alpha, "none", 0), 0, set())
+        for kind in ("sign_flip", "ipm", "alie"):
+            out[f"digits{alpha}-{kind}-0"] = ("g", (alpha, kind, 2), 0, {0, 1})
+    return out
+
+
+def capture(names: list[str]) -> None:
+    OUT.mkdir(exist_ok=True)
+    original = setup_module.build_plugins
+    for name, (kind, spec, seed, attackers) in cases().items():
+        if names and name not in names:
+            continue
+        path = OUT / f"{name}.pt"
+        if path.exists():
+            continue
+        cap = Capture(attackers)
+        setup_module.build_plugins = lambda s, cap=cap: [*original(s), cap]
+        with tempfile.TemporaryDirectory() as tmp:
+            if kind == "q":
+                extra = [f"seed={seed}", "robustness.checkpoint=false", f"output_dir={tmp}"]
+                sc = load_scenario(QUICKSTART, spec + extra)
+            else:
+                sc = grid_scenario(
+                    10, spec[0], spec[1], spec[2], "norm bound + cap", seed, Path(tmp)
+                )
+            with contextlib.redirect_stdout(io.StringIO()):
+                summary = run_engine(sc, Path(tmp) / "run", show_progress=False)
+        torch.save(cap.rounds, path)
+        print(
+            f"{name}: {100 * summary['final_accuracy']:.1f}% ({len(cap.rounds)} rounds)", flush=True
+        )
+    setup_module.build_plugins = original
+
+
+def coordinate_median(u):
+    return u.median(dim=0).values
+
+
+def loo_mean(u):
+    n = u.shape[0]
+    return (u.sum(0, keepdim=True) - u) / (n - 1)
+
+
+def cosines(u, ref):
+    if ref.dim() == 1:
+        ref = ref.expand_as(u)
+    return (u * ref).sum(1) / (u.norm(dim=1) * ref.norm(dim=1)).clamp_min(1e-30)
+
+
+def body_of(stem: str) -> int:
+    """The body size (server/preaggregation.py's body_size) of the case's model."""
+    from clients.data import dataset_info
+    from clients.models import build_model
+    from server.preaggregation import body_size
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if stem.startswith("quickstart"):
+            sc = load_scenario(QUICKSTART)
+        else:
+            sc = grid_scenario(10, 0.5, "none", 0, "norm bound + cap", 0, Path(tmp))
+    info = dataset_info(sc.data)
+    state = build_model(sc.model, info.input_shape, info.num_classes).state_dict()
+    sent = {k: v.numpy() for k, v in state.items() if v.is_floating_point()}
+    return body_size(sent, list(sent))
+
+
+def score(thresholds: list[float]) -> None:
+    """Cosines per round with each reference: the round's coordinate-wise median, geometric
+    median or leave-one-out mean, or the previous round's mean honest update ('prev', from
+    round 2; the momentum reference), over all arrays or the body (every array before the
+    output layer's weight matrix)."""
+    from algorithms.robust_rules import geometric_median
+
+    refs = {
+        "median": lambda u, p: cosines(u, coordinate_median(u)),
+        "geomed": lambda u, p: cosines(u, geometric_median(u.double()).float()),
+        "loo-mean": lambda u, p: cosines(u, loo_mean(u)),
+        "prev": lambda u, p: None if p is None else cosines(u, p),
+    }
+    files = sorted(OUT.glob("*.pt"))
+    for (ref_name, fn), scope in [(r, s) for r in refs.items() for s in ("all", "body")]:
+        print(f"\n== reference: {ref_name}, scope {scope}")
+        for f in files:
+            rounds = torch.load(f)
+            body = body_of(f.stem) if scope == "body" else None
+            cos, att, prev = [], [], None
+            for r in rounds:
+                u = r["updates"][:, :body]
+                c = fn(u, prev)
+                prev = u[~r["attacker"]].mean(0)
+                if c is not None:
+                    cos.append(c)
+                    att.append(r["attacker"])
+            cos, att = torch.cat(cos), torch.cat(att)
+            h, a = cos[~att], cos[att]
+            parts = [f"{f.stem:28s} honest cos min {h.min():+.2f} p5 {h.quantile(0.05):+.2f}"]
+            if a.numel():
+                parts.append(f"attacker cos max {a.max():+.2f}")
+            rates = []
+            for t in thresholds:
+                fe = float((h < t).float().mean())
+                det = float((a < t).float().mean()) if a.numel() else float("nan")
+                rates.append(f"t={t:+.2f}: FE {100 * fe:4.1f}% det {100 * det:5.1f}%")
+            print(" | ".join(parts) + " || " + " | ".join(rates))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--capture", action="store_true")
+    parser.add_argument("--cases", default="")
+    parser.add_argument("--score", action="store_true")
+    parser.add_argument("--thresholds", default="-0.1,0,0.05,0.1")
+    args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    if args.capture:
+        capture([c for c in args.cases.split(",") if c])
+    if args.score:
+        score([float(t) for t in args.thresholds.split(",")])
+
+
+if __name__ == "__main__":
+    main()
