@@ -95,6 +95,8 @@ class PackedTrainer:
         self.model = build_model(scenario.model, info.input_shape, info.num_classes)
         # A CPU model the plans see (they may load a picked cluster model into it; never train).
         self.plan_model = build_model(scenario.model, info.input_shape, info.num_classes)
+        # Listed once: walking the module tree for every client cost more than the check itself.
+        self._plan_params = list(self.plan_model.parameters())
         self.reason = self._scenario_reason(client_mods)
         self._logged: set[str] = set()
         self._plans: dict[str, PlanFn | None] = {}
@@ -209,7 +211,7 @@ class PackedTrainer:
 
     def _param_versions(self) -> list[tuple[int, int]]:
         # In-place writes (load_state_dict's copy_, an optimizer step) bump a tensor's _version.
-        return [(id(p), p._version) for p in self.plan_model.parameters()]
+        return [(id(p), p._version) for p in self._plan_params]
 
     def _plan_model_holds(self, state: dict[str, torch.Tensor]) -> bool:
         """Whether the plan model's parameters are ``state``'s, untouched since they were loaded
