@@ -17,6 +17,10 @@ and clients whose plans agree train in one pack. The ClientApp's mods keep their
   rewrites the attackers' updates exactly as on the ClientApp (label-flip attackers, who train
   inside the mod, go through the ClientApp).
 
+A round's evaluate messages are answered together too, by ``clients/packed_eval.py`` (one forward
+per distinct sent model, personalization's fine-tuning packed), with the ClientApp's replies
+(``clients/replies.py::evaluate_reply``); both mods pass evaluate messages through untouched.
+
 Clients it cannot pack go through the ClientApp as in the ``inprocess`` engine, with the reason
 logged once: a trainer that declares no plan (LoRA, forward-forward), mods other than the
 clock, LoRA downlink and attack ones, a model with buffers, no training data, a pack that raised.
@@ -51,6 +55,7 @@ from clients.data import ClientData, dataset_info, load_client_data
 from clients.models import build_model
 from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
+from clients.packed_eval import PackedEvaluator
 from clients.replies import train_reply
 from clients.seeding import derive_seeds
 from clients.trainers import get_trainer, trainer_name_for
@@ -88,6 +93,7 @@ class PackedTrainer:
         # A CPU model the plans see (they may load a picked cluster model into it; never train).
         self.plan_model = build_model(scenario.model, info.input_shape, info.num_classes)
         self.reason = self._scenario_reason(client_mods)
+        self.evaluator = PackedEvaluator(scenario, device)  # the round's evaluate messages
         self._logged: set[str] = set()
         self._plans: dict[str, PlanFn | None] = {}
         self.packed_updates = 0
@@ -216,6 +222,7 @@ class PackedTrainer:
         # Per call: id() keys of this call's sent records are only unique while they are alive.
         self._received = {}
         self._loaded = None
+        evaluated = self.evaluator(messages, contexts)  # evaluate messages: clients/packed_eval.py
         out: dict[int, tuple[Message, float]] = {}
         groups: dict[object, list[_Entry]] = {}
         num_train = 0
@@ -243,6 +250,7 @@ class PackedTrainer:
         for group in groups.values():
             for start in range(0, len(group), size):
                 self._train_chunk(group[start : start + size], out)
+        out.update(evaluated)
         return out
 
     def _train_chunk(self, chunk: list[_Entry], out: dict[int, tuple[Message, float]]) -> None:
@@ -306,4 +314,11 @@ class PackedTrainer:
         )
         if self.device.type == "cuda":
             line += f", peak CUDA {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
+        ev = self.evaluator
+        if ev.packed or ev.sequential:
+            why = f": {'; '.join(ev.reasons())}" if ev.sequential and ev.reasons() else ""
+            line += (
+                f"; {ev.packed} client evaluations packed ({ev.sequential} through the "
+                f"ClientApp{why}), {ev.seconds:.2f} s"
+            )
         return line
