@@ -105,6 +105,9 @@ class PackedEvaluator:
         self._names = [k for k, _ in self.model.named_parameters()]
         self._shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters()}
         self._data: dict[int, ClientData] = {}
+        # id(sent ArrayRecord) -> its tensors, for one call's messages (a clustered strategy sends
+        # more distinct models than clients/arrays.py's decode cache holds)
+        self._received: dict[int, dict[str, torch.Tensor]] = {}
         self._logged: set[str] = set()
         self.packed = 0  # evaluate replies the pack built
         self.sequential = 0  # evaluate messages left to the ClientApp
@@ -129,7 +132,9 @@ class PackedEvaluator:
         if not isinstance(arrays, ArrayRecord):
             self._note("an evaluate message has no 'arrays' ArrayRecord")
             return None
-        state = received_state_dict(arrays)
+        state = self._received.get(id(arrays))
+        if state is None:
+            state = self._received[id(arrays)] = received_state_dict(arrays)
         if list(state) != self._names or any(
             tuple(t.shape) != self._shapes[k] for k, t in state.items()
         ):
@@ -149,6 +154,8 @@ class PackedEvaluator:
         """Replies (and the seconds the pack took) for the evaluate messages it answered, by
         position in ``messages``; the others are left to the ClientApp."""
         entries: list[_EvalEntry] = []
+        # Per call: id() keys of this call's sent records are only unique while they are alive.
+        self._received = {}
         for pos, msg in enumerate(messages):
             if msg.metadata.message_type != MessageType.EVALUATE:
                 continue
@@ -158,6 +165,7 @@ class PackedEvaluator:
                 self.sequential += 1
             else:
                 entries.append(entry)
+        self._received = {}
         if not entries:
             return {}
         t0 = time.perf_counter()
