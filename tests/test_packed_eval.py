@@ -111,9 +111,7 @@ def checked_evaluations(monkeypatch) -> list[int]:
     def call(self, messages: list[Message], contexts: dict[int, Context]):
         out = packed_call(self, messages, contexts)
         evaluate = {
-            pos
-            for pos, m in enumerate(messages)
-            if m.metadata.message_type == MessageType.EVALUATE
+            pos for pos, m in enumerate(messages) if m.metadata.message_type == MessageType.EVALUATE
         }
         assert set(out) == evaluate  # none skipped, none left to the ClientApp
         for pos, (reply, _) in out.items():
@@ -180,9 +178,7 @@ def test_packed_evaluation_gives_the_client_apps_metrics(
     _assert_same_evaluation(seq, packed)
 
 
-def test_messages_the_pack_cannot_evaluate_go_through_the_client_app(
-    tiny_scenario, caplog
-) -> None:
+def test_messages_the_pack_cannot_evaluate_go_through_the_client_app(tiny_scenario, caplog) -> None:
     """A LoRA downlink message (its mod merges the model), one without an ``arrays`` record and
     one whose model does not fit the scenario's are left to the ClientApp, the reason logged."""
     from clients.arrays import record_from_state_dict
