@@ -15,8 +15,11 @@ pays first-call costs), and the CPU seconds of this process in the whole round l
 one torch thread: on a shared machine the steadier measure). Printed per family: both times, ``inprocess / packed: <ratio>x``, the
 packed report's packed/sequential update counts (and why some were sequential), the share of the
 packed run's round time spent in packed training (the rest is the server's and the ClientApp's
-work: broadcast, validation, aggregation, clustering, evaluation), and whether the per-round
-central accuracies agree within 1e-3.
+work: broadcast, validation, aggregation, clustering), and whether the per-round central
+accuracies agree within 1e-3; for a family whose clients evaluate (clustered: the last round, with
+personalization's fine-tuning), the packed evaluations, their share of the packed rounds and
+whether the per-round client accuracies (``local_accuracy``, ``personalized_accuracy``) agree
+within 1e-3.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
 REPORT = re.compile(
     r"fedge: packed engine: (\d+) client updates packed \((\d+) sequential(.*?)\), ([\d.]+) s of"
 )
+EVAL_REPORT = re.compile(
+    r"; (\d+) client evaluations packed \((\d+) through the ClientApp(.*?)\), ([\d.]+) s"
+)
+# Client evaluation's per-round aggregates (metrics.jsonl), compared between the engines.
+CLIENT_EVAL_KEYS = ("local_accuracy", "personalized_accuracy")
 
 
 def scenario_for(family: str, engine: str, args: argparse.Namespace):
@@ -89,7 +97,8 @@ def run(family: str, engine: str, args: argparse.Namespace, tmp: Path):
     with contextlib.redirect_stdout(out):
         run_engine(scenario, tmp / f"{family}-{engine}", show_progress=False)
     report = next((m for m in REPORT.finditer(out.getvalue())), None)
-    return load_run(tmp / f"{family}-{engine}").rounds, _ROUNDS[-1][1], report
+    evaluated = next((m for m in EVAL_REPORT.finditer(out.getvalue())), None)
+    return load_run(tmp / f"{family}-{engine}").rounds, _ROUNDS[-1][1], (report, evaluated)
 
 
 def per_round(rounds: list[dict]) -> float:
@@ -119,24 +128,38 @@ def main() -> None:
             for pid in range(scenario.data.num_clients):  # the split is made (and cached) here
                 load_client_data(scenario.data, scenario.seed, pid)
             seq_rounds, seq_cpu, _ = run(family, "inprocess", args, tmp)
-            packed_rounds, packed_cpu, report = run(family, "packed", args, tmp)
+            packed_rounds, packed_cpu, (report, evaluated) = run(family, "packed", args, tmp)
             seq_t, packed_t = per_round(seq_rounds), per_round(packed_rounds)
             acc = [
                 (s.get("central_accuracy"), p.get("central_accuracy"))
                 for s, p in zip(seq_rounds, packed_rounds, strict=True)
             ]
             same = all(s is None or abs(s - p) <= 1e-3 for s, p in acc)
+            client_acc = [
+                (s[k], p.get(k))
+                for s, p in zip(seq_rounds, packed_rounds, strict=True)
+                for k in CLIENT_EVAL_KEYS
+                if s.get(k) is not None
+            ]
+            client_same = all(p is not None and abs(s - p) <= 1e-3 for s, p in client_acc)
             packed_n, seq_n, why, train_s = (
                 (int(report[1]), int(report[2]), report[3], float(report[4]))
                 if report
                 else (0, -1, "", float("nan"))
             )
             rounds_s = sum(r["wall_time_s"] for r in packed_rounds)
+            eval_line = (
+                f"  evaluations: {evaluated[1]} packed, {evaluated[2]} through the ClientApp"
+                f"{evaluated[3]}, packed evaluation {float(evaluated[4]) / rounds_s:.0%} of the "
+                f"packed rounds; client accuracies within 1e-3: {client_same}"
+                if evaluated
+                else ""
+            )
             print(
                 f"{family:14s} in-process {seq_t:7.3f} s/round  packed {packed_t:7.3f} s/round  "
                 f"updates: {packed_n} packed, {seq_n} sequential{why}  "
                 f"packed training {train_s / rounds_s:.0%} of the packed rounds  "
-                f"accuracy within 1e-3: {same}"
+                f"accuracy within 1e-3: {same}{eval_line}"
             )
             print(
                 f"{family:14s} CPU seconds per round (all rounds): in-process "
