@@ -3,7 +3,7 @@ the ClientApp's replies: every reply it builds is checked, inside real runs, aga
 the ClientApp gives the same message (same records, identity and ``num-examples``; losses and
 accuracies to float tolerance), and whole runs give the in-process engine's per-round and
 per-client evaluation metrics, for FedAvg (with and without personalization's fine-tuning),
-FedLD, FedLAW, clustered personalization and a ``[devices]`` fleet."""
+FedLD, FedLAW, clustered personalization, a ``[devices]`` fleet and an ``[attack]`` run."""
 
 from __future__ import annotations
 
@@ -64,6 +64,8 @@ CASES = [
         id="clustered",
     ),
     pytest.param({"devices": FLEET}, id="devices"),
+    # attackers poison their training replies only: their evaluate replies are plain ones
+    pytest.param({"attack": {"kind": "sign_flip", "clients": [1, 4]}}, id="attack"),
 ]
 WALL_CLOCK = ("wall_time_s", "cumulative_wall_time_s", "fedlaw_server_time_s")  # measured
 
