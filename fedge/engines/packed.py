@@ -144,7 +144,7 @@ class PackedTrainer:
         """The pack's view of one message; an error reply when the device clock failed it; None
         (with the reason noted) when the ClientApp must train it."""
         if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
-            return None  # evaluation and custom actions always go through the ClientApp
+            return None  # evaluation: self.evaluator; custom actions: the ClientApp
         pid = partition_id(context)
         trainer_name = trainer_name_for(self.scenario, pid)
         plan_fn = self._plan_fn(trainer_name)
