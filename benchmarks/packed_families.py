@@ -12,11 +12,14 @@ Before timing, one tiny run of each engine pays the one-time imports and every c
 is loaded (and cached). Both engines run the same scenario in this process; the time per round is the mean of the
 ServerApp's per-round wall time (``metrics.jsonl``'s ``wall_time_s``) over rounds 2..R (round 1
 pays first-call costs), and the CPU seconds of this process in the whole round loop (every round,
-one torch thread: on a shared machine the steadier measure). Printed per family: both times, ``inprocess / packed: <ratio>x``, the
+one torch thread: on a shared machine the steadier measure) and in rounds 2..R alone. Printed per family: both times, ``inprocess / packed: <ratio>x``, the
 packed report's packed/sequential update counts (and why some were sequential), the share of the
 packed run's round time spent in packed training (the rest is the server's and the ClientApp's
-work: broadcast, validation, aggregation, clustering, evaluation), and whether the per-round
-central accuracies agree within 1e-3.
+work: broadcast, validation, aggregation, clustering), and whether the per-round central
+accuracies agree within 1e-3; for a family whose clients evaluate (clustered: the last round, with
+personalization's fine-tuning), the packed evaluations, their share of the packed rounds and
+whether the per-round client accuracies (``local_accuracy``, ``personalized_accuracy``) agree
+within 1e-3.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +43,21 @@ from engines import _ROUNDS  # noqa: E402  (same folder; importing it times the 
 from clients.data import load_client_data  # noqa: E402
 from fedge.engines import run_engine  # noqa: E402
 from scenarios.config import load_scenario  # noqa: E402
-from scenarios.results import load_run  # noqa: E402
+from scenarios.results import RunWriter, load_run  # noqa: E402
+
+# This process's CPU seconds when each round's record is written (round 0 first): rounds 2..R's CPU
+# seconds leave out round 1, which pays first calls and, in the clustered family, the clustering
+# and its dendrogram plot.
+_ROUND_CPU: list[float] = []
+_log_round = RunWriter.log_round
+
+
+def _stamped_log_round(self, record):
+    _ROUND_CPU.append(time.process_time())
+    return _log_round(self, record)
+
+
+RunWriter.log_round = _stamped_log_round
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "scenarios"
@@ -58,6 +76,11 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
 REPORT = re.compile(
     r"fedge: packed engine: (\d+) client updates packed \((\d+) sequential(.*?)\), ([\d.]+) s of"
 )
+EVAL_REPORT = re.compile(
+    r"; (\d+) client evaluations packed \((\d+) through the ClientApp(.*?)\), ([\d.]+) s"
+)
+# Client evaluation's per-round aggregates (metrics.jsonl), compared between the engines.
+CLIENT_EVAL_KEYS = ("local_accuracy", "personalized_accuracy")
 
 
 def scenario_for(family: str, engine: str, args: argparse.Namespace):
@@ -88,14 +111,18 @@ def scenario_for(family: str, engine: str, args: argparse.Namespace):
 
 
 def run(family: str, engine: str, args: argparse.Namespace, tmp: Path):
-    """(rounds of metrics.jsonl, the round loop's CPU seconds, the packed engine's report match)."""
+    """(rounds of metrics.jsonl, the round loop's CPU seconds, rounds 2..R's CPU seconds, the packed
+    engine's report matches)."""
     scenario = scenario_for(family, engine, args)
     out = io.StringIO()
     _ROUNDS.clear()
+    _ROUND_CPU.clear()
     with contextlib.redirect_stdout(out):
         run_engine(scenario, tmp / f"{family}-{engine}", show_progress=False)
     report = next((m for m in REPORT.finditer(out.getvalue())), None)
-    return load_run(tmp / f"{family}-{engine}").rounds, _ROUNDS[-1][1], report
+    evaluated = next((m for m in EVAL_REPORT.finditer(out.getvalue())), None)
+    later = _ROUND_CPU[-1] - _ROUND_CPU[min(1, len(_ROUND_CPU) - 1)]
+    return load_run(tmp / f"{family}-{engine}").rounds, _ROUNDS[-1][1], later, (report, evaluated)
 
 
 def per_round(rounds: list[dict]) -> float:
@@ -124,33 +151,53 @@ def main() -> None:
             scenario = scenario_for(family, "inprocess", args)
             for pid in range(scenario.data.num_clients):  # the split is made (and cached) here
                 load_client_data(scenario.data, scenario.seed, pid)
-            seq_rounds, seq_cpu, _ = run(family, "inprocess", args, tmp)
-            packed_rounds, packed_cpu, report = run(family, "packed", args, tmp)
+            seq_rounds, seq_cpu, seq_later, _ = run(family, "inprocess", args, tmp)
+            packed = run(family, "packed", args, tmp)
+            packed_rounds, packed_cpu, packed_later, (report, evaluated) = packed
             seq_t, packed_t = per_round(seq_rounds), per_round(packed_rounds)
             acc = [
                 (s.get("central_accuracy"), p.get("central_accuracy"))
                 for s, p in zip(seq_rounds, packed_rounds, strict=True)
             ]
             same = all(s is None or abs(s - p) <= 1e-3 for s, p in acc)
+            client_acc = [
+                (s[k], p.get(k))
+                for s, p in zip(seq_rounds, packed_rounds, strict=True)
+                for k in CLIENT_EVAL_KEYS
+                if s.get(k) is not None
+            ]
+            client_same = all(p is not None and abs(s - p) <= 1e-3 for s, p in client_acc)
             packed_n, seq_n, why, train_s = (
                 (int(report[1]), int(report[2]), report[3], float(report[4]))
                 if report
                 else (0, -1, "", float("nan"))
             )
             rounds_s = sum(r["wall_time_s"] for r in packed_rounds)
+            eval_line = (
+                f"  evaluations: {evaluated[1]} packed, {evaluated[2]} through the ClientApp"
+                f"{evaluated[3]}, packed evaluation {float(evaluated[4]) / rounds_s:.0%} of the "
+                f"packed rounds; client accuracies within 1e-3: {client_same}"
+                if evaluated
+                else ""
+            )
             print(
                 f"{family:14s} in-process {seq_t:7.3f} s/round  packed {packed_t:7.3f} s/round  "
                 f"updates: {packed_n} packed, {seq_n} sequential{why}  "
                 f"packed training {train_s / rounds_s:.0%} of the packed rounds  "
-                f"accuracy within 1e-3: {same}"
+                f"accuracy within 1e-3: {same}{eval_line}"
             )
+            later = max(args.rounds - 1, 1)
             print(
                 f"{family:14s} CPU seconds per round (all rounds): in-process "
-                f"{seq_cpu / args.rounds:7.3f}  packed {packed_cpu / args.rounds:7.3f}"
+                f"{seq_cpu / args.rounds:7.3f}  packed {packed_cpu / args.rounds:7.3f}  "
+                f"(rounds 2..R: in-process {seq_later / later:7.3f}  packed "
+                f"{packed_later / later:7.3f})"
             )
             print(f"{family}: inprocess / packed: {seq_t / packed_t:.2f}x")
+            print(f"{family}: inprocess / packed (CPU seconds): {seq_cpu / packed_cpu:.2f}x")
             print(
-                f"{family}: inprocess / packed (CPU seconds): {seq_cpu / packed_cpu:.2f}x",
+                f"{family}: inprocess / packed (CPU seconds, rounds 2..R): "
+                f"{seq_later / packed_later:.2f}x",
                 flush=True,
             )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.arrays import received_state_dict, record_from_state_dict, records_of
@@ -23,7 +23,7 @@ from clients.identity import (
 from clients.models import build_model
 from clients.node import node_scenario, partition_id, resolve_device
 from clients.personalization import finetune_metrics
-from clients.replies import client_identity, train_reply
+from clients.replies import client_identity, evaluate_reply, train_reply
 from clients.seeding import derive_seed, seed_global_torch
 from clients.state import STATE_ACTION, restore_state
 from clients.trainers import trainer_for, trainer_name_for
@@ -211,15 +211,5 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     tuned = finetune_metrics(
         model, data, scenario, msg.content.get("config", ConfigRecord()), device
     )
-    metrics = MetricRecord(
-        {
-            "local_loss": loss,
-            "local_accuracy": acc,
-            "num-examples": len(data.x_test),
-            **tuned,
-        }
-    )
-    content = RecordDict(
-        {"metrics": metrics, IDENTITY_RECORD: client_identity(context, data.partition_id)}
-    )
-    return Message(content, reply_to=msg)
+    # The packed engine answers with the same builder (clients/packed_eval.py).
+    return evaluate_reply(msg, context, data.partition_id, loss, acc, len(data.x_test), tuned)

@@ -17,11 +17,44 @@ from torch import nn
 from clients.data import ClientData
 from clients.seeding import derive_seed
 from clients.training import TrainJob, evaluate, local_sgd
-from scenarios.config import Scenario
+from scenarios.config import Scenario, TrainConfig
 
 FINETUNE_EPOCHS_KEY = "finetune-epochs"
 FINETUNE_STEPS_KEY = "finetune-steps"
 _FINETUNE_STREAM = 2  # a seed stream of its own, apart from training's
+
+
+def finetune_request(config: ConfigRecord) -> tuple[int, int] | None:
+    """``(epochs, steps)`` of the fine-tuning the evaluate config asks for; None when it asks for
+    none (both 0 or absent)."""
+    epochs = int(config.get(FINETUNE_EPOCHS_KEY, 0))
+    steps = int(config.get(FINETUNE_STEPS_KEY, 0))
+    if epochs <= 0 and steps <= 0:
+        return None
+    return epochs, steps
+
+
+def finetune_generator(
+    scenario: Scenario, config: ConfigRecord, partition_id: int
+) -> torch.Generator:
+    """The shuffling generator of client ``partition_id``'s fine-tuning this round (a seed stream of
+    its own, apart from training's)."""
+    server_round = int(config.get("server-round", 0))
+    return torch.Generator().manual_seed(
+        derive_seed(scenario.seed, server_round, partition_id, _FINETUNE_STREAM)
+    )
+
+
+def finetune_schedule(
+    scenario: Scenario, request: tuple[int, int], n_train: int
+) -> tuple[TrainConfig, int | None]:
+    """The SGD settings and step cap of a fine-tuning ``request`` on ``n_train`` examples:
+    ``steps`` > 0 runs that many steps (the epochs they start), else ``epochs`` epochs."""
+    epochs, steps = request
+    if steps > 0:
+        per_epoch = math.ceil(n_train / scenario.train.batch_size)
+        epochs = math.ceil(steps / per_epoch)
+    return scenario.train.model_copy(update={"epochs": epochs}), steps if steps > 0 else None
 
 
 def finetune_metrics(
@@ -34,23 +67,16 @@ def finetune_metrics(
     """Fine-tune ``model`` in place as the config asks; return ``personalized_{accuracy,loss}``.
 
     ``finetune-steps`` > 0 runs that many SGD steps (at ``train.lr``, ``train.batch_size``),
-    else ``finetune-epochs`` epochs; both 0 or absent: no fine-tuning, no metrics.
+    else ``finetune-epochs`` epochs; both 0 or absent: no fine-tuning, no metrics. The packed
+    engine fine-tunes a round's clients together with the same schedule and generators
+    (``clients/packed_eval.py``).
     """
-    epochs = int(config.get(FINETUNE_EPOCHS_KEY, 0))
-    steps = int(config.get(FINETUNE_STEPS_KEY, 0))
-    if epochs <= 0 and steps <= 0:
+    request = finetune_request(config)
+    if request is None or len(data.x_train) == 0:
         return {}
-    if len(data.x_train) == 0:
-        return {}
-    server_round = int(config.get("server-round", 0))
-    generator = torch.Generator().manual_seed(
-        derive_seed(scenario.seed, server_round, data.partition_id, _FINETUNE_STREAM)
-    )
-    if steps > 0:
-        per_epoch = math.ceil(len(data.x_train) / scenario.train.batch_size)
-        epochs = math.ceil(steps / per_epoch)
-    cfg = scenario.train.model_copy(update={"epochs": epochs})
+    generator = finetune_generator(scenario, config, data.partition_id)
+    cfg, max_steps = finetune_schedule(scenario, request, len(data.x_train))
     job = TrainJob(model, data, scenario, config, RecordDict(), generator, device)
-    local_sgd(job, cfg=cfg, max_steps=steps if steps > 0 else None)
+    local_sgd(job, cfg=cfg, max_steps=max_steps)
     loss, acc = evaluate(model, data.x_test, data.y_test, device)
     return {"personalized_loss": loss, "personalized_accuracy": acc}

@@ -1,6 +1,8 @@
 """The one builder of a client's train reply, used by the ClientApp (``clients/app.py::train``) and
 by the packed engine (``fedge/engines/packed.py``) for every client it trains, so both engines
-reply with the same records, in the same order, with the same values.
+reply with the same records, in the same order, with the same values; likewise
+:func:`evaluate_reply` for evaluate replies (``clients/app.py::evaluate_local`` and the packed
+engine's ``clients/packed_eval.py``).
 
 A reply's content is ``{"arrays": ArrayRecord, "metrics": MetricRecord, "client": ConfigRecord}``
 (plus the node's state when the server asked for it, ``clients/state.py``): the trained arrays,
@@ -75,4 +77,29 @@ def train_reply(
     config = msg.content.get("config")
     if isinstance(config, ConfigRecord):
         attach_state(content, context, config)  # for the server's checkpoint (clients/state.py)
+    return Message(content, reply_to=msg)
+
+
+def evaluate_reply(
+    msg: Message,
+    context: Context,
+    pid: int,
+    loss: float,
+    accuracy: float,
+    num_examples: int,
+    personalized: Mapping[str, Any] | None = None,
+) -> Message:
+    """The reply to evaluate instruction ``msg`` from client ``pid`` (node ``context``): the received
+    model's loss and accuracy on the client's local test split of ``num_examples`` examples, and
+    the ``personalized_*`` metrics after fine-tuning when the server asked for them
+    (``clients/personalization.py::finetune_metrics``); the client's identity beside them."""
+    values = {"local_loss": loss, "local_accuracy": accuracy, "num-examples": num_examples}
+    if personalized:
+        values.update(personalized)
+    if all(type(k) is str and type(v) in (int, float) for k, v in values.items()):
+        metrics = fast_record(MetricRecord, values)
+    else:
+        metrics = MetricRecord(values)  # Flower checks each value; a bad one raises
+    identity = client_identity(context, pid)
+    content = fast_record(RecordDict, {"metrics": metrics, IDENTITY_RECORD: identity})
     return Message(content, reply_to=msg)

@@ -151,3 +151,26 @@ def test_planted_label_groups_are_recovered(signature: str) -> None:
     result = agglomerative_clusters(client_signatures(updated, base, signature), k_max=6)
     assert result.num_clusters == 3, result.silhouettes
     assert adjusted_rand_score(truth, result.labels) >= 0.9
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6])  # 1e-6: the y axis shows a "1e-6" scale label
+def test_dendrogram_title_is_where_matplotlib_places_it(scale: float, tmp_path) -> None:
+    """server/clustered.py places the dendrogram's title itself (cheaper with many leaves): the
+    PNG is byte for byte the one matplotlib's automatic title placement draws."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    from scenarios.results import new_figure, save_figure
+    from server.clustered import plot_dendrogram
+
+    rng = np.random.default_rng(0)
+    clustering = agglomerative_clusters(rng.normal(size=(40, 10)), 8, 0.1)
+    clustering.linkage[:, 2] *= scale
+    labels = [str(i) for i in range(40)]
+    title = "clustering in round 3: a long title that would overlap the scale label " * 2
+    fig, (ax,) = new_figure(width=max(6.4, 0.25 * len(labels)), height=4.2)
+    dendrogram(clustering.linkage, labels=labels, ax=ax, color_threshold=None)
+    ax.set_ylabel("cosine distance (average linkage)")
+    ax.set_xlabel("partition id")
+    ax.set_title(title)
+    expected = save_figure(fig, tmp_path / "automatic.png").read_bytes()
+    assert plot_dendrogram(clustering, labels, tmp_path / "d.png", title).read_bytes() == expected

@@ -1,7 +1,8 @@
 """The ``inprocess`` engine: :class:`InProcessGrid`, a ``flwr.serverapp.Grid`` that calls the
 ClientApp directly (no Ray, no sockets). Exceptions become Flower error replies, as on a real
-SuperNode. ``packed`` is the same grid handing a round's training messages to one batched trainer
-(:mod:`fedge.engines.packed`); everything else still goes through the ClientApp.
+SuperNode. ``packed`` is the same grid handing a round's training and evaluate messages to one
+batched trainer and evaluator (:mod:`fedge.engines.packed`); everything else still goes through the
+ClientApp.
 """
 
 from __future__ import annotations

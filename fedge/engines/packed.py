@@ -18,6 +18,10 @@ and clients whose plans agree train in one pack. The ClientApp's mods keep their
   trains itself, are packed with the mod's own plan (``clients/attacks.py::label_flip_plan``:
   plain SGD on flipped labels) and replied as the mod replies.
 
+A round's evaluate messages are answered together too, by ``clients/packed_eval.py`` (one forward
+per distinct sent model, personalization's fine-tuning packed), with the ClientApp's replies
+(``clients/replies.py::evaluate_reply``); both mods pass evaluate messages through untouched.
+
 Clients it cannot pack go through the ClientApp as in the ``inprocess`` engine, with the reason
 logged once: a trainer that declares no plan (LoRA), a plan that raised (e.g. forward-forward on
 a model other than ``ff_mlp``: the ClientApp replies with the trainer's error), mods other than
@@ -59,6 +63,7 @@ from clients.data import ClientData, dataset_info, load_client_data
 from clients.models import build_model
 from clients.node import partition_id
 from clients.packed import PackedClient, pack_bytes, train_packed, unpackable_reason
+from clients.packed_eval import PackedEvaluator
 from clients.replies import train_reply
 from clients.seeding import derive_seeds
 from clients.trainers import get_trainer, trainer_name_for
@@ -98,6 +103,7 @@ class PackedTrainer:
         # Listed once: walking the module tree for every client cost more than the check itself.
         self._plan_params = list(self.plan_model.parameters())
         self.reason = self._scenario_reason(client_mods)
+        self.evaluator = PackedEvaluator(scenario, device)  # the round's evaluate messages
         self._logged: set[str] = set()
         self._plans: dict[str, PlanFn | None] = {}
         self.packed_updates = 0
@@ -148,7 +154,7 @@ class PackedTrainer:
         """The pack's view of one message; an error reply when the device clock failed it; None
         (with the reason noted) when the ClientApp must train it."""
         if msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content:
-            return None  # evaluation and custom actions always go through the ClientApp
+            return None  # evaluation: self.evaluator; custom actions: the ClientApp
         pid = partition_id(context)
         if trains_flipped_labels(self.scenario, pid):
             # The attack mod trains it by its own plan, whatever the algorithm's trainer is.
@@ -231,6 +237,7 @@ class PackedTrainer:
         # Per call: id() keys of this call's sent records are only unique while they are alive.
         self._received = {}
         self._loaded = None
+        evaluated = self.evaluator(messages, contexts)  # evaluate messages: clients/packed_eval.py
         out: dict[int, tuple[Message, float]] = {}
         groups: dict[object, list[_Entry]] = {}
         num_train = 0
@@ -258,6 +265,7 @@ class PackedTrainer:
         for group in groups.values():
             for start in range(0, len(group), size):
                 self._train_chunk(group[start : start + size], out)
+        out.update(evaluated)
         return out
 
     def _train_chunk(self, chunk: list[_Entry], out: dict[int, tuple[Message, float]]) -> None:
@@ -321,4 +329,11 @@ class PackedTrainer:
         )
         if self.device.type == "cuda":
             line += f", peak CUDA {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
+        ev = self.evaluator
+        if ev.packed or ev.sequential:
+            why = f": {'; '.join(ev.reasons())}" if ev.sequential and ev.reasons() else ""
+            line += (
+                f"; {ev.packed} client evaluations packed ({ev.sequential} through the "
+                f"ClientApp{why}), {ev.seconds:.2f} s"
+            )
         return line
