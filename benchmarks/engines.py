@@ -75,6 +75,10 @@ def scenario_for(args: argparse.Namespace, clients: int, engine: str, extra: lis
             f"model.name={args.model}",
             "train.epochs=1",
             f"num_rounds={args.rounds}",
+            # Plain FedAvg, what the bare loop (and pfl) compute: fedge's default norm bound and
+            # weight cap exclude or cap ~2 % of these clients' replies a round at 500 clients.
+            "robustness.relative_norm_bound=0",
+            "robustness.max_weight_share=1.0",
             *args.overrides,
             *extra,
         ],
