@@ -54,6 +54,18 @@ DEFENCES: dict[str, dict] = {
     "norm bound + cap": NORM_BOUND_AND_CAP,
     "direction check": {"direction_check": True, "direction_threshold": 0.0},
     "direction check -0.1": {"direction_check": True, "direction_threshold": -0.1},
+    "direction check -0.2": {"direction_check": True, "direction_threshold": -0.2},
+    # excluded only if against both the round's median and the server's previous step
+    "direction check both": {
+        "direction_check": True,
+        "direction_threshold": 0.0,
+        "direction_reference": "both",
+    },
+    "direction check both -0.1": {
+        "direction_check": True,
+        "direction_threshold": -0.1,
+        "direction_reference": "both",
+    },
     "median": {"aggregation": "median"},
     "trimmed mean 0.2": {"aggregation": "trimmed_mean", "trim_beta": 0.2},
     "Krum": {"aggregation": "krum"},

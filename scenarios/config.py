@@ -281,6 +281,10 @@ class EdgeConfig(_Strict):
         return range(int(lo), int(hi or lo) + 1)
 
 
+# robustness.direction_reference (server/preaggregation.py)
+DIRECTION_REFERENCES = ("median", "previous", "both")
+
+
 class RobustnessConfig(_Strict):
     """Server-side fault tolerance: which training replies are aggregated, and checkpoints."""
 
@@ -354,6 +358,15 @@ class RobustnessConfig(_Strict):
         "weight matrix (its output layer, where label-skewed clients legitimately disagree), or "
         "'all' arrays",
     )
+    direction_reference: str = Field(
+        "median",
+        description="direction_check compares each update with 'median': the round's "
+        "coordinate-wise median update; 'previous': the server's previous step (the model it "
+        "sent this round minus the one it sent the round before to the same group of nodes; "
+        "the median in the first round or when none can be identified); 'both': excluded only "
+        "if below direction_threshold against both (honest label-skewed clients, which point "
+        "against the median, mostly still agree with the server's last step)",
+    )
     clip_radius: float = Field(
         0.0,
         ge=0.0,
@@ -391,6 +404,18 @@ class RobustnessConfig(_Strict):
             raise ValueError(
                 f"robustness.direction_threshold={v!r} must be a cosine in [-1, 1) (-1 keeps "
                 "every update; turn the check off with robustness.direction_check = false)"
+            )
+        return v
+
+    @field_validator("direction_reference")
+    @classmethod
+    def _direction_reference(cls, v: str) -> str:
+        if v not in DIRECTION_REFERENCES:
+            raise ValueError(
+                f"robustness.direction_reference={v!r} is not one of "
+                f"{', '.join(repr(r) for r in DIRECTION_REFERENCES)} ('median': the round's "
+                "median update; 'previous': the server's previous step; 'both': excluded only if "
+                "against both)"
             )
         return v
 
