@@ -22,6 +22,7 @@ from algorithms.robust_rules import (
     centered_clipping,
     direction_cosines,
     direction_outliers,
+    direction_scores,
     geometric_median,
     nearest_neighbour_mixing,
     rescale_to,
@@ -127,6 +128,31 @@ def test_direction_check_hand_case() -> None:
     # a zero row scores 0; fewer than 3 rows: no majority to define a consensus, nothing goes
     assert float(direction_cosines(f64([[0, 0], [1, 0], [2, 0]]))[0]) == 0.0
     assert not direction_outliers(f64([[1, 0], [-1, 0]]), 0.0).any()
+
+
+def test_direction_check_against_both_references_hand_case() -> None:
+    """robustness.direction_reference = "both": a row goes only if its cosine is below the
+    threshold against the median AND the server's previous step s (the max of the two)."""
+    # rows: A, B, C, an honest row D pointing against the median, a flipper E
+    updates = f64([[0, 1], [0.2, 1], [-0.2, 1], [1, -0.3], [-1, -1]])
+    step = f64([1, 0])
+    # coordinate-wise median (0, 1): cosines 1, 1/sqrt1.04, 1/sqrt1.04, -0.3/sqrt1.09, -1/sqrt2
+    # against s = (1, 0): 0, 0.2/sqrt1.04, -0.2/sqrt1.04, 1/sqrt1.09, -1/sqrt2
+    r104, r109, r2 = math.sqrt(1.04), math.sqrt(1.09), math.sqrt(2)
+    expected = f64([1, 1 / r104, 1 / r104, 1 / r109, -1 / r2])
+    assert torch.allclose(direction_scores(updates, None, step), expected)
+    assert direction_outliers(updates, 0.0).tolist() == [False, False, False, True, True]
+    assert direction_outliers(updates, 0.0, step).tolist() == [False, False, True, False, True]
+    assert direction_outliers(updates, 0.0, None, step).tolist() == [
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
+    # a zero previous step (the server did not move) is no direction: the median alone
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(direction_scores(updates, None, zero), direction_cosines(updates))
 
 
 def test_alie_hand_case_and_z() -> None:
@@ -279,6 +305,64 @@ def test_omniscient_attack_replaces_the_attackers_replies_only(kind: str) -> Non
 
 
 # ---------------------------------------------------------------- schema
+def _plugin_round(plugin, server_round: int, sent: list[float], updates: list[list[float]]):
+    """One round through the pre-aggregation plugin: every node sent ``sent`` (one shared record,
+    as FedAvg sends), node 10 + i answers sent + updates[i]; returns the excluded rows."""
+    record = RecordDict({"arrays": ArrayRecord({"w": Array(np.array(sent, dtype=np.float32))})})
+    pairs = [
+        _exchange(10 + i, record, _reply([s + u for s, u in zip(sent, up, strict=True)], i))
+        for i, up in enumerate(updates)
+    ]
+    plugin.observe_train_instructions(server_round, [i for i, _ in pairs])
+    kept, metrics = plugin.filter_train_replies(server_round, [r for _, r in pairs])
+    kept_nodes = {r.metadata.src_node_id for r in kept}
+    excluded = [i for i in range(len(updates)) if 10 + i not in kept_nodes]
+    assert metrics["num_excluded_direction"] == len(excluded)
+    return excluded
+
+
+def _checkpointed(state: dict) -> dict:
+    """``state`` through the checkpoint's encoding (tensors + JSON), as a resume reads it."""
+    import json
+
+    from server.checkpoint import _decode, _Encoder
+
+    encoder = _Encoder()
+    meta = json.dumps(encoder.encode(state))
+    return _decode(json.loads(meta), encoder.tensors)
+
+
+def test_direction_reference_both_carries_the_servers_step_across_a_resume(
+    tmp_path: Path,
+) -> None:
+    """Round 1 has no previous step: the median alone drops the honest row D (against the
+    median) and the flipper E. The server then steps by s = (1, 0); in round 2 (the plugin
+    rebuilt from its checkpointed state, as a resume does) D agrees with s and stays, E goes.
+    Fails if the reference is the median alone, or if the sent model is not carried across."""
+    from types import SimpleNamespace
+
+    from server.preaggregation import UpdateTransform
+
+    robustness = {
+        "direction_check": True,
+        "direction_reference": "both",
+        "direction_scope": "all",
+        "relative_norm_bound": 0.0,
+    }
+    setup = SimpleNamespace(
+        scenario=_scenario(tmp_path, robustness=robustness), device="cpu", model=None
+    )
+    rows = [[0, 1], [0.2, 1], [-0.2, 1], [1, -0.3], [-1, -1]]  # the hand case's A-E
+    first = UpdateTransform(setup)
+    assert _plugin_round(first, 1, [0.0, 0.0], rows) == [3, 4]
+    resumed = UpdateTransform(setup)
+    resumed.load_state(_checkpointed(first.state()))
+    assert _plugin_round(resumed, 2, [1.0, 0.0], rows) == [4]
+    assert resumed.state()["total_excluded_direction"] == 3
+    # without the first round's sent model there is no step: the median alone, D goes again
+    assert _plugin_round(UpdateTransform(setup), 2, [1.0, 0.0], rows) == [3, 4]
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
@@ -289,6 +373,7 @@ def test_omniscient_attack_replaces_the_attackers_replies_only(kind: str) -> Non
         ({"attack": {"kind": "alie"}}, "needs attack.clients"),
         ({"robustness": {"direction_threshold": 1.0}}, "direction_threshold=1.0 must be a cosine"),
         ({"robustness": {"direction_scope": "head"}}, "direction_scope"),
+        ({"robustness": {"direction_reference": "mean"}}, "'median', 'previous', 'both'"),
         (
             {
                 "algorithm": {"name": "lora_sparse"},
