@@ -341,16 +341,18 @@ class RobustnessConfig(_Strict):
         "Works with every algorithm that weights by num-examples",
     )
     direction_check: bool = Field(
-        False,
-        description="exclude replies whose update points away from the round's consensus: "
-        "cosine with the coordinate-wise median update below direction_threshold (sign flip, "
-        "IPM; honest norms pass the norm bound). Every algorithm with dense replies. Off by "
-        "default: under strong label skew (Dirichlet 0.1) it excludes honest clients",
+        True,
+        description="exclude replies whose update points away from the consensus: cosine below "
+        "direction_threshold with the round's coordinate-wise median update and (with "
+        "direction_reference = 'both', the default) with the server's previous step (sign flip, "
+        "IPM; honest norms pass the norm bound). Every algorithm with dense replies; sparse "
+        "(lora_sparse) replies are not checked",
     )
     direction_threshold: float = Field(
-        0.0,
-        description="direction_check: the lowest cosine kept, in [-1, 1) (0: an update must not "
-        "point against the median update)",
+        -0.15,
+        description="direction_check: the lowest cosine kept, in [-1, 1) (-0.15: an honest "
+        "label-skewed client at Dirichlet 0.1 dips to about -0.1 against both references; a "
+        "sign-flipped or IPM update sits at -0.3 to -1)",
     )
     direction_scope: Literal["body", "all"] = Field(
         "body",
@@ -359,7 +361,7 @@ class RobustnessConfig(_Strict):
         "'all' arrays",
     )
     direction_reference: str = Field(
-        "median",
+        "both",
         description="direction_check compares each update with 'median': the round's "
         "coordinate-wise median update; 'previous': the server's previous step (the model it "
         "sent this round minus the one it sent the round before to the same group of nodes; "
@@ -609,11 +611,6 @@ class Scenario(_Strict):
             raise ValueError(
                 "robustness.preaggregation and trust_scoring transform dense model updates; "
                 "lora_sparse replies are sparse adapter updates: turn them off for lora_sparse"
-            )
-        if defense.direction_check and getattr(declared, "sparse_replies", False):
-            raise ValueError(
-                f"robustness.direction_check compares dense model updates; {algo} replies are "
-                "sparse adapter updates: set robustness.direction_check = false"
             )
         if defense.trust_scoring and self.data.proxy_fraction == 0:
             raise ValueError(

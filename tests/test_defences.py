@@ -375,14 +375,6 @@ def test_direction_reference_both_carries_the_servers_step_across_a_resume(
         ({"robustness": {"direction_scope": "head"}}, "direction_scope"),
         ({"robustness": {"direction_reference": "mean"}}, "'median', 'previous', 'both'"),
         (
-            {
-                "algorithm": {"name": "lora_sparse"},
-                "data": {"proxy_fraction": 0.05},
-                "robustness": {"direction_check": True},
-            },
-            "direction_check = false",
-        ),
-        (
             {"algorithm": {"name": "fedld"}, "robustness": {"aggregation": "geometric_median"}},
             "relative_norm_bound",
         ),
@@ -391,6 +383,20 @@ def test_direction_reference_both_carries_the_servers_step_across_a_resume(
 def test_bad_defence_settings_are_refused(tmp_path: Path, raw: dict, needle: str) -> None:
     with pytest.raises(ScenarioError, match=needle):
         _scenario(tmp_path, **raw)
+
+
+def test_sparse_replies_skip_the_default_direction_check(tmp_path: Path) -> None:
+    """The check is on by default and compares dense updates: a lora_sparse scenario validates
+    with the defaults and its plugin does not check directions."""
+    from types import SimpleNamespace
+
+    from server.preaggregation import UpdateTransform
+
+    sparse = _scenario(tmp_path, algorithm={"name": "lora_sparse"}, data={"proxy_fraction": 0.05})
+    assert sparse.robustness.direction_check
+    plugin = UpdateTransform(SimpleNamespace(scenario=sparse, device="cpu", model=None))
+    assert not plugin.direction_check
+    assert UpdateTransform.wanted(_scenario(tmp_path))  # dense: on by default
 
 
 def test_small_federations_are_warned_about(tmp_path: Path) -> None:
@@ -428,7 +434,7 @@ def test_default_norm_bound_and_weight_cap_hold_against_one_client(tmp_path: Pat
     """Defaults on (#23): a x10 sign-flipper is excluded by the relative norm bound; with both
     defences off (the old defaults) it wrecks the model."""
     attack = {"kind": "sign_flip", "clients": [0], "strength": 10.0}
-    off = {"relative_norm_bound": 0.0, "max_weight_share": 1.0}
+    off = {"relative_norm_bound": 0.0, "max_weight_share": 1.0, "direction_check": False}
     defended = _accuracy(tmp_path, "defaults", attack=attack)
     undefended = _accuracy(tmp_path, "off", attack=attack, robustness=off)
     clean = _accuracy(tmp_path, "clean")
@@ -438,15 +444,24 @@ def test_default_norm_bound_and_weight_cap_hold_against_one_client(tmp_path: Pat
     assert [r["num_invalid_norm"] for r in rounds] == [1, 1, 1]
 
 
-def test_direction_check_excludes_sign_flippers_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "on",
+    [
+        {"direction_check": True, "direction_reference": "median", "direction_threshold": 0.0},
+        {},  # fedge's default: against the median and the previous step, threshold -0.15
+    ],
+    ids=["median", "default"],
+)
+def test_direction_check_excludes_sign_flippers_end_to_end(tmp_path: Path, on: dict) -> None:
     """Two of six x1 sign-flippers (honest norms: the norm bound keeps them): the direction
-    check excludes both in every round and the model stays near the clean one; without it (the
-    default) they cost accuracy. Fails if the check is off or its sign inverted (it would then
-    drop two honest replies and keep the flippers)."""
+    check excludes both in every round and the model stays near the clean one; without it they
+    cost accuracy. Fails if the check is off or its sign inverted (it would then drop two honest
+    replies and keep the flippers)."""
     attack = {"kind": "sign_flip", "clients": [0, 1], "strength": 1.0}
-    on = {"direction_check": True}
     checked = _accuracy(tmp_path, "checked", attack=attack, robustness=on)
-    unchecked = _accuracy(tmp_path, "unchecked", attack=attack)
+    unchecked = _accuracy(
+        tmp_path, "unchecked", attack=attack, robustness={"direction_check": False}
+    )
     clean = _accuracy(tmp_path, "clean", robustness=on)
     assert checked > unchecked + 0.05
     assert checked >= clean - 0.03
@@ -470,14 +485,15 @@ def test_trust_scoring_holds_for_algorithms_with_their_own_rule(
         algo["warmup_rounds"] = 5  # stays in its FedAvg phase for these 3 rounds
     attack = {"kind": "sign_flip", "clients": [0, 1], "strength": 2.0}
     data = {"proxy_fraction": 0.05}
-    plain = _accuracy(tmp_path, "plain", algorithm=algo, attack=attack, data=data)
+    off = {"direction_check": False}  # FLTrust alone: the default direction check would see them
+    plain = _accuracy(tmp_path, "plain", algorithm=algo, attack=attack, data=data, robustness=off)
     trusted = _accuracy(
         tmp_path,
         "trusted",
         algorithm=algo,
         attack=attack,
         data=data,
-        robustness={"trust_scoring": True},
+        robustness={"trust_scoring": True, **off},
     )
     assert trusted > plain + 0.05
     rounds = load_run(tmp_path / "trusted").rounds[1:]
