@@ -7,6 +7,17 @@ The capture runs each case with fedge's defaults (no direction check), recording
 updates (after the reply validator) and which rows are attackers; the score step counts, per
 variant (reference x threshold), the share of honest updates excluded (false exclusions) and of
 attacker updates excluded (detections). Used to choose ``robustness.direction_threshold``.
+
+    PYTHONPATH=. nice python benchmarks/direction_stacks.py --score --variants all \
+        --thresholds=0,-0.1,-0.2
+
+simulates each variant round by round instead (``score_variants``: its own previous aggregate,
+the live cap of (n - 1) // 2 exclusions) and prints one table per threshold: median, prev (the
+previous aggregate), both (below against both: ``robustness.direction_reference = "both"``),
+either, half-median (the median of the half closest to the median), both-half, knnK (mean
+cosine with the K most aligned others). The stacks come from runs *without* the check, so the
+'prev' variants' detections are pessimistic: attackers that were aggregated in the captured run
+pull its later updates their way.
 """
 
 from __future__ import annotations
