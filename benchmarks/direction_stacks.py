@@ -16,7 +16,7 @@ the live cap of (n - 1) // 2 exclusions) and prints one table per threshold: med
 previous aggregate), both (below against both: ``robustness.direction_reference = "both"``),
 either, half-median (the median of the half closest to the median), both-half, knnK (mean
 cosine with the K most aligned others). The stacks come from runs *without* the check, so the
-'prev' variants' detections are pessimistic: attackers that were aggregated in the captured run
+'prev' variants' detections can be pessimistic: attackers aggregated in the captured run
 pull its later updates their way.
 """
 
