@@ -358,7 +358,8 @@ def run_quickstart(seeds: list[int]) -> None:
                     extra = [f"seed={seed}", "robustness.checkpoint=false", f"output_dir={tmp}"]
                     settings = QUICKSTART_DEFENCES.get(defaults, NO_DEFENCE)
                     extra += [f"robustness.{k}={str(v).lower()}" for k, v in settings.items()]
-                    scenario = load_scenario(QUICKSTART, overrides + extra)
+                    # the case last: its own robustness settings (the floor's threshold) win
+                    scenario = load_scenario(QUICKSTART, extra + overrides)
                     cache[key] = run_one(scenario, Path(tmp))
                     print(f"{key}: {100 * cache[key]['final_accuracy']:.1f}%", flush=True)
                     save(cache)
