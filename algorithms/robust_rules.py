@@ -26,7 +26,8 @@ al., AISTATS 2023) and weights:
 Checks that exclude rows:
 
 - :func:`direction_outliers` — the direction check: rows whose cosine with a robust reference
-  direction (the coordinate-wise median of the rows) falls below a threshold.
+  direction (the coordinate-wise median of the rows, or a given one such as the server's previous
+  step) falls below a threshold; with a second reference, only rows below it against both.
 """
 
 from __future__ import annotations
@@ -185,15 +186,21 @@ def direction_cosines(updates: torch.Tensor, reference: torch.Tensor | None = No
 
 
 def direction_outliers(
-    updates: torch.Tensor, threshold: float, reference: torch.Tensor | None = None
+    updates: torch.Tensor,
+    threshold: float,
+    reference: torch.Tensor | None = None,
+    also: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Direction check: which rows to exclude (a bool mask), those whose
     :math:`\cos(\Delta_i, r) < ` ``threshold`` (r: :func:`direction_cosines`'s reference, the
     coordinate-wise median by default). Aimed at updates of honest norm that point the wrong
-    way (sign flip, IPM). The median reference assumes an honest majority: with fewer than 3
-    rows nothing is excluded, and never more than ⌊(n − 1)/2⌋ rows (the lowest cosines first,
-    ties to the lower index)."""
-    cos = direction_cosines(updates, reference)
+    way (sign flip, IPM). With ``also`` = a second reference r' (the server's previous step:
+    ``robustness.direction_reference = "both"``) a row is excluded only if it is below the
+    threshold against both, i.e. :math:`\max(\cos(\Delta_i, r), \cos(\Delta_i, r')) <` the
+    threshold; a zero ``also`` is ignored (no direction). The median reference assumes an honest
+    majority: with fewer than 3 rows nothing is excluded, and never more than ⌊(n − 1)/2⌋ rows
+    (the lowest scores first, ties to the lower index)."""
+    cos = direction_scores(updates, reference, also)
     n = updates.shape[0]
     out = torch.zeros(n, dtype=torch.bool)
     if n < 3:
@@ -201,3 +208,15 @@ def direction_outliers(
     below = [i for i in torch.argsort(cos, stable=True).tolist() if float(cos[i]) < threshold]
     out[below[: (n - 1) // 2]] = True
     return out
+
+
+def direction_scores(
+    updates: torch.Tensor, reference: torch.Tensor | None = None, also: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The score :func:`direction_outliers` compares with its threshold: the cosine with
+    ``reference`` (None: the rows' coordinate-wise median), or its maximum with the cosine with
+    ``also`` when that is given and non-zero."""
+    cos = direction_cosines(updates, reference)
+    if also is not None and float(also.norm()) > 0.0:
+        cos = torch.maximum(cos, direction_cosines(updates, also))
+    return cos

@@ -7,6 +7,17 @@ The capture runs each case with fedge's defaults (no direction check), recording
 updates (after the reply validator) and which rows are attackers; the score step counts, per
 variant (reference x threshold), the share of honest updates excluded (false exclusions) and of
 attacker updates excluded (detections). Used to choose ``robustness.direction_threshold``.
+
+    PYTHONPATH=. nice python benchmarks/direction_stacks.py --score --variants all \
+        --thresholds=0,-0.1,-0.2
+
+simulates each variant round by round instead (``score_variants``: its own previous aggregate,
+the live cap of (n - 1) // 2 exclusions) and prints one table per threshold: median, prev (the
+previous aggregate), both (below against both: ``robustness.direction_reference = "both"``),
+either, half-median (the median of the half closest to the median), both-half, knnK (mean
+cosine with the K most aligned others). The stacks come from runs *without* the check, so the
+'prev' variants' detections can be pessimistic: attackers aggregated in the captured run
+pull its later updates their way.
 """
 
 from __future__ import annotations
@@ -65,9 +76,11 @@ def cases() -> dict[str, tuple]:
             {0, 1},
         )
     for alpha in (0.5, 0.1):
-        out[f"digits{alpha}-clean-0"] = ("g", (alpha, "none", 0), 0, set())
-        for kind in ("sign_flip", "ipm", "alie"):
-            out[f"digits{alpha}-{kind}-0"] = ("g", (alpha, kind, 2), 0, {0, 1})
+        for seed in (0, 1, 2):
+            out[f"digits{alpha}-clean-{seed}"] = ("g", (alpha, "none", 0), seed, set())
+        for seed in (0, 1):
+            for kind in ("sign_flip", "ipm", "alie"):
+                out[f"digits{alpha}-{kind}-{seed}"] = ("g", (alpha, kind, 2), seed, {0, 1})
     return out
 
 
@@ -171,17 +184,131 @@ def score(thresholds: list[float]) -> None:
             print(" | ".join(parts) + " || " + " | ".join(rates))
 
 
+def _below_capped(cos: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """The flagged rows, at most (n - 1) // 2 of them, lowest cosine first (the live cap)."""
+    n = cos.numel()
+    out = torch.zeros(n, dtype=torch.bool)
+    if n < 3:
+        return out
+    order = [i for i in torch.argsort(cos, stable=True).tolist() if bool(flag[i])]
+    out[order[: (n - 1) // 2]] = True
+    return out
+
+
+def honest_half_median(u: torch.Tensor) -> torch.Tensor:
+    """(c): the coordinate-wise median of the half of the rows closest in direction to the
+    round's median."""
+    c = cosines(u, coordinate_median(u))
+    keep = torch.argsort(c, descending=True, stable=True)[: (u.shape[0] + 1) // 2]
+    return coordinate_median(u[keep])
+
+
+def knn_cos(u: torch.Tensor, k: int) -> torch.Tensor:
+    """(d): each row's mean cosine with its k most aligned other rows."""
+    un = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    sim = un @ un.T
+    sim.fill_diagonal_(-2.0)
+    return sim.topk(k, dim=1).values.mean(1)
+
+
+def variant_flags(name: str, u: torch.Tensor, prev: torch.Tensor | None, t: float):
+    """Rows a variant excludes, before the (n - 1) // 2 cap. ``prev``: the previous round's
+    aggregate (the mean of the rows the same variant kept), None in round 1."""
+    cm = cosines(u, coordinate_median(u))
+    cp = None if prev is None else cosines(u, prev)
+    if name == "median":
+        return cm, cm < t
+    if name == "prev":  # the previous aggregate; the median in round 1
+        c = cm if cp is None else cp
+        return c, c < t
+    if name == "both":  # below against the median AND the previous aggregate
+        if cp is None:
+            return cm, cm < t
+        return torch.maximum(cm, cp), (cm < t) & (cp < t)
+    if name == "either":
+        if cp is None:
+            return cm, cm < t
+        return torch.minimum(cm, cp), (cm < t) | (cp < t)
+    if name == "half-median":
+        c = cosines(u, honest_half_median(u))
+        return c, c < t
+    if name == "both-half":  # (c) and the previous aggregate
+        c = cosines(u, honest_half_median(u))
+        if cp is None:
+            return c, c < t
+        return torch.maximum(c, cp), (c < t) & (cp < t)
+    if name.startswith("knn"):
+        k = int(name[3:])
+        c = knn_cos(u, k)
+        return c, c < t
+    raise ValueError(name)
+
+
+VARIANTS = ["median", "prev", "both", "either", "half-median", "both-half", "knn3", "knn5"]
+
+
+def score_variants(thresholds: list[float], variants: list[str]) -> None:
+    """Each variant simulated round by round over the body, with its own previous aggregate
+    (the mean of the rows it kept: the server's step under the mean), and the live cap of
+    (n - 1) // 2 exclusions. Rates per case family: FE = honest rows excluded, det = attacker
+    rows excluded, from round 1 (round 1 falls back to the median for 'prev' variants)."""
+    files = sorted(OUT.glob("*.pt"))
+    bodies: dict[str, int] = {}
+    table: dict[tuple, list] = {}
+    for f in files:
+        family = f.stem.rsplit("-", 1)[0]
+        key = "quickstart" if f.stem.startswith("quickstart") else "digits"
+        if key not in bodies:
+            bodies[key] = body_of(f.stem)
+        rounds = torch.load(f)
+        for v in variants:
+            for t in thresholds:
+                prev = None
+                fe, det = [], []
+                for r in rounds:
+                    u = r["updates"][:, : bodies[key]].double()
+                    c, flag = variant_flags(v, u, prev, t)
+                    out = _below_capped(c, flag)
+                    att = r["attacker"]
+                    fe += out[~att].tolist()
+                    det += out[att].tolist()
+                    kept = u[~out]
+                    prev = kept.mean(0) if kept.numel() else prev
+                cell = table.setdefault((family, v, t), [[], []])
+                cell[0] += fe
+                cell[1] += det
+    families = sorted({k[0] for k in table})
+    for t in thresholds:
+        print(f"\n== threshold {t:+g}: FE % (honest rows excluded) / det % (attacker rows)")
+        print(f"{'case':24s}" + "".join(f"{v:>14s}" for v in variants))
+        for fam in families:
+            cells = []
+            for v in variants:
+                fe, det = table[(fam, v, t)]
+                s = f"{100 * sum(fe) / max(len(fe), 1):.1f}"
+                if det:
+                    s += f"/{100 * sum(det) / len(det):.0f}"
+                cells.append(f"{s:>14s}")
+            print(f"{fam:24s}" + "".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--capture", action="store_true")
     parser.add_argument("--cases", default="")
     parser.add_argument("--score", action="store_true")
     parser.add_argument("--thresholds", default="-0.1,0,0.05,0.1")
+    parser.add_argument("--variants", default="", help="score these (comma-separated) instead")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.ERROR)
     if args.capture:
         capture([c for c in args.cases.split(",") if c])
-    if args.score:
+    if args.score and args.variants:
+        score_variants(
+            [float(t) for t in args.thresholds.split(",")],
+            VARIANTS if args.variants == "all" else args.variants.split(","),
+        )
+    elif args.score:
         score([float(t) for t in args.thresholds.split(",")])
 
 

@@ -44,16 +44,50 @@ ATTACKERS = {10: [1, 2, 3], 50: [2, 5, 10]}
 ALPHAS = [0.5, 0.1]
 SEEDS = [0, 1, 2]
 NO_DEFENCE = {"relative_norm_bound": 0.0, "max_weight_share": 1.0, "direction_check": False}
-# fedge's defaults (issue #23: relative norm bound 3, weight cap "auto"; no direction check)
+# fedge's defaults of issue #23 (relative norm bound 3, weight cap "auto"), without the direction
+# check that #24 turned on by default: the cells were measured so
 NORM_BOUND_AND_CAP = {"direction_check": False}
+# the direction check as fedge runs it by default since #24's third pass: excluded when below
+# -0.15 against both the round's median update and the server's previous step
+DEFAULT_DIRECTION = {
+    "direction_check": True,
+    "direction_threshold": -0.15,
+    "direction_reference": "both",
+}
 # name -> [robustness] settings on top of fedge's defaults; the first turns the norm bound and
-# the weight cap off: the plain mean. The direction check (#24) is stated explicitly everywhere.
+# the weight cap off: the plain mean. The direction check (#24) is stated explicitly everywhere
+# (its reference too), so each column keeps meaning what its cells measured.
 # num_malicious (f) is filled in per federation size (F_ASSUMED).
 DEFENCES: dict[str, dict] = {
     "mean (no checks)": NO_DEFENCE,
     "norm bound + cap": NORM_BOUND_AND_CAP,
-    "direction check": {"direction_check": True, "direction_threshold": 0.0},
-    "direction check -0.1": {"direction_check": True, "direction_threshold": -0.1},
+    "direction check": {
+        "direction_check": True,
+        "direction_threshold": 0.0,
+        "direction_reference": "median",
+    },
+    "direction check -0.1": {
+        "direction_check": True,
+        "direction_threshold": -0.1,
+        "direction_reference": "median",
+    },
+    "direction check -0.2": {
+        "direction_check": True,
+        "direction_threshold": -0.2,
+        "direction_reference": "median",
+    },
+    # excluded only if against both the round's median and the server's previous step
+    "direction check both": {
+        "direction_check": True,
+        "direction_threshold": 0.0,
+        "direction_reference": "both",
+    },
+    "direction check both -0.1": {
+        "direction_check": True,
+        "direction_threshold": -0.1,
+        "direction_reference": "both",
+    },
+    "direction check both -0.15": DEFAULT_DIRECTION,
     "median": {"aggregation": "median"},
     "trimmed mean 0.2": {"aggregation": "trimmed_mean", "trim_beta": 0.2},
     "Krum": {"aggregation": "krum"},
@@ -68,10 +102,12 @@ DEFENCES: dict[str, dict] = {
 for _name, _settings in DEFENCES.items():
     if not _name.startswith("direction check"):
         _settings.setdefault("direction_check", False)
-# the quickstart's columns: fedge's defaults, and the direction check on top of them
+# the quickstart's columns: the #23 defaults, the median direction check on top of them, and
+# fedge's defaults since #24 (the direction check against both references)
 QUICKSTART_DEFENCES = {
     "norm bound + cap": NORM_BOUND_AND_CAP,
     "direction check": DEFENCES["direction check"],
+    "direction check both -0.15": DEFAULT_DIRECTION,
 }
 F_ASSUMED = {10: 3, 50: 10}
 SETTINGS = {
@@ -322,7 +358,8 @@ def run_quickstart(seeds: list[int]) -> None:
                     extra = [f"seed={seed}", "robustness.checkpoint=false", f"output_dir={tmp}"]
                     settings = QUICKSTART_DEFENCES.get(defaults, NO_DEFENCE)
                     extra += [f"robustness.{k}={str(v).lower()}" for k, v in settings.items()]
-                    scenario = load_scenario(QUICKSTART, overrides + extra)
+                    # the case last: its own robustness settings (the floor's threshold) win
+                    scenario = load_scenario(QUICKSTART, extra + overrides)
                     cache[key] = run_one(scenario, Path(tmp))
                     print(f"{key}: {100 * cache[key]['final_accuracy']:.1f}%", flush=True)
                     save(cache)

@@ -281,6 +281,10 @@ class EdgeConfig(_Strict):
         return range(int(lo), int(hi or lo) + 1)
 
 
+# robustness.direction_reference (server/preaggregation.py)
+DIRECTION_REFERENCES = ("median", "previous", "both")
+
+
 class RobustnessConfig(_Strict):
     """Server-side fault tolerance: which training replies are aggregated, and checkpoints."""
 
@@ -337,22 +341,33 @@ class RobustnessConfig(_Strict):
         "Works with every algorithm that weights by num-examples",
     )
     direction_check: bool = Field(
-        False,
-        description="exclude replies whose update points away from the round's consensus: "
-        "cosine with the coordinate-wise median update below direction_threshold (sign flip, "
-        "IPM; honest norms pass the norm bound). Every algorithm with dense replies. Off by "
-        "default: under strong label skew (Dirichlet 0.1) it excludes honest clients",
+        True,
+        description="exclude replies whose update points away from the consensus: cosine below "
+        "direction_threshold with the round's coordinate-wise median update and (with "
+        "direction_reference = 'both', the default) with the server's previous step (sign flip, "
+        "IPM; honest norms pass the norm bound). Every algorithm with dense replies; sparse "
+        "(lora_sparse) replies are not checked",
     )
     direction_threshold: float = Field(
-        0.0,
-        description="direction_check: the lowest cosine kept, in [-1, 1) (0: an update must not "
-        "point against the median update)",
+        -0.15,
+        description="direction_check: the lowest cosine kept, in [-1, 1) (-0.15: an honest "
+        "label-skewed client at Dirichlet 0.1 dips to about -0.1 against both references; a "
+        "sign-flipped or IPM update sits at -0.3 to -1)",
     )
     direction_scope: Literal["body", "all"] = Field(
         "body",
         description="direction_check compares 'body': every array before the model's last "
         "weight matrix (its output layer, where label-skewed clients legitimately disagree), or "
         "'all' arrays",
+    )
+    direction_reference: str = Field(
+        "both",
+        description="direction_check compares each update with 'median': the round's "
+        "coordinate-wise median update; 'previous': the server's previous step (the model it "
+        "sent this round minus the one it sent the round before to the same group of nodes; "
+        "the median in the first round or when none can be identified); 'both': excluded only "
+        "if below direction_threshold against both (honest label-skewed clients, which point "
+        "against the median, mostly still agree with the server's last step)",
     )
     clip_radius: float = Field(
         0.0,
@@ -391,6 +406,18 @@ class RobustnessConfig(_Strict):
             raise ValueError(
                 f"robustness.direction_threshold={v!r} must be a cosine in [-1, 1) (-1 keeps "
                 "every update; turn the check off with robustness.direction_check = false)"
+            )
+        return v
+
+    @field_validator("direction_reference")
+    @classmethod
+    def _direction_reference(cls, v: str) -> str:
+        if v not in DIRECTION_REFERENCES:
+            raise ValueError(
+                f"robustness.direction_reference={v!r} is not one of "
+                f"{', '.join(repr(r) for r in DIRECTION_REFERENCES)} ('median': the round's "
+                "median update; 'previous': the server's previous step; 'both': excluded only if "
+                "against both)"
             )
         return v
 
@@ -584,11 +611,6 @@ class Scenario(_Strict):
             raise ValueError(
                 "robustness.preaggregation and trust_scoring transform dense model updates; "
                 "lora_sparse replies are sparse adapter updates: turn them off for lora_sparse"
-            )
-        if defense.direction_check and getattr(declared, "sparse_replies", False):
-            raise ValueError(
-                f"robustness.direction_check compares dense model updates; {algo} replies are "
-                "sparse adapter updates: set robustness.direction_check = false"
             )
         if defense.trust_scoring and self.data.proxy_fraction == 0:
             raise ValueError(

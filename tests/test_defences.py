@@ -22,6 +22,7 @@ from algorithms.robust_rules import (
     centered_clipping,
     direction_cosines,
     direction_outliers,
+    direction_scores,
     geometric_median,
     nearest_neighbour_mixing,
     rescale_to,
@@ -127,6 +128,31 @@ def test_direction_check_hand_case() -> None:
     # a zero row scores 0; fewer than 3 rows: no majority to define a consensus, nothing goes
     assert float(direction_cosines(f64([[0, 0], [1, 0], [2, 0]]))[0]) == 0.0
     assert not direction_outliers(f64([[1, 0], [-1, 0]]), 0.0).any()
+
+
+def test_direction_check_against_both_references_hand_case() -> None:
+    """robustness.direction_reference = "both": a row goes only if its cosine is below the
+    threshold against the median AND the server's previous step s (the max of the two)."""
+    # rows: A, B, C, an honest row D pointing against the median, a flipper E
+    updates = f64([[0, 1], [0.2, 1], [-0.2, 1], [1, -0.3], [-1, -1]])
+    step = f64([1, 0])
+    # coordinate-wise median (0, 1): cosines 1, 1/sqrt1.04, 1/sqrt1.04, -0.3/sqrt1.09, -1/sqrt2
+    # against s = (1, 0): 0, 0.2/sqrt1.04, -0.2/sqrt1.04, 1/sqrt1.09, -1/sqrt2
+    r104, r109, r2 = math.sqrt(1.04), math.sqrt(1.09), math.sqrt(2)
+    expected = f64([1, 1 / r104, 1 / r104, 1 / r109, -1 / r2])
+    assert torch.allclose(direction_scores(updates, None, step), expected)
+    assert direction_outliers(updates, 0.0).tolist() == [False, False, False, True, True]
+    assert direction_outliers(updates, 0.0, step).tolist() == [False, False, True, False, True]
+    assert direction_outliers(updates, 0.0, None, step).tolist() == [
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
+    # a zero previous step (the server did not move) is no direction: the median alone
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(direction_scores(updates, None, zero), direction_cosines(updates))
 
 
 def test_alie_hand_case_and_z() -> None:
@@ -279,6 +305,64 @@ def test_omniscient_attack_replaces_the_attackers_replies_only(kind: str) -> Non
 
 
 # ---------------------------------------------------------------- schema
+def _plugin_round(plugin, server_round: int, sent: list[float], updates: list[list[float]]):
+    """One round through the pre-aggregation plugin: every node sent ``sent`` (one shared record,
+    as FedAvg sends), node 10 + i answers sent + updates[i]; returns the excluded rows."""
+    record = RecordDict({"arrays": ArrayRecord({"w": Array(np.array(sent, dtype=np.float32))})})
+    pairs = [
+        _exchange(10 + i, record, _reply([s + u for s, u in zip(sent, up, strict=True)], i))
+        for i, up in enumerate(updates)
+    ]
+    plugin.observe_train_instructions(server_round, [i for i, _ in pairs])
+    kept, metrics = plugin.filter_train_replies(server_round, [r for _, r in pairs])
+    kept_nodes = {r.metadata.src_node_id for r in kept}
+    excluded = [i for i in range(len(updates)) if 10 + i not in kept_nodes]
+    assert metrics["num_excluded_direction"] == len(excluded)
+    return excluded
+
+
+def _checkpointed(state: dict) -> dict:
+    """``state`` through the checkpoint's encoding (tensors + JSON), as a resume reads it."""
+    import json
+
+    from server.checkpoint import _decode, _Encoder
+
+    encoder = _Encoder()
+    meta = json.dumps(encoder.encode(state))
+    return _decode(json.loads(meta), encoder.tensors)
+
+
+def test_direction_reference_both_carries_the_servers_step_across_a_resume(
+    tmp_path: Path,
+) -> None:
+    """Round 1 has no previous step: the median alone drops the honest row D (against the
+    median) and the flipper E. The server then steps by s = (1, 0); in round 2 (the plugin
+    rebuilt from its checkpointed state, as a resume does) D agrees with s and stays, E goes.
+    Fails if the reference is the median alone, or if the sent model is not carried across."""
+    from types import SimpleNamespace
+
+    from server.preaggregation import UpdateTransform
+
+    robustness = {
+        "direction_check": True,
+        "direction_reference": "both",
+        "direction_scope": "all",
+        "relative_norm_bound": 0.0,
+    }
+    setup = SimpleNamespace(
+        scenario=_scenario(tmp_path, robustness=robustness), device="cpu", model=None
+    )
+    rows = [[0, 1], [0.2, 1], [-0.2, 1], [1, -0.3], [-1, -1]]  # the hand case's A-E
+    first = UpdateTransform(setup)
+    assert _plugin_round(first, 1, [0.0, 0.0], rows) == [3, 4]
+    resumed = UpdateTransform(setup)
+    resumed.load_state(_checkpointed(first.state()))
+    assert _plugin_round(resumed, 2, [1.0, 0.0], rows) == [4]
+    assert resumed.state()["total_excluded_direction"] == 3
+    # without the first round's sent model there is no step: the median alone, D goes again
+    assert _plugin_round(UpdateTransform(setup), 2, [1.0, 0.0], rows) == [3, 4]
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
@@ -289,14 +373,7 @@ def test_omniscient_attack_replaces_the_attackers_replies_only(kind: str) -> Non
         ({"attack": {"kind": "alie"}}, "needs attack.clients"),
         ({"robustness": {"direction_threshold": 1.0}}, "direction_threshold=1.0 must be a cosine"),
         ({"robustness": {"direction_scope": "head"}}, "direction_scope"),
-        (
-            {
-                "algorithm": {"name": "lora_sparse"},
-                "data": {"proxy_fraction": 0.05},
-                "robustness": {"direction_check": True},
-            },
-            "direction_check = false",
-        ),
+        ({"robustness": {"direction_reference": "mean"}}, "'median', 'previous', 'both'"),
         (
             {"algorithm": {"name": "fedld"}, "robustness": {"aggregation": "geometric_median"}},
             "relative_norm_bound",
@@ -306,6 +383,20 @@ def test_omniscient_attack_replaces_the_attackers_replies_only(kind: str) -> Non
 def test_bad_defence_settings_are_refused(tmp_path: Path, raw: dict, needle: str) -> None:
     with pytest.raises(ScenarioError, match=needle):
         _scenario(tmp_path, **raw)
+
+
+def test_sparse_replies_skip_the_default_direction_check(tmp_path: Path) -> None:
+    """The check is on by default and compares dense updates: a lora_sparse scenario validates
+    with the defaults and its plugin does not check directions."""
+    from types import SimpleNamespace
+
+    from server.preaggregation import UpdateTransform
+
+    sparse = _scenario(tmp_path, algorithm={"name": "lora_sparse"}, data={"proxy_fraction": 0.05})
+    assert sparse.robustness.direction_check
+    plugin = UpdateTransform(SimpleNamespace(scenario=sparse, device="cpu", model=None))
+    assert not plugin.direction_check
+    assert UpdateTransform.wanted(_scenario(tmp_path))  # dense: on by default
 
 
 def test_small_federations_are_warned_about(tmp_path: Path) -> None:
@@ -343,7 +434,7 @@ def test_default_norm_bound_and_weight_cap_hold_against_one_client(tmp_path: Pat
     """Defaults on (#23): a x10 sign-flipper is excluded by the relative norm bound; with both
     defences off (the old defaults) it wrecks the model."""
     attack = {"kind": "sign_flip", "clients": [0], "strength": 10.0}
-    off = {"relative_norm_bound": 0.0, "max_weight_share": 1.0}
+    off = {"relative_norm_bound": 0.0, "max_weight_share": 1.0, "direction_check": False}
     defended = _accuracy(tmp_path, "defaults", attack=attack)
     undefended = _accuracy(tmp_path, "off", attack=attack, robustness=off)
     clean = _accuracy(tmp_path, "clean")
@@ -353,15 +444,24 @@ def test_default_norm_bound_and_weight_cap_hold_against_one_client(tmp_path: Pat
     assert [r["num_invalid_norm"] for r in rounds] == [1, 1, 1]
 
 
-def test_direction_check_excludes_sign_flippers_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "on",
+    [
+        {"direction_check": True, "direction_reference": "median", "direction_threshold": 0.0},
+        {},  # fedge's default: against the median and the previous step, threshold -0.15
+    ],
+    ids=["median", "default"],
+)
+def test_direction_check_excludes_sign_flippers_end_to_end(tmp_path: Path, on: dict) -> None:
     """Two of six x1 sign-flippers (honest norms: the norm bound keeps them): the direction
-    check excludes both in every round and the model stays near the clean one; without it (the
-    default) they cost accuracy. Fails if the check is off or its sign inverted (it would then
-    drop two honest replies and keep the flippers)."""
+    check excludes both in every round and the model stays near the clean one; without it they
+    cost accuracy. Fails if the check is off or its sign inverted (it would then drop two honest
+    replies and keep the flippers)."""
     attack = {"kind": "sign_flip", "clients": [0, 1], "strength": 1.0}
-    on = {"direction_check": True}
     checked = _accuracy(tmp_path, "checked", attack=attack, robustness=on)
-    unchecked = _accuracy(tmp_path, "unchecked", attack=attack)
+    unchecked = _accuracy(
+        tmp_path, "unchecked", attack=attack, robustness={"direction_check": False}
+    )
     clean = _accuracy(tmp_path, "clean", robustness=on)
     assert checked > unchecked + 0.05
     assert checked >= clean - 0.03
@@ -385,14 +485,15 @@ def test_trust_scoring_holds_for_algorithms_with_their_own_rule(
         algo["warmup_rounds"] = 5  # stays in its FedAvg phase for these 3 rounds
     attack = {"kind": "sign_flip", "clients": [0, 1], "strength": 2.0}
     data = {"proxy_fraction": 0.05}
-    plain = _accuracy(tmp_path, "plain", algorithm=algo, attack=attack, data=data)
+    off = {"direction_check": False}  # FLTrust alone: the default direction check would see them
+    plain = _accuracy(tmp_path, "plain", algorithm=algo, attack=attack, data=data, robustness=off)
     trusted = _accuracy(
         tmp_path,
         "trusted",
         algorithm=algo,
         attack=attack,
         data=data,
-        robustness={"trust_scoring": True},
+        robustness={"trust_scoring": True, **off},
     )
     assert trusted > plain + 0.05
     rounds = load_run(tmp_path / "trusted").rounds[1:]
