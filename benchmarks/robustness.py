@@ -153,97 +153,94 @@ ALGORITHMS = {
 # Hand-written parts of the page (what the cache holds and how to read it), kept with the script
 # so that --table rewrites the whole page.
 WHAT_WAS_RUN = """\
-The machine was shared by six engineers (load average 16-42 on 2 cores while this ran): a run that
-takes ~3 s alone took 15-60 s. What the cache holds:
+Each cell is one run; mean ± std over the seeds it has (n= when fewer than 3). What the cache
+holds:
 
-- **Grid, 10 clients, Dirichlet 0.5 and 0.1, clean and 2 attackers of every kind.** Seed 0: all
-  12 defences of issue #23/#24's first pass for clean, sign_flip, scale and gaussian; 8 defences
-  (without Krum, median, trimmed mean and bucketing + GM, dropped when the grid slowed to ~1 run
-  per minute: they were far behind on the clean rows) for label_flip, free_rider,
-  inflated_weight, alie and ipm. Seed 1: those 8 defences for the rows whose cells say n=2 or are
-  listed below; everything else is seed 0 only (n=1, no std).
-- **Direction check** (issue #24, second pass): clean rows at seeds 0-2 for 'mean (no checks)',
-  'norm bound + cap' and 'direction check' (and 'direction check -0.1' at alpha 0.1); sign_flip,
-  ipm and alie at 2 attackers, seed 0, for 'direction check' where the cell shows a value.
-- **Quickstart** and **FedLD / FedLAW / clustered**: the seeds shown (n=).
+- **10 clients, Dirichlet 0.5 and 0.1, seeds 0-2**: clean rows for every defence; 1, 2 and 3
+  attackers of every kind for the nine defences the grid keeps ('mean (no checks)', 'norm bound +
+  cap', MultiKrum, geometric median, centered clipping, bucketing + CC, FLTrust, 'direction check'
+  and 'direction check -0.1'). Krum, median, trimmed mean, bucketing + GM and NNM + GM have their
+  clean rows (3 seeds) and, from the first pass, some seed-0/1 attack cells (n= shown): their
+  clean cost (9-60 points at alpha 0.1) put them out of the running. The 'direction check both'
+  columns (the reference chosen as fedge's default in issue #24) have clean rows at seeds 0-2 and
+  sign_flip / ipm / alie at 2 attackers, seeds 0-1 (a few at seed 2).
+- **50 clients, Dirichlet 0.5 and 0.1** (3 local epochs, minimum partition 2): clean rows for
+  every defence and 2, 5 and 10 attackers (4-20 %) of every kind for the nine kept defences, at
+  the seeds shown (n=).
+- **Quickstart** (seeds 0-2) and **FedLD / FedLAW / clustered** (seeds 0-2).
+- The choice of `direction_threshold = -0.15` with `direction_reference = "both"` was checked
+  on held-out seeds 3-9 at digits alpha 0.1 too (clean; not in this table): +1.9 and -1.4
+  points against 'norm bound + cap' on two seeds, identical on the other five.
 
-Not run (remains; `PYTHONPATH=. nice python benchmarks/robustness.py --grid` runs exactly the
-missing cells, then `--table`): seeds 1-2 of every grid cell not marked n=2 or more; the direction
-check's other attack rows; 1 and 3 attackers at 10 clients; the whole 50-client grid (0/2/5/10
-attackers; its setting, 3 local epochs and a minimum partition of 2, is in the script, but whether
-clean FedAvg reaches 75 % there was not checked: with 1 epoch it reached 61.9 % at seed 0); seed
-2 of the quickstart's 'norm bound + cap' attack rows."""
+Missing cells (the grid's remaining seeds, the dropped defences' attack rows, Bulyan) are one
+command away: `PYTHONPATH=. nice python benchmarks/robustness.py --grid` runs exactly the missing
+cells of the full grid, then `--table` rewrites this page."""
 READING = """\
 ## Reading it
 
-- **What "clean FedAvg" can be held to.** With the relative norm bound (every column but the
-  first) the x10 scale and N(0, 1) gaussian attackers are excluded in every round: those cells are
-  identical across defences and are FedAvg *without the attackers' data* — 89.2 % at alpha 0.5
-  (2.7 points below clean) and 76.1 % at alpha 0.1 (10.3 below), seed 0. Under label skew the two
-  attackers' partitions hold classes the others barely have, so no defence that removes them can
-  come within 3 points of clean FedAvg at alpha 0.1; the issue's 3-point target is out of reach
-  there by construction, and tight at alpha 0.5. **The quickstart has the same floor**: partitions
-  0 and 1 left out (the 'floor' row: two free riders, whose zero updates a direction threshold of
-  0.01 drops every round) cost 6.0 / 3.6 / -1.4 points at seeds 0 / 1 / 2, so the <= 3-point
-  target for attackers at ids 0 and 1 cannot be met by any defence that excludes them at seeds 0
-  and 1.
-- **Clean cost.** Every robust rule pays for heterogeneity, and more as it grows: at alpha 0.1
-  (seed 0) geometric median -17.5, centered clipping -20.0, MultiKrum -19.7, FLTrust -24.7, NNM +
-  GM -31.7, bucketing + CC -7.5 points; at alpha 0.5 geometric median -0.2, centered clipping
-  -1.1, bucketing + CC -1.9, MultiKrum -3.8, FLTrust -10.2. fedge's defaults (norm bound + weight
-  cap) cost 0.0 and 0.3 (3 seeds).
-- **The direction check** (`direction_check = true`: drop an update whose cosine with the round's
-  coordinate-wise median update, over the model body = every array before the output layer's
-  weight matrix, is below `direction_threshold` = 0) costs nothing on the quickstart (0.0 at seeds
-  0-2: no clean update excluded) and -0.2 points at digits alpha 0.5 (3 seeds), but 11.6 at alpha
-  0.1 (3 seeds; 7.1 with threshold -0.1): under strong skew the clients holding rare classes pull
-  even the body away from the median, and excluding them removes those classes. False-exclusion
-  rate (clean, the share of honest updates below the threshold, measured on the update stacks of
-  runs without the check, `benchmarks/direction_stacks.py`): quickstart 0 % (seeds 0-2), digits
-  alpha 0.5 3.5 %, alpha 0.1 24 % (threshold 0; 7 % at -0.1). Over all arrays instead of the body
-  the quickstart's rate is 3-9 %; the leave-one-out mean as reference gives 19-38 % (an honest
-  skewed update is anti-aligned with the others' mean); the geometric median is close to the
-  coordinate-wise one (0 / 2 / 17 % over the body) at more cost.
-- **Sign flip (x1)** has honest norms, so the norm bound cannot see it at alpha 0.5 (73.6 %, 18
-  points lost); the direction check drops it (quickstart: 2 sign-flippers cost 5.9 / 4.2 / -0.4
-  points, at the floor, instead of 23.2 / 14.7); on digits alpha 0.5 (seed 0) it gives 81.7 %
-  against 73.6 with the defaults, behind FLTrust (83.9), ahead of MultiKrum (79.2). At alpha 0.1 the flipped updates are long enough to be cut by
-  the norm bound in some rounds (defaults 56.1 vs 16.9 % without checks); MultiKrum 60.6.
-- **ALIE** (z = 0.25 for 2 of 10) moves the mean little (-2.7 / -10.0 points, the latter at the
-  exclusion ceiling) and hurts the distance-based rules more (MultiKrum 76.9 / 47.5 %): it is
-  built to sit where they look. Its cosine with the median is 0.9-1.0 (it *is* the consensus,
-  shifted): no direction check can see it, and on the quickstart it costs what leaving its two
-  clients out costs (6.5 / 3.3 with the defaults, floor 6.0 / 3.6). **IPM** (epsilon 0.1) and
-  **free riders** send near-identical small updates; the geometric median falls onto that tight
-  pair at alpha 0.1 (11.9 % and 8.6 %), centered clipping and MultiKrum lose 30 points, the plain
-  mean only ~12; IPM points exactly against the consensus (cosine -0.5 to -1.0), the direction
-  check drops it in every round on the quickstart (6.0 / 3.6 / -1.6 points: the floor), but on
-  digits (seed 0) it does worse than the defaults against IPM (85.0 vs 87.8 % at alpha 0.5, 61.1
-  vs 73.6 at alpha 0.1) and ALIE at alpha 0.1 (58.6 vs 76.1): honest clients excluded with the
-  attackers. One seed: to be confirmed.
-- **inflated_weight** (10^9 examples claimed) costs 36 / 42 points without checks; the default
-  weight cap brings it to -1.6 / -1.4.
+All figures below are means over the seeds in the tables (3 unless n= is shown there).
 
-- **Issue #23's checks (quickstart, fedge's defaults).** One x10 sign-flipper at id 0 costs 0.1
-  (seed 0) and 2.7 (seed 1) points: it is excluded in every round, and what remains is partition
-  0's missing data; the <= 1 point target holds on seed 0 only. A client claiming 10^9 examples
-  costs 0.8 / 0.2 points (<= 2: met); with the cap off it gave 19.8 % (seed 0, measured while
-  choosing the cap), and issue #23 measured 53.8 % for the x10 flipper without the norm bound.
-- **Issue #24's targets.** (1) Defaults on the quickstart: two sign-flippers cost 23.2 / 14.7
-  points, two ALIE 6.5 / 3.3, two IPM 12.1 / 5.6: not met (the direction check brings sign flip
-  and IPM to the floor, 3.6-6.0 at seeds 0-1, but is not a default). (2) The direction check
-  costs <= 1 point on the quickstart and at alpha 0.5, not at alpha 0.1 (11.6): not met, so it is
-  not on by default. (3) With the direction check, 2 sign-flippers take FedLD from 67.7 to 62.1 %
-  (-5.6: just missed), FedLAW from 93.2 to 89.3 % (met) and clustered from 60.0 to 42.5 % (not
-  met: no better than the norm bound; 3 seeds each). (4) With the best defence per row: see the
-  target list above.
+- **What "clean FedAvg" can be held to: the floor.** The norm bound excludes the x10 scale and
+  N(0, 1) gaussian attackers in every round, so those cells are FedAvg *without the attackers'
+  data*: 88.4 % at 10 clients, alpha 0.5 (2.0 points below clean 90.4) and 72.0 % at alpha 0.1
+  (12.5 below clean 84.5). Under label skew the attackers' partitions hold classes the others
+  barely have, so no defence that removes them can come within 3 points of clean FedAvg at alpha
+  0.1: the issue's 3-point target is out of reach there by construction, and tight at alpha 0.5.
+  The quickstart has the same floor: partitions 0 and 1 left out (the 'floor' row) cost 5.8 /
+  3.5 / -1.4 points at seeds 0 / 1 / 2.
+- **Clean cost** (points against 'mean (no checks)', 3 seeds, 10 clients, alpha 0.5 / 0.1):
+  fedge's defaults since #24 ('direction check both -0.15') 0.0 / 0.3, the same as the norm bound
+  and weight cap alone, and 0.0 on the quickstart; the median direction check -0.2 / 11.6 (7.1
+  at threshold -0.1); bucketing + CC 0.9 / 5.0; centered clipping 1.1 / 11.8; geometric median
+  1.5 / 12.3; MultiKrum 12.6 / 21.0; FLTrust 10.6 / 32.3; median, trimmed mean, Krum and NNM + GM
+  10-60. Every robust rule pays for heterogeneity, more as it grows. At 50 clients (alpha 0.5)
+  the norm bound and weight cap cost 0.8, the median check 0.3, the robust rules 2.3-55.
+- **Sign flip (x1)** keeps honest norms, so the norm bound misses it. At 10 clients, alpha 0.5,
+  two flippers take FedAvg from 90.4 to 64.2 % with the norm bound and cap; the median direction
+  check (80.4; 80.6 at -0.1) and FLTrust (80.3) recover most of it, the default 'both' check
+  less (72.2, 2 seeds: an attacker that gets into one aggregate agrees with the next step). At
+  50 clients (alpha 0.5) ten flippers (20 %) cost the defaults-before-#24 16 points (69.7 %),
+  the median check 3.4 (82.4 %). At alpha 0.1 nothing reaches the floor (best ~63 % against a
+  floor of 72).
+- **IPM** (epsilon 0.1) points exactly against the consensus: the direction checks drop it (10
+  clients alpha 0.5: 88.5 % at -0.1, 1.9 points below clean; 50 clients, 10 attackers: 83.2 vs
+  79.9 with the norm bound alone); the geometric median falls onto the attackers' tight pair
+  (39.1 / 14.3 %), MultiKrum and centered clipping lose 10-29 points at alpha 0.5.
+- **ALIE** (z = 0.25 for 2 of 10) sits on the consensus (cosine 0.9-1.0 with the median): no
+  direction check sees it, and it moves the mean little (88.1 vs 90.4 at alpha 0.5); bucketing +
+  CC is best there (89.5), the distance-based rules do worse than the mean.
+- **label_flip and free riders** look like honest skewed clients: the best defence still loses
+  9 (label flip: centered clipping 81.5) and 4 points (free riders: bucketing + CC 86.4) at alpha
+  0.5; the geometric median collapses onto free riders' zero updates (43.1 %).
+- **inflated_weight** (10^9 examples claimed) costs 22 / 41 points without checks; the default
+  weight cap brings it to within 1 point of clean.
 
-**Recommended: fedge's defaults** (relative norm bound 3 + weight cap "auto", 0.0 / 0.3 points of
-clean cost), **plus `direction_check = true` when the label skew is moderate** (Dirichlet 0.5 or
-closer to IID) and x1 sign flips are the threat: it stops them for FedAvg, FedLD and FedLAW (not
-the clustered strategy) at no measured clean cost there; against IPM it reaches the floor on the
-quickstart but lost 2.8 points to the defaults on digits alpha 0.5 (seed 0). Do not turn it on under strong skew (alpha 0.1: -7 to -12 points on
-clean data). FLTrust holds FedLAW as well (89.6 %) but costs FedLD 26 points on clean data."""
+- **Issue #23's checks (quickstart, fedge's defaults).** One x10 sign-flipper at id 0 costs 0.0 /
+  2.6 / -2.1 points at seeds 0-2 (excluded every round; what remains is partition 0's missing
+  data); a client claiming 10^9 examples 0.7 / 0.0 / 1.7 (<= 2: met).
+- **Issue #24's targets.** (1) Defaults on the quickstart, 2 attackers at ids 0 and 1: IPM 5.8 /
+  3.5 / -1.5 points (the floor), ALIE 6.3 / 3.1 / -0.1 (about the floor), sign flip 7.2 / 10.3 /
+  19.1: not met, and at seeds 0 and 1 not meetable by an excluding defence (floor 5.8 / 3.5).
+  (2) The defaults (direction check 'both', -0.15) cost <= 1 point on clean data: met (0.0 / 0.3
+  / 0.0). (3) FedLD, FedLAW, clustered >= clean - 5 under 2 sign-flippers: with the median check
+  FedLAW is met (89.3 of 93.2), FedLD just missed (62.1 of 67.7), clustered missed (42.5 of
+  60.0); with the defaults none is met (FedLD 45.0, FedLAW 75.3, clustered 37.4 — worse than
+  the norm bound alone's 43.3: the clustered strategy offers late-assigned clients every cluster
+  model, and those replies belong to no group the check compares). (4) With the best defence
+  per row, 2 of 10 attackers cost <= 3 points at alpha 0.5 for scale, gaussian, ALIE, IPM and
+  inflated weight; not for sign flip (9.8), label flip (8.9) and free riders (4.0); at alpha
+  0.1 for inflated weight only (the floor is 12.5).
+
+**Recommended: fedge's defaults** (relative norm bound 3, weight cap "auto", direction check
+against both the median and the server's last step at -0.15): no measured clean cost, and they
+stop boosted, noisy, weight-inflating and IPM clients. **Switch to the median check
+(`direction_reference = "median"`, `direction_threshold = 0`) when the label skew is moderate
+(Dirichlet 0.5 or closer to IID) and sign-flipping clients are the worry**: there it is within a
+point of the best against sign flip at 10 and 50 clients and the best against IPM at 50 (at 10
+clients threshold -0.1 does better against IPM: 88.5 vs 84.9 %), for FedAvg, FedLD and FedLAW,
+at -0.2 to 0.3 points of clean cost; under strong skew (alpha 0.1) it costs
+7-12. FLTrust (`trust_scoring`) holds FedLAW as well but costs 10-32 points on clean skewed data.
+For the clustered strategy no defence tried holds against sign flips."""
 CACHE = Path("docs/results/robustness.json")
 TABLE = Path("docs/results/robustness.md")
 
@@ -514,7 +511,11 @@ def quickstart_table(cache: dict) -> list[str]:
 
 
 def algorithm_table(cache: dict, defence: str, alpha: float = 0.5) -> list[str]:
-    names = tuple(dict.fromkeys(("mean (no checks)", "norm bound + cap", "FLTrust", defence)))
+    names = tuple(
+        dict.fromkeys(
+            ("mean (no checks)", "norm bound + cap", "FLTrust", "direction check", defence)
+        )
+    )
     lines = [
         "| algorithm | attack | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
@@ -594,17 +595,20 @@ def table(recommended: str) -> str:
             "## The quickstart (attackers at partition ids 0 and 1)",
             "",
             "`scenarios/quickstart.toml` as shipped (mnist1d, 10 clients, Dirichlet 0.5, 10 "
-            "rounds), seeds 0-2, with fedge's defaults ('norm bound + cap') and with the "
-            "direction check on top; cost against the clean run without checks of the same seed.",
+            "rounds), seeds 0-2, with the defaults before issue #24 ('norm bound + cap'), the "
+            "median direction check on top of them ('direction check'), and fedge's defaults "
+            "since #24 ('direction check both -0.15'); cost against the clean run without "
+            "checks of the same seed.",
             "",
             *quickstart_table(cache),
             "",
             "## FedLD, FedLAW and clustered with 2 of 10 sign-flippers",
             "",
-            "The grid's 10-client setting, Dirichlet 0.5; fedge's defaults ('norm bound + "
-            f"cap'), FLTrust and {recommended}, all of which work with every algorithm (3 "
-            "seeds). Target: each keeps >= its clean accuracy - 5 points with the recommended "
-            "defence.",
+            "The grid's 10-client setting, Dirichlet 0.5; the defaults before issue #24 "
+            "('norm bound + cap'), FLTrust, the median direction check and "
+            f"'{recommended}' (fedge's defaults since #24), all of which work with every "
+            "algorithm (3 seeds). Target: each keeps >= its clean accuracy - 5 points with the "
+            "recommended defence.",
             "",
             *algorithm_table(cache, recommended),
             "",
@@ -627,7 +631,9 @@ def main() -> None:
     parser.add_argument("--quickstart", action="store_true", help="fedge's defaults, quickstart")
     parser.add_argument("--algorithms", action="store_true", help="FedLD, FedLAW, clustered")
     parser.add_argument(
-        "--recommended", default="direction check", help="third defence for --algorithms"
+        "--recommended",
+        default="direction check both -0.15",
+        help="the defence --algorithms runs besides the defaults before #24 and FLTrust",
     )
     parser.add_argument("--table", action="store_true", help=f"write {TABLE} from the cache")
     parser.add_argument(
