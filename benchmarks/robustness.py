@@ -43,6 +43,9 @@ KINDS = [k for k in get_args(AttackConfig.model_fields["kind"].annotation) if k 
 ATTACKERS = {10: [1, 2, 3], 50: [2, 5, 10]}
 ALPHAS = [0.5, 0.1]
 SEEDS = [0, 1, 2]
+# Settings where some of SEEDS have no split (digits' 1,365 training examples into 50 clients of
+# >= 2 at Dirichlet 0.1: flwr-datasets gives up on seeds 0 and 2): the seeds used instead.
+GRID_SEEDS = {(50, 0.1): [1, 3, 4, 5]}
 NO_DEFENCE = {"relative_norm_bound": 0.0, "max_weight_share": 1.0, "direction_check": False}
 # fedge's defaults of issue #23 (relative norm bound 3, weight cap "auto"), without the direction
 # check that #24 turned on by default: the cells were measured so
@@ -165,8 +168,10 @@ holds:
   columns (the reference chosen as fedge's default in issue #24) have clean rows at seeds 0-2 and
   sign_flip / ipm / alie at 2 attackers, seeds 0-1 (a few at seed 2).
 - **50 clients, Dirichlet 0.5 and 0.1** (3 local epochs, minimum partition 2): clean rows for
-  every defence and 2, 5 and 10 attackers (4-20 %) of every kind for the nine kept defences, at
-  the seeds shown (n=).
+  every defence and 2, 5 and 10 attackers (4-20 %) of every kind for the nine kept defences.
+  Seeds 0-2 at alpha 0.5; at alpha 0.1 seeds 1, 3, 4 and 5, because seeds 0 and 2 have no
+  Dirichlet(0.1) split of digits' 1,365 training examples into 50 clients of at least 2 each
+  (flwr-datasets gives up after 10 draws; fedge stops with a DataError naming the fix).
 - **Quickstart** (seeds 0-2) and **FedLD / FedLAW / clustered** (seeds 0-2).
 - The choice of `direction_threshold = -0.15` with `direction_reference = "both"` was checked
   on held-out seeds 3-9 at digits alpha 0.1 too (clean; not in this table): +1.9 and -1.4
@@ -194,11 +199,13 @@ All figures below are means over the seeds in the tables (3 unless n= is shown t
   at threshold -0.1); bucketing + CC 0.9 / 5.0; centered clipping 1.1 / 11.8; geometric median
   1.5 / 12.3; MultiKrum 12.6 / 21.0; FLTrust 10.6 / 32.3; median, trimmed mean, Krum and NNM + GM
   10-60. Every robust rule pays for heterogeneity, more as it grows. At 50 clients (alpha 0.5)
-  the norm bound and weight cap cost 0.8, the median check 0.3, the robust rules 2.3-55.
+  the norm bound and weight cap cost 0.8, the median check 0.3, the robust rules 2.3-55; at 50
+  clients, alpha 0.1, the norm bound and cap cost 1.7 (4 seeds: it excludes honest clients with
+  long updates), fedge's defaults 1.9 (3 seeds), the median check 3.0: above the 1-point bar.
 - **Sign flip (x1)** keeps honest norms, so the norm bound misses it. At 10 clients, alpha 0.5,
   two flippers take FedAvg from 90.4 to 64.2 % with the norm bound and cap; the median direction
   check (80.4; 80.6 at -0.1) and FLTrust (80.3) recover most of it, the default 'both' check
-  less (72.2, 2 seeds: an attacker that gets into one aggregate agrees with the next step). At
+  less (71.3: an attacker that gets into one aggregate agrees with the next step). At
   50 clients (alpha 0.5) ten flippers (20 %) cost the defaults-before-#24 16 points (69.7 %),
   the median check 3.4 (82.4 %). At alpha 0.1 nothing reaches the floor (best ~63 % against a
   floor of 72).
@@ -221,8 +228,9 @@ All figures below are means over the seeds in the tables (3 unless n= is shown t
 - **Issue #24's targets.** (1) Defaults on the quickstart, 2 attackers at ids 0 and 1: IPM 5.8 /
   3.5 / -1.5 points (the floor), ALIE 6.3 / 3.1 / -0.1 (about the floor), sign flip 7.2 / 10.3 /
   19.1: not met, and at seeds 0 and 1 not meetable by an excluding defence (floor 5.8 / 3.5).
-  (2) The defaults (direction check 'both', -0.15) cost <= 1 point on clean data: met (0.0 / 0.3
-  / 0.0). (3) FedLD, FedLAW, clustered >= clean - 5 under 2 sign-flippers: with the median check
+  (2) The defaults (direction check 'both', -0.15) cost <= 1 point on clean data: met at 10
+  clients (0.0 / 0.3) and on the quickstart (0.0); not at 50 clients, alpha 0.1 (1.9, of which
+  the norm bound and cap alone, the defaults before #24, cost 1.7). (3) FedLD, FedLAW, clustered >= clean - 5 under 2 sign-flippers: with the median check
   FedLAW is met (89.3 of 93.2), FedLD just missed (62.1 of 67.7), clustered missed (42.5 of
   60.0); with the defaults none is met (FedLD 45.0, FedLAW 75.3, clustered 37.4 — worse than
   the norm bound alone's 43.3: the clustered strategy offers late-assigned clients every cluster
@@ -232,7 +240,8 @@ All figures below are means over the seeds in the tables (3 unless n= is shown t
   0.1 for inflated weight only (the floor is 12.5).
 
 **Recommended: fedge's defaults** (relative norm bound 3, weight cap "auto", direction check
-against both the median and the server's last step at -0.15): no measured clean cost, and they
+against both the median and the server's last step at -0.15): no clean cost at 10 clients and on
+the quickstart (1.9 points at 50 clients, alpha 0.1, 1.7 of them the norm bound's), and they
 stop boosted, noisy, weight-inflating and IPM clients. **Switch to the median check
 (`direction_reference = "median"`, `direction_threshold = 0`) when the label skew is moderate
 (Dirichlet 0.5 or closer to IID) and sign-flipping clients are the worry**: there it is within a
@@ -314,7 +323,10 @@ def grid_cells(args: argparse.Namespace) -> list[tuple]:
     cells = []
     for clients in args.clients:
         for alpha in args.alphas:
-            for seed in args.seeds:
+            seeds = args.seeds
+            if seeds == SEEDS:  # the default: where some have no split, the ones used instead
+                seeds = GRID_SEEDS.get((clients, alpha), SEEDS)
+            for seed in seeds:
                 for defence in args.defences:
                     cells.append((clients, alpha, "none", 0, defence, seed))
                 for n in [
@@ -389,10 +401,14 @@ def mean_std(values: list[float]) -> str:
     return cell + ("" if len(values) in (0, len(SEEDS)) else f" (n={len(values)})")
 
 
+def _seeds(prefix: tuple) -> list[int]:
+    return GRID_SEEDS.get(tuple(prefix[1:3]), SEEDS) if prefix[0] == "grid" else SEEDS
+
+
 def _accs(cache: dict, prefix: tuple) -> list[float]:
     return [
         cache[cell_key(*prefix, s)]["final_accuracy"]
-        for s in SEEDS
+        for s in _seeds(prefix)
         if cell_key(*prefix, s) in cache
     ]
 
@@ -400,7 +416,7 @@ def _accs(cache: dict, prefix: tuple) -> list[float]:
 def _by_seed(cache: dict, prefix: tuple) -> dict[int, float]:
     return {
         s: 100 * cache[cell_key(*prefix, s)]["final_accuracy"]
-        for s in SEEDS
+        for s in _seeds(prefix)
         if cell_key(*prefix, s) in cache
     }
 
@@ -556,12 +572,15 @@ def table(recommended: str) -> str:
             "0.25 for 2 of 10); ipm -0.1 x the honest mean (alie and ipm are simulated on the "
             "server, which shows them the round's honest updates).",
             "",
-            "Defences are `[robustness]` settings on top of fedge's defaults (relative norm "
-            "bound 3 x the round's median, weight cap 'auto' = 1.5 / replies), except 'mean (no "
-            "checks)', which turns both off (the defaults before issue #23). 'direction check' "
-            "adds robustness.direction_check = true (threshold 0; 'direction check -0.1': "
-            "threshold -0.1): an update whose cosine with the round's coordinate-wise median "
-            "update over the model body is below the threshold is excluded. Robust rules assume "
+            "Defences are `[robustness]` settings on top of the relative norm bound (3 x the "
+            "round's median) and the weight cap ('auto' = 1.5 / replies), the defaults before "
+            "issue #24 ('norm bound + cap'), except 'mean (no checks)', which turns both off "
+            "(the defaults before issue #23). Every column states direction_check explicitly: "
+            "off, except the 'direction check' columns, which exclude an update whose cosine "
+            "over the model body is below the threshold (0 unless the name says) against the "
+            "round's coordinate-wise median update, or, for 'both', against that median and "
+            "the server's previous step alike; 'direction check both -0.15' is fedge's default "
+            "since issue #24. Robust rules assume "
             "f = 3 attackers at 10 clients (num_malicious; NNM mixes n - f). Bulyan is not in "
             "the grid: Flower 1.42's implementation took 5-9 s per round on a small model here "
             "(its per-coordinate selection is pure Python, 50x the other rules), and it needs "
