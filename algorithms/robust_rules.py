@@ -200,13 +200,19 @@ def direction_outliers(
     threshold; a zero ``also`` is ignored (no direction). The median reference assumes an honest
     majority: with fewer than 3 rows nothing is excluded, and never more than ⌊(n − 1)/2⌋ rows
     (the lowest scores first, ties to the lower index)."""
-    cos = direction_scores(updates, reference, also)
-    n = updates.shape[0]
+    return lowest_below(direction_scores(updates, reference, also), threshold)
+
+
+def lowest_below(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The direction check's selection over per-row ``scores``: rows scoring below
+    ``threshold``, the lowest first (ties to the lower index), at most ⌊(n − 1)/2⌋ of them, none
+    with fewer than 3 rows (a bool mask)."""
+    n = scores.shape[0]
     out = torch.zeros(n, dtype=torch.bool)
     if n < 3:
         return out
-    below = [i for i in torch.argsort(cos, stable=True).tolist() if float(cos[i]) < threshold]
-    out[below[: (n - 1) // 2]] = True
+    order = torch.argsort(scores, stable=True)
+    out[order[scores[order] < threshold][: (n - 1) // 2]] = True
     return out
 
 

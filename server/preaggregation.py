@@ -52,8 +52,8 @@ from flwr.common.logger import log
 from algorithms.robust_rules import (
     bucketing,
     capped_weights,
-    direction_outliers,
     direction_scores,
+    lowest_below,
     nearest_neighbour_mixing,
     rescale_to,
     trust_scores,
@@ -113,8 +113,7 @@ class UpdateTransform(RoundPlugin):
         self.bucket_size = rob.bucket_size
         self.num_malicious = rob.num_malicious
         self.trust_scoring = rob.trust_scoring
-        sparse = getattr(setup.scenario.algorithm, "sparse_replies", False)
-        self.direction_check = rob.direction_check and not sparse
+        self.direction_check = checks_directions(setup.scenario)
         self.direction_threshold = rob.direction_threshold
         self.direction_scope = rob.direction_scope
         self.direction_reference = rob.direction_reference
@@ -139,7 +138,7 @@ class UpdateTransform(RoundPlugin):
             rob.max_weight_share != 1.0
             or rob.trust_scoring
             or rob.preaggregation != "none"
-            or (rob.direction_check and not getattr(scenario.algorithm, "sparse_replies", False))
+            or checks_directions(scenario)
         )
 
     def observe_train_instructions(self, server_round: int, instructions: list[Message]) -> None:
@@ -201,7 +200,8 @@ class UpdateTransform(RoundPlugin):
     def _check_directions(
         self, server_round: int, replies: list[Message]
     ) -> tuple[list[Message], int]:
-        """Drop the replies :func:`direction_outliers` flags, group by group (see step 0)."""
+        """Drop the replies the direction check flags (``algorithms/robust_rules.py``'s
+        :func:`direction_outliers`, scored once here for the log too), group by group (step 0)."""
         excluded: set[int] = set()
         for group in group_updates(replies, self._sent):
             if len(group.indices) < 3:
@@ -222,10 +222,10 @@ class UpdateTransform(RoundPlugin):
                 reference = step
             elif step is not None and self.direction_reference == "both":
                 also = step
-            flagged = direction_outliers(rows, self.direction_threshold, reference, also)
+            scores = direction_scores(rows, reference, also)
+            flagged = lowest_below(scores, self.direction_threshold)
             if not bool(flagged.any()):
                 continue
-            scores = direction_scores(rows, reference, also)
             against = {
                 (True, False): "the server's previous step",
                 (False, True): "the round's median update and the server's previous step (max)",
@@ -312,6 +312,13 @@ class UpdateTransform(RoundPlugin):
         local_sgd(job, cfg=cfg, max_steps=steps or None)
         trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         return flatten(trained, group.keys) - flatten(group.sent, group.keys)
+
+
+def checks_directions(scenario: Scenario) -> bool:
+    """Whether step 0 runs: the direction check is on and the replies are dense (sparse
+    ``lora_sparse`` packets are not checked)."""
+    sparse = getattr(scenario.algorithm, "sparse_replies", False)
+    return scenario.robustness.direction_check and not sparse
 
 
 def sent_models(instructions: list[Message]) -> list[dict]:
