@@ -76,9 +76,11 @@ def scenario_for(args: argparse.Namespace, clients: int, engine: str, extra: lis
             "train.epochs=1",
             f"num_rounds={args.rounds}",
             # Plain FedAvg, what the bare loop (and pfl) compute: fedge's default norm bound and
-            # weight cap exclude or cap ~2 % of these clients' replies a round at 500 clients.
+            # weight cap exclude or cap ~2 % of these clients' replies a round at 500 clients,
+            # and the default direction check takes a median over the round's stack.
             "robustness.relative_norm_bound=0",
             "robustness.max_weight_share=1.0",
+            "robustness.direction_check=false",
             *args.overrides,
             *extra,
         ],
